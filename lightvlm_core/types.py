@@ -1,0 +1,145 @@
+"""Request, result and event types shared by the engine, the scheduler and the service.
+
+These are plain values: the engine fills them in, the scheduler passes them along, and the
+HTTP layer serialises them. Nothing here knows about torch or HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from PIL import Image
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. `temperature == 0` means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        from lightvlm_core.errors import InvalidRequestError
+
+        if self.max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+        self.stop = tuple(s for s in self.stop if s)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class AccelerationConfig:
+    """LightVLM knobs for one request.
+
+    preset: "none" | "light" | "balanced" | "aggressive" | "fastv" | "random".
+    keep_ratio: overrides the preset's final image-token keep ratio (0 < r <= 1).
+    kv_budget: decode-time KV budget in entries per layer (None: the preset's default, 0: off).
+    """
+
+    preset: str = "none"
+    keep_ratio: float | None = None
+    kv_budget: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One user request: a chat prompt with zero or more (already decoded) images."""
+
+    prompt: str
+    images: list[Image.Image] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    acceleration: AccelerationConfig | None = None  # None: the engine's default
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrival_time: float = field(default_factory=time.monotonic)  # for queue_ms / ttft_ms
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    image_tokens: int = 0
+    image_tokens_kept: int = 0  # after the last merging stage
+    image_kept_fraction_layer_avg: float = 1.0  # image tokens kept, averaged over LLM layers
+    kv_cache_bytes: int = 0  # held by this request's KV cache (peak over its life)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Timings:
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    tokens_per_second: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 3) for k, v in asdict(self).items()}
+
+
+@dataclass
+class TokenEvent:
+    """One generated token. `text` is the newly printable text (may be "" mid-character)."""
+
+    index: int
+    token_id: int
+    text: str
+    type: Literal["token"] = "token"
+
+
+@dataclass
+class DoneEvent:
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    type: Literal["done"] = "done"
+
+
+@dataclass
+class ErrorEvent:
+    error_type: str  # e.g. "invalid_request", "internal_error", "timeout"
+    message: str
+    type: Literal["error"] = "error"
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent
+
+
+@dataclass
+class GenerationResult:
+    """A finished generation, as returned by the non-streaming APIs."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage.to_dict(),
+            "timings": self.timings.to_dict(),
+        }
