@@ -1,0 +1,30 @@
+"""Shared pytest fixtures for the whole test tree.
+
+Tests run fully offline: the Hugging Face hub is disabled at import time, and models come from
+`lightvlm_core.models.tiny.make_tiny` (random-init, built locally).
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Factory: `tiny_model_dir("qwen2_vl")` -> dir of that tiny model, built once per session."""
+    from lightvlm_core.models.tiny import make_tiny
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = make_tiny(family, tmp_path_factory.mktemp(f"tiny_{family}"))
+        return built[family]
+
+    return get
