@@ -40,7 +40,7 @@ from transformers import (
     LlavaConfig,
     LlavaImageProcessor,
     LlavaProcessor,
-    PretrainedConfig,
+    PreTrainedConfig,
     ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLProcessor,
@@ -420,7 +420,7 @@ def _internvl_config(tokenizer: Qwen2Tokenizer) -> InternVLConfig:
 # ---------------------------------------------------------------- model
 
 
-def _init_model(config: PretrainedConfig, seed: int) -> torch.nn.Module:
+def _init_model(config: PreTrainedConfig, seed: int) -> torch.nn.Module:
     config.initializer_range = INIT_RANGE
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -448,7 +448,7 @@ _PROCESSOR_BUILDERS: dict[str, Callable[[TokenizersBackend], ProcessorMixin]] = 
     "qwen2_5_vl": _qwen_processor(Qwen2_5_VLProcessor),
     "internvl": _internvl_processor,
 }
-_CONFIG_BUILDERS: dict[str, Callable[[TokenizersBackend], PretrainedConfig]] = {
+_CONFIG_BUILDERS: dict[str, Callable[[TokenizersBackend], PreTrainedConfig]] = {
     "llava": _llava_config,
     "qwen2_vl": _qwen2_vl_config,
     "qwen2_5_vl": _qwen2_5_vl_config,
