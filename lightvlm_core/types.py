@@ -53,11 +53,13 @@ class AccelerationConfig:
     preset: "none" | "light" | "balanced" | "aggressive" | "fastv" | "random".
     keep_ratio: overrides the preset's final image-token keep ratio (0 < r <= 1).
     kv_budget: decode-time KV budget in entries per layer (None: the preset's default, 0: off).
+    schedule: custom pyramid stages ((layer, keep_ratio), ...); a layer < 1 is a fraction of depth.
     """
 
     preset: str = "none"
     keep_ratio: float | None = None
     kv_budget: int | None = None
+    schedule: tuple[tuple[float, float], ...] | None = None  # custom (layer, keep) stages
 
 
 @dataclass

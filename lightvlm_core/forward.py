@@ -1,0 +1,164 @@
+"""The language model's forward pass, run layer by layer by the engine.
+
+Same math as the HuggingFace decoder layers (pre-norm attention + MLP, RoPE, GQA), but with
+the KV cache and masks owned here, so that token reduction can act between layers during
+prefill and KV compression can act on the cache during decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightvlm_core.kv.cache import BatchedKVCache
+from lightvlm_core.models.base import ModelAdapter
+
+
+@dataclass
+class PrefillState:
+    """A right-padded batch of prompts as it moves through the layers.
+
+    h: (B, T, d) hidden states; valid: (B, T) real tokens (packed at the front of each row);
+    pos: (B, T) or (3, B, T) original position ids (never renumbered by reduction);
+    span: (B, T) index of the image span a token belongs to, -1 for text;
+    size: (B, T) how many original tokens each token now carries (merging adds up).
+    """
+
+    h: torch.Tensor
+    valid: torch.Tensor
+    pos: torch.Tensor
+    span: torch.Tensor
+    size: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.valid.sum(dim=1)
+
+    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> PrefillState:
+        """Keep tokens `index` (B, T') of each row; `valid` (B, T') marks real ones."""
+        pos = self.pos.gather(2, index.expand(3, -1, -1)) if self.pos.dim() == 3 else self.pos.gather(1, index)
+        return PrefillState(
+            h=self.h.gather(1, index[..., None].expand(-1, -1, self.h.shape[-1])),
+            valid=valid,
+            pos=pos,
+            span=self.span.gather(1, index),
+            size=self.size.gather(1, index),
+        )
+
+
+class PrefillHook(Protocol):
+    """Token reduction plugs in here (see lightvlm_core/reduction)."""
+
+    score_layers: set[int]
+
+    def observe(self, layer: int, state: PrefillState, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Called after `layer` (in score_layers) with its post-RoPE q (B,H,T,D) and k (B,H_kv,T,D)."""
+
+    def before_layer(self, layer: int, state: PrefillState) -> PrefillState:
+        """Called before each layer; may return a reduced state."""
+
+
+def _project_qkv(adapter: ModelAdapter, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q: (B, H, T, D), k and v: (B, H_kv, T, D), RoPE applied to q and k."""
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, -1, adapter.head_dim)
+    k = attn.k_proj(x).view(b, t, -1, adapter.head_dim)
+    v = attn.v_proj(x).view(b, t, -1, adapter.head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    return q, k, v
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _mlp_residual(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+@torch.no_grad()
+def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None = None
+            ) -> tuple[torch.Tensor, BatchedKVCache, list[torch.Tensor]]:
+    """Run every layer over the prompts.
+
+    Returns the final-normed hidden state of each row's last prompt token (B, d), the KV cache
+    (each layer holding that layer's tokens) and the per-layer valid-token counts (B,) per layer.
+    """
+    keys, values, layer_lengths = [], [], []
+    for i, layer in enumerate(adapter.layers):
+        if hook is not None:
+            state = hook.before_layer(i, state)
+        t = state.h.shape[1]
+        cos, sin = adapter.rotary(state.h, state.pos)
+        x = layer.input_layernorm(state.h)
+        q, k, v = _project_qkv(adapter, layer.self_attn, x, cos, sin)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        mask = causal[None, None] & state.valid[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=adapter.scaling,
+                                             enable_gqa=adapter.num_kv_heads != adapter.num_heads)
+        out = out.transpose(1, 2).reshape(*state.h.shape[:2], -1)
+        state.h = _mlp_residual(layer, state.h + layer.self_attn.o_proj(out))
+        keys.append(k)
+        values.append(v)
+        layer_lengths.append(state.lengths)
+        if hook is not None and i in hook.score_layers:
+            hook.observe(i, state, q, k)
+    last = state.lengths - 1
+    h_last = state.h[torch.arange(state.h.shape[0], device=last.device), last]
+    cache = BatchedKVCache(keys, values, torch.stack(layer_lengths))
+    return adapter.norm(h_last[:, None])[:, 0], cache, layer_lengths
+
+
+@torch.no_grad()
+def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor, pos: torch.Tensor
+           ) -> torch.Tensor:
+    """One decode step for every row: input_ids (B,), pos (B,) or (3, B). Returns logits (B, V).
+
+    When `cache.scores` is enabled, the attention probabilities of this step are added to it
+    (the heavy-hitter statistic for KV compression), which needs the explicit softmax path.
+    """
+    cache.reserve(1)
+    h = adapter.embed_tokens(input_ids)[:, None]  # (B, 1, d)
+    cos, sin = adapter.rotary(h, pos[..., None])
+    groups = adapter.num_heads // adapter.num_kv_heads
+    for i, layer in enumerate(adapter.layers):
+        x = layer.input_layernorm(h)
+        q, k, v = _project_qkv(adapter, layer.self_attn, x, cos, sin)
+        keys, values, mask = cache.append(i, k[:, :, 0], v[:, :, 0])
+        if cache.scores is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :],
+                                                 scale=adapter.scaling, enable_gqa=groups > 1)
+        else:
+            out = _attend_and_score(q, keys, values, mask, adapter.scaling, groups, cache.scores[i])
+        out = out.transpose(1, 2).reshape(h.shape[0], 1, -1)
+        h = _mlp_residual(layer, h + layer.self_attn.o_proj(out))
+    return adapter.lm_head(adapter.norm(h))[:, 0].float()
+
+
+def _attend_and_score(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                      scale: float, groups: int, scores: torch.Tensor) -> torch.Tensor:
+    """Single-query attention with explicit probabilities; adds them into scores (B, H_kv, S_cap)."""
+    b, h_kv, s, d = keys.shape
+    qg = q.view(b, h_kv, groups, d)
+    logits = torch.einsum("bkgd,bksd->bkgs", qg.float(), keys.float()) * scale
+    logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = logits.softmax(dim=-1)
+    scores[:, :, :s] += probs.sum(dim=2)
+    out = torch.einsum("bkgs,bksd->bkgd", probs.to(values.dtype), values)
+    return out.reshape(b, h_kv * groups, 1, d)
+
+
+def logits_for(adapter: ModelAdapter, h_last: torch.Tensor) -> torch.Tensor:
+    """h_last: (B, d) final-normed hidden states -> (B, V) float logits."""
+    return adapter.lm_head(h_last).float()

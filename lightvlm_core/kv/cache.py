@@ -1,0 +1,134 @@
+"""A batched KV cache in which every layer and every row has its own length.
+
+Token merging makes later layers hold fewer prompt entries than early ones, and rows of a batch
+hold different prompts, so lengths are kept per (layer, row). Entries of a row are packed at the
+front of its slot: row b of layer l holds `lengths[l, b]` valid entries, the rest is padding that
+the attention mask hides. Rows join (after their prefill) with `extend` and leave with `select`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SLACK = 16  # spare slots kept after a trim so the next decode steps need no reallocation
+
+
+class BatchedKVCache:
+    """keys[l], values[l]: (B, H_kv, S_l, D), S_l >= lengths[l].max(); lengths: (L, B) long.
+
+    `scores[l]` (B, H_kv, S_l), when enabled, accumulates the attention each entry received from
+    decode queries (summed over the query heads of its KV group): the heavy-hitter statistic that
+    KV compression evicts by.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor) -> None:
+        self.keys = keys
+        self.values = values
+        self.lengths = lengths
+        self.scores: list[torch.Tensor] | None = None
+
+    @classmethod
+    def empty(cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device) -> BatchedKVCache:
+        def blank() -> torch.Tensor:
+            return torch.zeros(0, num_kv_heads, 0, head_dim, dtype=dtype, device=device)
+
+        keys = [blank() for _ in range(num_layers)]
+        values = [blank() for _ in range(num_layers)]
+        return cls(keys, values, torch.zeros(num_layers, 0, dtype=torch.long, device=device))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[1]
+
+    # --- decode-time writes -----------------------------------------------------------------
+
+    def reserve(self, extra: int = 1) -> None:
+        """Make room for `extra` more entries in every row of every layer."""
+        for layer in range(self.num_layers):
+            need = int(self.lengths[layer].max()) + extra if self.batch_size else 0
+            cap = self.keys[layer].shape[2]
+            if need > cap:
+                new_cap = need + max(SLACK, cap // 4)
+                self.keys[layer] = _pad_seq(self.keys[layer], new_cap)
+                self.values[layer] = _pad_seq(self.values[layer], new_cap)
+                if self.scores is not None:
+                    self.scores[layer] = _pad_seq(self.scores[layer], new_cap)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write one new entry per row (k, v: (B, H_kv, D)) and return the layer's live view.
+
+        Returns keys, values (B, H_kv, S, D) and the key mask (B, S), S = longest row.
+        """
+        rows = torch.arange(self.batch_size, device=k.device)
+        pos = self.lengths[layer]
+        self.keys[layer][rows, :, pos] = k
+        self.values[layer][rows, :, pos] = v
+        if self.scores is not None:
+            self.scores[layer][rows, :, pos] = 0.0
+        self.lengths[layer] = pos + 1
+        span = int(self.lengths[layer].max())
+        mask = torch.arange(span, device=k.device)[None, :] < self.lengths[layer][:, None]
+        return self.keys[layer][:, :, :span], self.values[layer][:, :, :span], mask
+
+    # --- rows joining and leaving -------------------------------------------------------------
+
+    def extend(self, other: BatchedKVCache) -> None:
+        """Append the rows of `other` (e.g. freshly prefilled requests) to this batch."""
+        if self.batch_size == 0:
+            self.keys, self.values, self.lengths, self.scores = other.keys, other.values, other.lengths, other.scores
+            return
+        for layer in range(self.num_layers):
+            cap = max(self.keys[layer].shape[2], other.keys[layer].shape[2])
+            self.keys[layer] = torch.cat([_pad_seq(self.keys[layer], cap), _pad_seq(other.keys[layer], cap)])
+            self.values[layer] = torch.cat([_pad_seq(self.values[layer], cap), _pad_seq(other.values[layer], cap)])
+            if self.scores is not None:
+                theirs = other.scores[layer] if other.scores is not None else other.keys[layer].new_zeros(
+                    other.keys[layer].shape[:3])
+                self.scores[layer] = torch.cat([_pad_seq(self.scores[layer], cap), _pad_seq(theirs, cap)])
+        self.lengths = torch.cat([self.lengths, other.lengths], dim=1)
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only `rows` (in that order) and trim the buffers, so leaving rows free memory."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        self.lengths = self.lengths[:, index]
+        for layer in range(self.num_layers):
+            cap = int(self.lengths[layer].max()) + SLACK if rows else 0
+            self.keys[layer] = self.keys[layer][:, :, :cap].index_select(0, index)
+            self.values[layer] = self.values[layer][:, :, :cap].index_select(0, index)
+            if self.scores is not None:
+                self.scores[layer] = self.scores[layer][:, :, :cap].index_select(0, index)
+
+    def enable_scores(self) -> None:
+        if self.scores is None:
+            self.scores = [k.new_zeros(k.shape[:3], dtype=torch.float32) for k in self.keys]
+
+    # --- accounting -----------------------------------------------------------------------------
+
+    def bytes_per_entry(self) -> int:
+        k = self.keys[0]
+        return 2 * k.shape[1] * k.shape[3] * k.element_size()  # K and V, all KV heads
+
+    def row_tokens(self) -> list[int]:
+        """KV entries held by each row, summed over layers."""
+        return self.lengths.sum(dim=0).tolist()
+
+    def row_bytes(self) -> list[int]:
+        per = self.bytes_per_entry()
+        return [n * per for n in self.row_tokens()]
+
+    def allocated_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for k, v in zip(self.keys, self.values))
+
+
+def _pad_seq(x: torch.Tensor, cap: int) -> torch.Tensor:
+    """Pad dim 2 (the sequence axis) of x with zeros up to `cap`."""
+    if x.shape[2] >= cap:
+        return x
+    pad = x.new_zeros(*x.shape[:2], cap - x.shape[2], *x.shape[3:])
+    return torch.cat([x, pad], dim=2)
