@@ -1,0 +1,561 @@
+"""Train the tiny shapes-demo LLaVA from scratch on CPU.
+
+    python -m lightvlm_core.demo.train --out runs/demo --export models/shapes-demo \
+        [--seed 0] [--threads 1] [--steps N] [--resume]
+
+Recipe (see TRAINING.md written next to the exported model):
+
+* ``LlavaForConditionalGeneration``: CLIP vision tower (112 px, patch 7 -> 256 image
+  tokens) + Llama text model, word-level closed vocabulary, tied embeddings,
+  ``vision_feature_layer=-1``.
+* Shared-image-prefix packing: every image carries ~8 question/answer segments
+  (all five types).  A 4D boolean mask lets each segment see the image prefix and
+  itself (causally); position ids restart after the prefix for each segment, so a
+  segment is computed exactly as the stand-alone prompt would be.
+* Loss on answer tokens + ``</s>`` only, plus dense auxiliary per-patch losses on
+  the projected image tokens (colour / shape / object index from the left / centre
+  flag per patch, and global counts / presence targets), through training-only
+  linear heads.  The auxiliary weight decays over training.
+* AdamW, linear warm-up then cosine decay over the step budget, grad clip 1.0.
+* Data is generated on the fly; training scene ``i`` of step ``s`` is seeded with
+  ``f"train/{seed}/{s}/{i}"`` so a resumed run sees exactly the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from typing import List
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from . import scenes as S
+from .processor import (
+    ASSISTANT_ID, BOS_ID, CLIP_MEAN, CLIP_STD, EOS_ID, IMAGE_ID, IMAGE_SEQ_LEN, PAD_ID, PATCH_SIZE, USER_ID,
+    VOCAB, build_processor, encode_words,
+)
+
+GRID = S.MODEL_SIZE // PATCH_SIZE  # 16
+PREFIX_LEN = 2 + IMAGE_SEQ_LEN  # <s> <|user|> <image>*256
+
+DEFAULTS = dict(
+    vis_hidden=192, vis_layers=4, vis_heads=3, vis_mlp=768,
+    txt_hidden=256, txt_layers=6, txt_heads=4, txt_kv_heads=2, txt_mlp=640,
+    batch=16, lr=1e-3, warmup=60, min_lr_frac=0.05, wd=0.05,
+    aux_w0=1.0, aux_w1=0.1, aux_decay_frac=0.5,
+    resize_prob=0.3, eval_every=100, ckpt_minutes=5.0, n_eval=250, eval_seed=12345,
+)
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(cfg: dict):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vc = CLIPVisionConfig(
+        image_size=S.MODEL_SIZE, patch_size=PATCH_SIZE, hidden_size=cfg["vis_hidden"],
+        intermediate_size=cfg["vis_mlp"], num_hidden_layers=cfg["vis_layers"],
+        num_attention_heads=cfg["vis_heads"], projection_dim=cfg["vis_hidden"],
+    )
+    tc = LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=cfg["txt_hidden"], intermediate_size=cfg["txt_mlp"],
+        num_hidden_layers=cfg["txt_layers"], num_attention_heads=cfg["txt_heads"],
+        num_key_value_heads=cfg["txt_kv_heads"], max_position_embeddings=512,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=True,
+    )
+    config = LlavaConfig(
+        vision_config=vc, text_config=tc, image_token_index=IMAGE_ID, image_seq_length=IMAGE_SEQ_LEN,
+        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=True,
+        projector_hidden_act="gelu",
+    )
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, PAD_ID
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.bos_token_id = BOS_ID
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+AUX_SPEC = [  # name, classes (per patch)
+    ("color", 6), ("shape", 4), ("rank", 5), ("centre", 2),
+]
+GLOBAL_SPEC = [("n_circle", 5), ("n_square", 5), ("n_triangle", 5), ("n_total", 5)]
+N_PRESENCE = len(S.COLOR_NAMES) * len(S.SHAPES)
+
+
+class AuxHeads(nn.Module):
+    """Training-only linear heads on the projected image tokens (not exported)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.local = nn.Linear(dim, sum(c for _, c in AUX_SPEC))
+        self.glob = nn.Linear(dim, sum(c for _, c in GLOBAL_SPEC) + N_PRESENCE)
+
+    def loss(self, tok: torch.Tensor, lab: dict) -> torch.Tensor:
+        # tok: (B, 256, D)
+        out = self.local(tok)
+        total = 0.0
+        o = 0
+        for name, c in AUX_SPEC:
+            lg = out[..., o:o + c].reshape(-1, c)
+            tgt = lab[name].reshape(-1)
+            if name == "centre":
+                total = total + F.cross_entropy(lg, tgt, weight=torch.tensor([1.0, 10.0]))
+            else:
+                total = total + F.cross_entropy(lg, tgt)
+            o += c
+        g = self.glob(tok)  # every patch predicts the global targets
+        o = 0
+        for name, c in GLOBAL_SPEC:
+            lg = g[..., o:o + c]
+            tgt = lab[name][:, None].expand(-1, lg.shape[1])
+            total = total + 0.5 * F.cross_entropy(lg.reshape(-1, c), tgt.reshape(-1))
+            o += c
+        pres = g[..., o:]
+        total = total + 0.5 * F.binary_cross_entropy_with_logits(
+            pres, lab["presence"][:, None, :].expand_as(pres))
+        return total
+
+
+# ----------------------------------------------------------------------------- data
+
+_MEAN = np.array(CLIP_MEAN, dtype=np.float32)
+_STD = np.array(CLIP_STD, dtype=np.float32)
+
+
+def to_pixels(img: Image.Image) -> np.ndarray:
+    """Same as the processor: bicubic resize to 112x112, rescale, CLIP-normalise. (3, H, W)."""
+    if img.size != (S.MODEL_SIZE, S.MODEL_SIZE):
+        img = img.resize((S.MODEL_SIZE, S.MODEL_SIZE), Image.BICUBIC)
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    return ((x - _MEAN) / _STD).transpose(2, 0, 1)
+
+
+def patch_labels(lab_img: Image.Image, objs) -> dict:
+    """Per-patch aux targets from the label map (value k+1 = objs[k]; objs sorted left to right)."""
+    w, h = lab_img.size
+    if (w, h) != (S.MODEL_SIZE, S.MODEL_SIZE):
+        lab_img = lab_img.resize((S.MODEL_SIZE, S.MODEL_SIZE), Image.NEAREST)
+    lab = np.asarray(lab_img).reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
+    counts = np.stack([(lab == k + 1).sum(1) for k in range(len(objs))], 1)  # (256, n)
+    best = counts.argmax(1)
+    has = counts.max(1) >= 12  # >= ~25% of the patch
+    color = np.zeros(GRID * GRID, np.int64)
+    shape = np.zeros(GRID * GRID, np.int64)
+    rank = np.zeros(GRID * GRID, np.int64)
+    for k, o in enumerate(objs):
+        m = has & (best == k)
+        color[m] = S.COLOR_NAMES.index(o.color) + 1
+        shape[m] = S.SHAPES.index(o.shape) + 1
+        rank[m] = k + 1
+    centre = np.zeros(GRID * GRID, np.int64)
+    for o in objs:
+        px = min(GRID - 1, int(o.cx * S.MODEL_SIZE / w / PATCH_SIZE))
+        py = min(GRID - 1, int(o.cy * S.MODEL_SIZE / h / PATCH_SIZE))
+        centre[py * GRID + px] = 1
+    pres = np.zeros(N_PRESENCE, np.float32)
+    for o in objs:
+        pres[S.COLOR_NAMES.index(o.color) * len(S.SHAPES) + S.SHAPES.index(o.shape)] = 1.0
+    return dict(
+        color=color, shape=shape, rank=rank, centre=centre, presence=pres,
+        n_circle=sum(o.shape == "circle" for o in objs), n_square=sum(o.shape == "square" for o in objs),
+        n_triangle=sum(o.shape == "triangle" for o in objs), n_total=len(objs),
+    )
+
+
+def train_questions(rng: random.Random, objs) -> List[tuple]:
+    """~8 questions per training image covering all five types."""
+    qs = [S.sample_question(rng, objs, "describe")]
+    for s in S.SHAPES:
+        qs.append((S.question_text("count", s), S.answer(objs, "count", s)))
+    qs.append(S.sample_question(rng, objs, "exist", want="yes"))
+    qs.append(S.sample_question(rng, objs, "exist", want="no"))
+    for qt in ("color", "shape"):
+        qa = S.sample_question(rng, objs, qt)
+        if qa is not None:
+            qs.append(qa)
+    return qs
+
+
+def random_render_size(rng: random.Random):
+    w = rng.randint(64, 400)
+    h = int(round(w * math.exp(rng.uniform(math.log(0.75), math.log(1.333)))))
+    return (w, max(64, min(400, h)))
+
+
+def make_train_example(seed: int, step: int, index: int, resize_prob: float):
+    rng = S.train_rng(seed, step, index)
+    size = random_render_size(rng) if rng.random() < resize_prob else S.MODEL_SIZE
+    img, objs, lab = S.make_scene(rng, size, with_labels=True)
+    return to_pixels(img), patch_labels(lab, objs), train_questions(rng, objs)
+
+
+def segment(q: str, a: str):
+    """(ids, n_question_tokens) for ``q <|assistant|> a </s>``."""
+    qi = encode_words(q)
+    ai = encode_words(a)
+    return qi + [ASSISTANT_ID] + ai + [EOS_ID], len(qi)
+
+
+def pack(examples_qas: List[List[tuple]]):
+    """Pack per-image question lists into shared-prefix sequences.
+
+    Returns input ids (B, L), position ids, 4D bool mask (B, 1, L, L), and the
+    supervised (batch, position, target, segment-id) lists.
+    """
+    B = len(examples_qas)
+    seqs, poss, segs_of = [], [], []
+    sup_b, sup_p, sup_t, sup_seg = [], [], [], []
+    seg_counter = 0
+    for b, qas in enumerate(examples_qas):
+        ids = [BOS_ID, USER_ID] + [IMAGE_ID] * IMAGE_SEQ_LEN
+        pos = list(range(PREFIX_LEN))
+        seg = [0] * PREFIX_LEN
+        for j, (q, a) in enumerate(qas):
+            sid, nq = segment(q, a)
+            start = len(ids)
+            ids += sid
+            pos += list(range(PREFIX_LEN, PREFIX_LEN + len(sid)))
+            seg += [j + 1] * len(sid)
+            # position of <|assistant|> predicts the first answer token, ..., last answer token predicts </s>
+            for t in range(nq, len(sid) - 1):
+                sup_b.append(b)
+                sup_p.append(start + t)
+                sup_t.append(sid[t + 1])
+                sup_seg.append(seg_counter)
+            seg_counter += 1
+        seqs.append(ids)
+        poss.append(pos)
+        segs_of.append(seg)
+    L = max(len(s) for s in seqs)
+    ids_t = torch.full((B, L), PAD_ID, dtype=torch.long)
+    pos_t = torch.zeros((B, L), dtype=torch.long)
+    seg_t = torch.full((B, L), -1, dtype=torch.long)
+    for b in range(B):
+        n = len(seqs[b])
+        ids_t[b, :n] = torch.tensor(seqs[b])
+        pos_t[b, :n] = torch.tensor(poss[b])
+        seg_t[b, :n] = torch.tensor(segs_of[b])
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    si = seg_t[:, :, None]
+    sj = seg_t[:, None, :]
+    allowed = ((sj == 0) | (si == sj)) & (si >= 0) & (sj >= 0)
+    mask = causal[None] & allowed
+    mask |= torch.eye(L, dtype=torch.bool)[None]  # padding rows attend to themselves (no NaN)
+    return (ids_t, pos_t, mask[:, None], torch.tensor(sup_b), torch.tensor(sup_p), torch.tensor(sup_t),
+            torch.tensor(sup_seg), seg_counter)
+
+
+def collate_labels(labs: List[dict]) -> dict:
+    out = {}
+    for k in labs[0]:
+        out[k] = torch.as_tensor(np.stack([np.asarray(l[k]) for l in labs]))
+    return out
+
+
+# ----------------------------------------------------------------------------- forward
+
+def packed_forward(model, pixel_values, ids, pos, mask, sup_b, sup_p):
+    """Returns (logits at supervised positions, projected image tokens)."""
+    inner = model.model
+    vis = inner.vision_tower(pixel_values)
+    feats = vis.last_hidden_state[:, 1:]  # == hidden_states[-1][:, 1:] (vision_feature_layer=-1, "default")
+    img_tok = inner.multi_modal_projector(feats)
+    emb = inner.language_model.embed_tokens(ids)
+    emb = torch.cat([emb[:, :2], img_tok.to(emb.dtype), emb[:, PREFIX_LEN:]], 1)
+    h = inner.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
+    logits = model.lm_head(h[sup_b, sup_p])
+    return logits, img_tok
+
+
+def segment_exact_match(logits, sup_t, sup_seg, n_seg):
+    ok = (logits.argmax(-1) == sup_t).float()
+    wrong = torch.zeros(n_seg).index_add_(0, sup_seg, 1.0 - ok)
+    return wrong == 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+class EvalSet:
+    """Fixed held-out monitor set: ``n`` questions (5 per scene), packed per scene."""
+
+    def __init__(self, n: int, seed: int):
+        items = list(S.heldout_questions(n, seed))
+        self.groups = []  # (pixels, [(q, a, qtype)])
+        last = None
+        for img, q, a, qt in items:
+            if last is None or img is not last:
+                self.groups.append((to_pixels(img), []))
+                last = img
+            self.groups[-1][1].append((q, a, qt))
+
+    @torch.no_grad()
+    def run(self, model, bs: int = 25) -> dict:
+        model.eval()
+        res = {qt: [] for qt in S.QTYPES}
+        for i in range(0, len(self.groups), bs):
+            grp = self.groups[i:i + bs]
+            pix = torch.from_numpy(np.stack([g[0] for g in grp]))
+            ids, pos, mask, sb, sp, st, sseg, nseg = pack([[(q, a) for q, a, _ in g[1]] for g in grp])
+            logits, _ = packed_forward(model, pix, ids, pos, mask, sb, sp)
+            em = segment_exact_match(logits, st, sseg, nseg).tolist()
+            qts = [qt for g in grp for _, _, qt in g[1]]
+            for qt, e in zip(qts, em):
+                res[qt].append(e)
+        model.train()
+        out = {qt: round(sum(v) / max(1, len(v)), 4) for qt, v in res.items()}
+        out["overall"] = round(sum(sum(v) for v in res.values()) / sum(len(v) for v in res.values()), 4)
+        return out
+
+
+# ----------------------------------------------------------------------------- export
+
+def export(model, out_dir: str, info: dict) -> None:
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(tmp, dtype=torch.float16) if _save_accepts_dtype(model) else _save_fp16(model, tmp)
+    build_processor().save_pretrained(tmp)
+    with open(os.path.join(tmp, "TRAINING.md"), "w") as f:
+        f.write(training_md(info))
+    if os.path.isdir(out_dir):
+        old = out_dir.rstrip("/") + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+        os.rename(tmp, out_dir)
+
+
+def _save_accepts_dtype(model) -> bool:
+    return False
+
+
+def _save_fp16(model, path: str) -> None:
+    import copy
+    m16 = copy.deepcopy(model).to(torch.float16)
+    m16.config.dtype = "float16"
+    m16.save_pretrained(path)
+
+
+def training_md(info: dict) -> str:
+    acc = info.get("last_eval") or {}
+    lines = [
+        "# shapes-demo: training record",
+        "",
+        "Tiny LLaVA (CLIP vision 112 px / patch 7 -> 256 image tokens, Llama text) trained from scratch on",
+        "synthetic shapes scenes (`lightvlm_core/demo/scenes.py`).",
+        "",
+        f"- command: `{info.get('command')}`",
+        f"- seed: {info.get('seed')}, threads: {info.get('threads')}",
+        f"- steps: {info.get('step')} / {info.get('steps')} (batch {info.get('batch')} images, ~8 QA segments each)",
+        f"- wall time: {info.get('wall_s', 0) / 60:.1f} min of training",
+        f"- hardware: {info.get('hardware')}",
+        f"- torch {torch.__version__}, transformers {info.get('transformers')}",
+        f"- parameters: {info.get('params')}",
+        f"- last held-out teacher-forced exact match (== greedy exact match), {info.get('n_eval')} questions, "
+        f"heldout seed {info.get('eval_seed')}, at step {info.get('eval_step')}:",
+        "",
+        "| " + " | ".join(list(acc)) + " |",
+        "|" + "---|" * len(acc),
+        "| " + " | ".join(f"{v:.3f}" for v in acc.values()) + " |",
+        "",
+        "Recipe: shared-image-prefix packing of ~8 questions per image (4D mask), loss on answer tokens + `</s>`,",
+        "dense auxiliary per-patch losses on the projected image tokens (training-only heads, not exported),",
+        "AdamW with warm-up + cosine decay over the step budget, grad clip 1.0. See `lightvlm_core/demo/train.py`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, CPU only"
+
+
+# ----------------------------------------------------------------------------- main
+
+def lr_at(step: int, cfg: dict, steps: int) -> float:
+    if step < cfg["warmup"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup"]
+    t = (step - cfg["warmup"]) / max(1, steps - cfg["warmup"])
+    t = min(1.0, t)
+    return cfg["lr"] * (cfg["min_lr_frac"] + (1 - cfg["min_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def aux_weight(step: int, cfg: dict, steps: int) -> float:
+    t = min(1.0, step / max(1, cfg["aux_decay_frac"] * steps))
+    return cfg["aux_w1"] + (cfg["aux_w0"] - cfg["aux_w1"]) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def make_optimizer(model, aux, cfg):
+    decay, no_decay = [], []
+    for mod in (model, aux):
+        for n, p in mod.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 and "embed" not in n else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["wd"]},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-8)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--export", default="models/shapes-demo")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--bench", type=int, default=0, help="time N steps and exit (no files written)")
+    ap.add_argument("--set", nargs="*", default=[], help="override recipe values, key=value")
+    args = ap.parse_args(argv)
+
+    cfg = dict(DEFAULTS)
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        cfg[k] = type(DEFAULTS[k])(v)
+
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    transformers.logging.set_verbosity_error()
+
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    log_path = os.path.join(args.out, "log.jsonl")
+    state = None
+    if args.resume and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        cfg = state["cfg"]
+        args.seed = state["seed"]
+    torch.manual_seed(args.seed)
+    model = build_model(cfg)
+    aux = AuxHeads(cfg["txt_hidden"])
+    model.train()
+    opt = make_optimizer(model, aux, cfg)
+    step = 0
+    wall = 0.0
+    last_eval = None
+    eval_step = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        aux.load_state_dict(state["aux"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        wall = state["wall_s"]
+        last_eval, eval_step = state.get("last_eval"), state.get("eval_step")
+        torch.set_rng_state(state["torch_rng"])
+        if args.steps != state["steps"]:
+            print(f"note: step budget changed {state['steps']} -> {args.steps}", file=sys.stderr)
+    steps = args.steps
+    n_params = sum(p.numel() for p in model.parameters())
+
+    if not args.bench:
+        os.makedirs(args.out, exist_ok=True)
+    evalset = EvalSet(cfg["n_eval"], cfg["eval_seed"]) if not args.bench else None
+    info = dict(
+        command="python -m lightvlm_core.demo.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        seed=args.seed, threads=args.threads, steps=steps, batch=cfg["batch"], hardware=hardware(),
+        transformers=transformers.__version__, params=n_params, n_eval=cfg["n_eval"], eval_seed=cfg["eval_seed"],
+    )
+
+    def log(rec):
+        print(json.dumps(rec), flush=True)
+        if not args.bench:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def checkpoint():
+        tmp = ckpt_path + ".tmp"
+        torch.save(dict(model=model.state_dict(), aux=aux.state_dict(), opt=opt.state_dict(), step=step,
+                        steps=steps, wall_s=wall, cfg=cfg, seed=args.seed, torch_rng=torch.get_rng_state(),
+                        last_eval=last_eval, eval_step=eval_step), tmp)
+        os.replace(tmp, ckpt_path)
+        export(model, args.export, dict(info, step=step, wall_s=wall, last_eval=last_eval, eval_step=eval_step))
+
+    if state is None and not args.bench:
+        log(dict(event="start", cfg=cfg, params=n_params, **{k: info[k] for k in ("seed", "threads", "steps")}))
+    elif not args.bench:
+        log(dict(event="resume", step=step))
+
+    last_ckpt = time.time()
+    t_log = time.time()
+    loss_acc, aux_acc, n_acc = 0.0, 0.0, 0
+    end = step + args.bench if args.bench else steps
+    while step < end:
+        t0 = time.time()
+        exs = [make_train_example(args.seed, step, i, cfg["resize_prob"]) for i in range(cfg["batch"])]
+        pix = torch.from_numpy(np.stack([e[0] for e in exs]))
+        labs = collate_labels([e[1] for e in exs])
+        ids, pos, mask, sb, sp, st, sseg, nseg = pack([e[2] for e in exs])
+        t_data = time.time() - t0
+        lr = lr_at(step, cfg, steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        logits, img_tok = packed_forward(model, pix, ids, pos, mask, sb, sp)
+        main_loss = F.cross_entropy(logits, st)
+        aw = aux_weight(step, cfg, steps)
+        aux_loss = aux.loss(img_tok, labs)
+        loss = main_loss + aw * aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
+        opt.step()
+        step += 1
+        dt = time.time() - t0
+        wall += dt
+        loss_acc += main_loss.item()
+        aux_acc += aux_loss.item()
+        n_acc += 1
+        if args.bench or step % 10 == 0:
+            log(dict(step=step, loss=round(loss_acc / n_acc, 4), aux=round(aux_acc / n_acc, 4), aux_w=round(aw, 3),
+                     lr=round(lr, 6), gnorm=round(float(gn), 3), s_per_step=round((time.time() - t_log) / n_acc, 3),
+                     data_s=round(t_data, 3), seq_len=ids.shape[1], wall_s=round(wall, 1)))
+            loss_acc, aux_acc, n_acc = 0.0, 0.0, 0
+            t_log = time.time()
+        if args.bench:
+            continue
+        if step % cfg["eval_every"] == 0 or step == steps:
+            te = time.time()
+            last_eval = evalset.run(model)
+            eval_step = step
+            log(dict(event="eval", step=step, wall_s=round(wall, 1), eval_s=round(time.time() - te, 1), **last_eval))
+            t_log += time.time() - te
+        if time.time() - last_ckpt > cfg["ckpt_minutes"] * 60 or step == steps:
+            tc = time.time()
+            checkpoint()
+            last_ckpt = time.time()
+            log(dict(event="checkpoint", step=step, ckpt_s=round(time.time() - tc, 1)))
+            t_log += time.time() - tc
+    if not args.bench:
+        log(dict(event="done", step=step, wall_s=round(wall, 1), last_eval=last_eval))
+
+
+if __name__ == "__main__":
+    main()
