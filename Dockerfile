@@ -1,0 +1,87 @@
+# syntax=docker/dockerfile:1.7
+#
+# LightVLM Serve image, two variants from one file (BuildKit builds only the stages it needs):
+#
+#   GPU (default):  docker build -t lightvlm-serve:gpu .
+#   CPU (laptops):  docker build --build-arg VARIANT=cpu -t lightvlm-serve:cpu .
+#
+# Both install the project exactly as the test suite does: `pip install .` against pyproject.toml
+# (same pins, same index, no extra wheels), without the dev extras. Both serve the bundled demo
+# model (models/shapes-demo) unless LIGHTVLM_MODEL names another one (hub id or local directory).
+# tests/deploy/test_static.py checks the pins, the pip commands and the runtime contract below.
+
+ARG VARIANT=gpu
+# CUDA 13.0 to match the cu13 libraries that PyPI's torch 2.14.1 wheel depends on
+# (host driver >= 580 needed). The wheel brings its own cuBLAS/cuDNN; this base supplies the
+# NVIDIA container runtime environment and the CUDA runtime.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
+ARG CPU_IMAGE=python:3.12.12-slim-bookworm
+
+# ---- operating-system layers, one per variant ---------------------------------------------------
+FROM ${CUDA_IMAGE} AS os-gpu
+ENV DEBIAN_FRONTEND=noninteractive \
+    LIGHTVLM_DEVICE=auto
+# Ubuntu 24.04's python3 is 3.12 (pyproject needs >= 3.11); python3-venv brings ensurepip.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+FROM ${CPU_IMAGE} AS os-cpu
+ENV LIGHTVLM_DEVICE=cpu
+
+# ---- builder: a self-contained virtual environment in /opt/venv ---------------------------------
+FROM os-${VARIANT} AS builder
+ARG PIP_VERSION=26.3
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN python3 -m venv /opt/venv
+WORKDIR /src
+
+# 1. The dependencies, read from pyproject.toml's [project].dependencies. This heavy layer (torch)
+#    is rebuilt only when pyproject.toml changes, not on every source edit.
+COPY pyproject.toml ./
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install "pip==${PIP_VERSION}" \
+ && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+
+# 2. The project itself, installed the way the tests install it (non-editable, no extras).
+COPY README.md ./
+COPY app ./app
+COPY lightvlm_core ./lightvlm_core
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install . \
+ && pip check
+
+# ---- runtime -------------------------------------------------------------------------------------
+FROM os-${VARIANT} AS runtime
+ARG UID=10001
+RUN groupadd --system --gid "${UID}" lightvlm \
+ && useradd --system --uid "${UID}" --gid lightvlm --create-home --home-dir /home/lightvlm \
+        --shell /usr/sbin/nologin lightvlm \
+ && mkdir -p /cache/huggingface \
+ && chown lightvlm:lightvlm /cache/huggingface
+
+COPY --from=builder /opt/venv /opt/venv
+WORKDIR /opt/lightvlm
+COPY models/shapes-demo ./models/shapes-demo
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HOME=/cache/huggingface \
+    LIGHTVLM_MODEL=/opt/lightvlm/models/shapes-demo \
+    LIGHTVLM_HOST=0.0.0.0 \
+    LIGHTVLM_PORT=8000
+
+# Downloaded hub models land here; mount a named volume so they survive container restarts.
+VOLUME ["/cache/huggingface"]
+USER lightvlm
+EXPOSE 8000
+
+# Liveness only (/health is cheap and answers while the model loads); readiness is /ready.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+
+ENTRYPOINT ["lightvlm"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
