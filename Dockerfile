@@ -22,6 +22,8 @@ FROM ${CUDA_IMAGE} AS os-gpu
 ENV DEBIAN_FRONTEND=noninteractive \
     LIGHTVLM_DEVICE=auto
 # Ubuntu 24.04's python3 is 3.12 (pyproject needs >= 3.11); python3-venv brings ensurepip.
+# The base image tag pins the distribution; exact apt versions would break on every archive update.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/*
@@ -30,6 +32,7 @@ FROM ${CPU_IMAGE} AS os-cpu
 ENV LIGHTVLM_DEVICE=cpu
 
 # ---- builder: a self-contained virtual environment in /opt/venv ---------------------------------
+# hadolint ignore=DL3006
 FROM os-${VARIANT} AS builder
 ARG PIP_VERSION=26.3
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -54,6 +57,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && pip check
 
 # ---- runtime -------------------------------------------------------------------------------------
+# hadolint ignore=DL3006
 FROM os-${VARIANT} AS runtime
 ARG UID=10001
 RUN groupadd --system --gid "${UID}" lightvlm \
@@ -76,7 +80,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 # Downloaded hub models land here; mount a named volume so they survive container restarts.
 VOLUME ["/cache/huggingface"]
-USER lightvlm
+# Numeric, so Kubernetes' runAsNonRoot can verify it.
+USER ${UID}:${UID}
 EXPOSE 8000
 
 # Liveness only (/health is cheap and answers while the model loads); readiness is /ready.

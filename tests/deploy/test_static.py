@@ -216,7 +216,10 @@ def test_runtime_stage_contract():
     env = env_of(rt)
 
     users = instructions_of(rt, "USER")
-    assert users and users[-1] not in ("root", "0"), "the service must not run as root"
+    assert users, "the service must not run as root"
+    uid, _, gid = expand(users[-1], stage_args(rt)).partition(":")
+    assert uid.isdigit() and int(uid) > 0, f"USER {users[-1]}: want a numeric non-root uid"
+    assert not gid or (gid.isdigit() and int(gid) > 0), users[-1]
     assert str(SERVICE_PORT) in instructions_of(rt, "EXPOSE")
 
     entrypoint = json.loads(instructions_of(rt, "ENTRYPOINT")[-1])
