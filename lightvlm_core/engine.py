@@ -137,8 +137,8 @@ class Engine:
         logits = forward.decode(self.adapter, self.cache, last, pos)
         tokens = sample(logits, [s.sampling for s in self.running], [s.generator for s in self.running])
         outputs = [seq.accept(tok) for seq, tok in zip(self.running, tokens)]
-        self.compressor.after_step(self.cache, [s.prepared.acceleration.kv_budget for s in self.running])
         self._track_kv_peak()
+        self.compressor.after_step(self.cache, [s.prepared.acceleration.kv_budget for s in self.running])
         self._retire(outputs)
         return outputs
 
@@ -191,7 +191,8 @@ class Engine:
         embeds = [a.embed(p.prompt, self.device, dtype) for p in group]
         state = _pad_batch(group, embeds, a, self.device)
         hook = build_prefill_hook(group[0].acceleration, a, [p.num_image_tokens for p in group])
-        h_last, cache, layer_lengths = forward.prefill(a, state, hook)
+        budgeted = any(p.acceleration.kv_budget for p in group)
+        h_last, cache, layer_lengths = forward.prefill(a, state, hook, kv_scores=budgeted)
         logits = forward.logits_for(a, h_last)
         seqs = [self._new_sequence(p, start) for p in group]
         tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
@@ -202,8 +203,6 @@ class Engine:
             seq.prefill_end = end
             self._record_image_usage(seq, [lengths[layer][row] for layer in range(len(lengths))])
             outputs.append(seq.accept(tok))
-        if any(p.acceleration.kv_budget for p in group):
-            cache.enable_scores()
         return cache, seqs, outputs
 
     def _new_sequence(self, p: PreparedRequest, start: float) -> Sequence:
@@ -243,6 +242,8 @@ class Engine:
     def _keep_rows(self, rows: list[int]) -> None:
         self.cache.select(rows)
         self.running = [self.running[i] for i in rows]
+        if self.cache.scores is not None and not any(s.prepared.acceleration.kv_budget for s in self.running):
+            self.cache.scores = None  # back to the fused attention path
 
 
 def load_engine(model: str | None = None, device: str = "auto", dtype: str = "auto", preset: str = "none",

@@ -17,6 +17,8 @@ from torch import nn
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import ModelAdapter
 
+SNAPKV_WINDOW = 8  # prompt tokens whose attention seeds the KV heavy-hitter scores
+
 
 @dataclass
 class PrefillState:
@@ -87,15 +89,39 @@ def _mlp_residual(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+def last_query_attention(q: torch.Tensor, k: torch.Tensor, state: PrefillState, num_query: int,
+                         scaling: float) -> torch.Tensor:
+    """Attention probabilities from each row's last `num_query` prompt tokens: (B, H, n_q, T).
+
+    Only those few query rows are computed (O(n_q * T), no T x T matrix), from post-RoPE q
+    (B, H, T, D) and k (B, H_kv, T, D). Rows shorter than n_q get zeros for the missing queries.
+    """
+    b, h, t, d = q.shape
+    n_q = min(num_query, t)
+    last = state.lengths[:, None] - 1 - torch.arange(n_q, device=q.device)[None]  # (B, n_q)
+    present = last >= 0
+    last = last.clamp(min=0)
+    q_sel = q.gather(2, last[:, None, :, None].expand(b, h, n_q, d))
+    k_full = k.repeat_interleave(h // k.shape[1], dim=1)
+    logits = torch.einsum("bhqd,bhtd->bhqt", q_sel.float(), k_full.float()) * scaling
+    keys = torch.arange(t, device=q.device)
+    allowed = state.valid[:, None, None, :] & (keys[None, None, None, :] <= last[:, None, :, None])
+    probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    return probs * present[:, None, :, None]
+
+
 @torch.no_grad()
-def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None = None
-            ) -> tuple[torch.Tensor, BatchedKVCache, list[torch.Tensor]]:
+def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None = None,
+            kv_scores: bool = False) -> tuple[torch.Tensor, BatchedKVCache, list[torch.Tensor]]:
     """Run every layer over the prompts.
 
     Returns the final-normed hidden state of each row's last prompt token (B, d), the KV cache
     (each layer holding that layer's tokens) and the per-layer valid-token counts (B,) per layer.
+    With `kv_scores`, the cache's heavy-hitter scores start from the attention that the prompt's
+    last tokens pay to each entry (SnapKV-style), so the first compaction already knows what matters.
     """
-    keys, values, layer_lengths = [], [], []
+    keys, values, layer_lengths, scores = [], [], [], []
+    groups = adapter.num_heads // adapter.num_kv_heads
     for i, layer in enumerate(adapter.layers):
         if hook is not None:
             state = hook.before_layer(i, state)
@@ -114,9 +140,15 @@ def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None
         layer_lengths.append(state.lengths)
         if hook is not None and i in hook.score_layers:
             hook.observe(i, state, q, k)
+        if kv_scores:
+            probs = last_query_attention(q, k, state, SNAPKV_WINDOW, adapter.scaling)  # (B, H, n_q, T)
+            b, _, _, t_l = probs.shape
+            scores.append(probs.sum(dim=2).view(b, adapter.num_kv_heads, groups, t_l).sum(dim=2))
     last = state.lengths - 1
     h_last = state.h[torch.arange(state.h.shape[0], device=last.device), last]
     cache = BatchedKVCache(keys, values, torch.stack(layer_lengths))
+    if kv_scores:
+        cache.scores = scores
     return adapter.norm(h_last[:, None])[:, 0], cache, layer_lengths
 
 

@@ -82,6 +82,8 @@ class BatchedKVCache:
         if self.batch_size == 0:
             self.keys, self.values, self.lengths, self.scores = other.keys, other.values, other.lengths, other.scores
             return
+        if other.scores is not None:
+            self.enable_scores()
         for layer in range(self.num_layers):
             cap = max(self.keys[layer].shape[2], other.keys[layer].shape[2])
             self.keys[layer] = torch.cat([_pad_seq(self.keys[layer], cap), _pad_seq(other.keys[layer], cap)])

@@ -16,7 +16,7 @@ def build_prefill_hook(accel: AccelerationConfig, adapter: ModelAdapter, num_ima
     plan = plan_for(accel, len(adapter.layers))
     if plan is None:
         return None
-    return TokenMerger(plan, adapter.scaling, adapter.num_heads)
+    return TokenMerger(plan, adapter.scaling)
 
 
 __all__ = ["PRESETS", "PYRAMIDS", "ReductionPlan", "TokenMerger", "build_prefill_hook", "plan_for",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightvlm_core.forward import PrefillState
+from lightvlm_core.forward import PrefillState, last_query_attention
 from lightvlm_core.reduction.schedule import ReductionPlan
 
 NUM_QUERY_TOKENS = 8  # "last few prompt tokens" whose attention scores image tokens
@@ -25,17 +25,16 @@ NUM_QUERY_TOKENS = 8  # "last few prompt tokens" whose attention scores image to
 class TokenMerger:
     """A PrefillHook that applies a ReductionPlan to a batch of prompts."""
 
-    def __init__(self, plan: ReductionPlan, scaling: float, num_heads: int, seed: int = 0) -> None:
+    def __init__(self, plan: ReductionPlan, scaling: float, seed: int = 0) -> None:
         self.plan = plan
         self.scaling = scaling
-        self.num_heads = num_heads
         self.cuts = dict(plan.stages)  # layer -> keep ratio
         self.merge = plan.method == "pyramid"
         self.num_query = 1 if plan.method == "fastv" else NUM_QUERY_TOKENS
         self.score_layers = set() if plan.method == "random" else {layer - 1 for layer in self.cuts}
         self.importance: torch.Tensor | None = None  # (B, T) for the current token set
         self.original_counts: list[list[int]] | None = None  # per row, per span
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.stage_counts: list[list[int]] = []  # kept image tokens per row after each stage
 
     # --- PrefillHook ------------------------------------------------------------------------------
@@ -49,7 +48,7 @@ class TokenMerger:
         if layer not in self.cuts:
             return state
         if self.plan.method == "random":
-            self.importance = torch.rand(state.valid.shape, generator=self.generator).to(state.h.device)
+            self.importance = self._random_importance(state)
         keep_index, keep_valid = self._select(state, self.cuts[layer])
         if self.merge:
             self._merge_dropped(state, keep_index, keep_valid)
@@ -60,21 +59,18 @@ class TokenMerger:
 
     # --- scoring ----------------------------------------------------------------------------------
 
+    def _random_importance(self, state: PrefillState) -> torch.Tensor:
+        """Uniform random scores, drawn per row from the row's own length (batch-independent)."""
+        scores = torch.zeros(state.valid.shape)
+        for row, n in enumerate(state.lengths.tolist()):
+            scores[row, :n] = torch.rand(n, generator=torch.Generator().manual_seed(self.seed + n))
+        return scores.to(state.h.device)
+
     def _attention_importance(self, state: PrefillState, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Mean attention (over heads and the last query tokens) paid to each token: (B, T)."""
-        b, h, t, d = q.shape
-        n_q = min(self.num_query, t)
-        last = state.lengths[:, None] - 1 - torch.arange(n_q, device=q.device)[None]  # (B, n_q)
-        valid_q = last >= 0
-        last = last.clamp(min=0)
-        q_sel = q.gather(2, last[:, None, :, None].expand(b, h, n_q, d))
-        k_full = k.repeat_interleave(h // k.shape[1], dim=1)
-        logits = torch.einsum("bhqd,bhtd->bhqt", q_sel.float(), k_full.float()) * self.scaling
-        keys = torch.arange(t, device=q.device)
-        allowed = state.valid[:, None, None, :] & (keys[None, None, None, :] <= last[:, None, :, None])
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
-        probs = probs * valid_q[:, None, :, None]
-        return probs.sum(dim=2).mean(dim=1) / valid_q.sum(dim=1, keepdim=True).clamp(min=1)
+        probs = last_query_attention(q, k, state, self.num_query, self.scaling)  # (B, H, n_q, T)
+        num_present = (probs.sum(dim=-1) > 0).sum(dim=-1).clamp(min=1)  # (B, H)
+        return (probs.sum(dim=2) / num_present[..., None]).mean(dim=1)
 
     # --- selection and merging ---------------------------------------------------------------------
 

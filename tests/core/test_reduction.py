@@ -1,0 +1,130 @@
+"""Pyramid token merging and the FastV / random baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from lightvlm_core.engine import Engine, load_engine
+from lightvlm_core.errors import InvalidRequestError
+from lightvlm_core.forward import PrefillState
+from lightvlm_core.models.tiny import FAMILIES
+from lightvlm_core.reduction import plan_for, resolve_acceleration
+from lightvlm_core.reduction.merger import TokenMerger, merge_into
+from lightvlm_core.reduction.schedule import ReductionPlan
+from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
+
+# --- unit: merge arithmetic, selection, positions ---------------------------------------------------
+
+
+def make_state(spans: list[list[int]], d: int = 8, seed: int = 0) -> PrefillState:
+    """One row per entry of `spans` (span id per token, -1 = text); positions are 10 * index."""
+    gen = torch.Generator().manual_seed(seed)
+    t = max(len(s) for s in spans)
+    span = torch.full((len(spans), t), -1)
+    valid = torch.zeros(len(spans), t, dtype=torch.bool)
+    for row, s in enumerate(spans):
+        span[row, : len(s)] = torch.tensor(s)
+        valid[row, : len(s)] = True
+    pos = (torch.arange(t) * 10).expand(len(spans), -1).clone()
+    return PrefillState(h=torch.randn(len(spans), t, d, generator=gen), valid=valid, pos=pos, span=span,
+                        size=torch.ones(len(spans), t))
+
+
+def test_merge_into_is_a_size_and_importance_weighted_average():
+    state = make_state([[0, 0, 0, 0]], d=2)
+    state.h[0] = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    state.size[0] = torch.tensor([1.0, 2.0, 1.0, 3.0])
+    importance = torch.tensor([0.5, 0.25, 0.5, 0.1])
+    before = state.h[0].clone()
+    merge_into(state, 0, src=torch.tensor([1, 3]), dst=torch.tensor([0, 2]), importance=importance)
+    w = state.size.new_tensor([1.0, 2.0, 1.0, 3.0]) * (importance + 1e-6)
+    expect0 = (before[0] * w[0] + before[1] * w[1]) / (w[0] + w[1])  # token 1 is most similar to 0
+    expect2 = (before[2] * w[2] + before[3] * w[3]) / (w[2] + w[3])
+    assert torch.allclose(state.h[0, 0], expect0) and torch.allclose(state.h[0, 2], expect2)
+    assert state.size[0, 0] == 3 and state.size[0, 2] == 4  # sizes add up
+
+
+def test_cut_keeps_exact_counts_per_span_text_and_original_positions():
+    spans = [[-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1, 1, 1, 1, 1, -1, -1], [-1, -1, 0, 0, 0, 0, 0, -1]]
+    state = make_state(spans)
+    merger = TokenMerger(ReductionPlan("pyramid", ((1, 0.5), (2, 0.25))), scaling=1.0)
+    merger.before_layer(0, state)  # records original span sizes
+    merger.importance = torch.rand(state.valid.shape, generator=torch.Generator().manual_seed(1))
+    total_size = state.size[state.valid].sum()
+    out = merger.before_layer(1, state)
+    # span sizes 10, 4 | 5  ->  keep round(0.5 * n) = 5, 2 | 2 (3 text in row 0, 3 text in row 1)
+    assert out.valid.sum(dim=1).tolist() == [4 + 5 + 2, 3 + 2]
+    assert merger.stage_counts == [[7, 2]]
+    for row in range(2):
+        kept_pos = out.pos[row, out.valid[row]]
+        assert torch.all(kept_pos[1:] > kept_pos[:-1])  # original order, original ids
+        assert set((kept_pos // 10).tolist()) >= {i for i, s in enumerate(spans[row]) if s < 0}
+    assert torch.isclose(out.size[out.valid].sum(), total_size)  # merging conserves size
+    merger.importance = torch.rand(out.valid.shape)
+    merger.before_layer(2, out)
+    assert merger.stage_counts[-1] == [round(0.25 * 10) + round(0.25 * 4), 1]  # min 1 per span
+
+
+def test_plans_and_validation():
+    assert plan_for(AccelerationConfig("none"), 32) is None
+    assert plan_for(AccelerationConfig("none", keep_ratio=1.0), 32) is None
+    aggressive = plan_for(AccelerationConfig("aggressive"), 32)
+    assert aggressive.final_keep == pytest.approx(0.03) and [l for l, _ in aggressive.stages] == [3, 6, 11]
+    scaled = plan_for(AccelerationConfig("light", keep_ratio=0.2), 32)
+    assert scaled.final_keep == pytest.approx(0.2)
+    assert plan_for(AccelerationConfig("fastv", keep_ratio=0.1), 32) == ReductionPlan("fastv", ((2, 0.1),))
+    custom = plan_for(AccelerationConfig(schedule=((2, 0.5), (0.5, 0.05))), 24)
+    assert custom.stages == ((2, 0.5), (12, 0.05))
+    for bad in [AccelerationConfig("none", keep_ratio=0), AccelerationConfig(schedule=((4, 0.5), (2, 0.1))),
+                AccelerationConfig(schedule=((2, 0.1), (4, 0.5))), AccelerationConfig("nope")]:
+        with pytest.raises(InvalidRequestError):
+            resolve_acceleration(bad)
+
+
+# --- engine level: every family ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def engine(request, tiny_model_dir) -> Engine:
+    return load_engine(str(tiny_model_dir(request.param)), device="cpu")
+
+
+def scene(w, h, color):
+    img = Image.new("RGB", (w, h), (235, 235, 235))
+    img.paste(color, (w // 5, h // 5, w // 2, h // 2))
+    return img
+
+
+REQUESTS = [
+    ("What is shown?", [scene(64, 48, (200, 30, 30))]),
+    ("Compare both images", [scene(96, 40, (30, 30, 200)), scene(40, 80, (30, 200, 30))]),
+    ("Describe", [scene(160, 120, (200, 200, 30))]),
+]
+
+
+@pytest.mark.parametrize("preset", ["light", "aggressive", "fastv", "random"])
+def test_reduced_batches_equal_rows_alone_with_exact_counts(engine, preset):
+    accel = AccelerationConfig(preset=preset, keep_ratio=0.25 if preset in ("fastv", "random") else None)
+    requests = [GenerationRequest(p, imgs, SamplingParams(max_new_tokens=6, ignore_eos=True), accel)
+                for p, imgs in REQUESTS]
+    together = engine.generate(requests)
+    alone = [engine.generate([r])[0] for r in requests]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    final = plan_for(accel, len(engine.adapter.layers)).final_keep
+    for request, result in zip(requests, together):
+        spans = engine.adapter.image_spans(engine.prepare(request).prompt.input_ids)
+        expected = sum(max(1, round(final * (e - s))) for s, e in spans)
+        assert result.usage.image_tokens == sum(e - s for s, e in spans)
+        assert result.usage.image_tokens_kept == expected
+        assert 0 < result.usage.image_kept_fraction_layer_avg < 1
+
+
+def test_each_image_span_keeps_its_own_budget(engine):
+    request = GenerationRequest(*REQUESTS[1], SamplingParams(max_new_tokens=2), AccelerationConfig("balanced"))
+    prepared = engine.prepare(request)
+    spans = engine.adapter.image_spans(prepared.prompt.input_ids)
+    assert len(spans) == 2  # one span per image, whatever the family's tiling
+    result = engine.generate([request])[0]
+    assert result.usage.image_tokens_kept == sum(max(1, round(0.1 * (e - s))) for s, e in spans)
