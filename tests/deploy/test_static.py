@@ -33,6 +33,7 @@ from promql import (  # noqa: E402
     metric_names,
     substitute,
 )
+from tools import require_tool  # noqa: E402
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
@@ -46,15 +47,6 @@ SERVE_COMMAND = ["lightvlm", "serve", "--host", "0.0.0.0", "--port", "8000"]
 SERVICE_PORT = 8000
 # Paths the image copies that other work items deliver; until they land the COPY check skips.
 PENDING_SOURCES = {"README.md", "models/shapes-demo"}
-
-
-def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
-    if os.environ.get("CI"):
-        pytest.fail(f"{name} is not installed; .ci/run installs it with apt-get before `make test`")
-    pytest.skip(f"{name} not installed (apt-get install docker-compose prometheus)")
 
 
 def load_yaml(path: Path) -> dict:
