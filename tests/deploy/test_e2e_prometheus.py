@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from promql import REPO_ROOT, CONTRACT_METRICS, dashboard_queries, exposed_series_names  # noqa: E402
+from promql import CONTRACT_METRICS, REPO_ROOT, dashboard_queries, exposed_series_names  # noqa: E402
 from tools import free_port, require_tool, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)

@@ -384,7 +384,7 @@ def test_compose_stack_structure():
     assert prom["/etc/prometheus/prometheus.yml"] == "./docker/prometheus/prometheus.yml"
     graf = mounts(services["grafana"])
     assert graf["/etc/grafana/provisioning"] == "./docker/grafana/provisioning"
-    for target, source in {**prom, **graf}.items():
+    for source in {**prom, **graf}.values():
         if source.startswith("./"):
             assert (REPO_ROOT / source).exists(), source
 
@@ -651,7 +651,8 @@ def test_promql_helper_substitutes_and_extracts():
 
 def test_contract_matches_architecture_doc():
     """The contract above is the table in the design doc (shared/ beside the repo or inside it)."""
-    candidates = [REPO_ROOT / "shared/design/ARCHITECTURE.md", REPO_ROOT.parent / "shared/design/ARCHITECTURE.md"]
+    candidates = [REPO_ROOT / "shared/design/ARCHITECTURE.md",
+                  REPO_ROOT.parent / "shared/design/ARCHITECTURE.md"]
     doc = next((p for p in candidates if p.is_file()), None)
     if doc is None:
         pytest.skip("ARCHITECTURE.md not found beside the repo")
