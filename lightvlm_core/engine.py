@@ -46,6 +46,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.image_tokens_in = 0
         self.image_tokens_kept = 0
+        self.last_prefill_ms = {"vision_ms": 0.0, "llm_ms": 0.0}  # split of the latest prefill
 
     # --- what the service reads -------------------------------------------------------------
 
@@ -189,6 +190,8 @@ class Engine:
         start = time.monotonic()
         a, dtype = self.adapter, self.loaded.dtype
         embeds = [a.embed(p.prompt, self.device, dtype) for p in group]
+        self._sync()
+        vision_end = time.monotonic()
         state = _pad_batch(group, embeds, a, self.device)
         hook = build_prefill_hook(group[0].acceleration, a, [p.num_image_tokens for p in group])
         budgeted = any(p.acceleration.kv_budget for p in group)
@@ -197,6 +200,7 @@ class Engine:
         seqs = [self._new_sequence(p, start) for p in group]
         tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
         end = time.monotonic()
+        self.last_prefill_ms = {"vision_ms": (vision_end - start) * 1e3, "llm_ms": (end - vision_end) * 1e3}
         outputs = []
         lengths = torch.stack(layer_lengths).tolist()  # (L, B)
         for row, (seq, tok) in enumerate(zip(seqs, tokens)):
@@ -204,6 +208,10 @@ class Engine:
             self._record_image_usage(seq, [lengths[layer][row] for layer in range(len(lengths))])
             outputs.append(seq.accept(tok))
         return cache, seqs, outputs
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _new_sequence(self, p: PreparedRequest, start: float) -> Sequence:
         seq = Sequence(

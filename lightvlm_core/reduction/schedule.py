@@ -20,7 +20,7 @@ Stages = tuple[tuple[float, float], ...]
 PYRAMIDS: dict[str, Stages] = {
     "light": ((0.1, 0.7), (0.25, 0.5), (0.5, 0.35)),
     "balanced": ((0.1, 0.5), (0.25, 0.25), (0.5, 0.1)),
-    "aggressive": ((0.08, 0.4), (0.2, 0.12), (0.35, 0.03)),
+    "aggressive": ((0.06, 0.3), (0.125, 0.1), (0.25, 0.03)),
 }
 # Defaults when a request gives only `kv_budget` or `keep_ratio` without a pyramid preset.
 DEFAULT_SHAPE = "balanced"

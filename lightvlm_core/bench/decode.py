@@ -1,0 +1,83 @@
+"""`lightvlm bench decode`: long generation and batched decode throughput, with and without
+KV compression and pyramid merging, all in one run.
+
+Decode cost per step = the weights, read once per batch, + every row's KV cache. Compression
+bounds the KV part, so it pays off where KV dominates: large batches and long outputs.
+"""
+
+from __future__ import annotations
+
+import time
+
+from lightvlm_core.bench.common import hardware, median, progress, sync
+from lightvlm_core.bench.profiles import PROFILES, Profile, bench_image, build
+from lightvlm_core.engine import Engine
+from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
+
+PROMPT = "Describe this image in as much detail as you can."
+
+
+def configs(profile: Profile) -> dict[str, AccelerationConfig]:
+    return {
+        "none": AccelerationConfig("none"),
+        "kv": AccelerationConfig("none", kv_budget=profile.kv_budget),
+        "aggressive": AccelerationConfig("aggressive"),
+        "aggressive+kv": AccelerationConfig("aggressive", kv_budget=profile.kv_budget),
+    }
+
+
+def run(profile_name: str, quiet: bool = False, repeats: int = 1) -> dict:
+    profile = PROFILES[profile_name]
+    engine = Engine(build(profile))
+    image = bench_image(profile)
+    cases = [("long", 1, n) for n in profile.decode_lengths] + [
+        ("throughput", b, profile.decode_tokens) for b in profile.decode_batches]
+    work = [(case, name, accel) for case in cases for name, accel in configs(profile).items()] * repeats
+    measured: dict[tuple, list[dict]] = {}
+    _generate(engine, image, 1, 4, AccelerationConfig())  # warm-up
+    for (kind, batch, tokens), name, accel in progress(work, len(work), "decode", quiet):
+        m = _generate(engine, image, batch, tokens, accel)
+        measured.setdefault((kind, batch, tokens, name), []).append(m)
+    return {"profile": profile.name, "hardware": hardware(), "kv_budget": profile.kv_budget,
+            "results": _rows(measured)}
+
+
+def _generate(engine: Engine, image, batch: int, tokens: int, accel: AccelerationConfig) -> dict:
+    requests = [GenerationRequest(PROMPT, [image], SamplingParams(max_new_tokens=tokens, ignore_eos=True), accel)
+                for _ in range(batch)]
+    prepared = [engine.prepare(r) for r in requests]
+    sync(engine.device)
+    start = time.perf_counter()
+    engine.add(prepared)
+    sync(engine.device)
+    decode_start = time.perf_counter()
+    peak_kv = engine.kv_cache_bytes()
+    while engine.num_running:
+        engine.step()
+        peak_kv = max(peak_kv, engine.kv_cache_bytes())
+    sync(engine.device)
+    end = time.perf_counter()
+    decoded = batch * (tokens - 1)  # the first token comes from prefill
+    return {"total_ms": (end - start) * 1e3, "decode_ms": (end - decode_start) * 1e3,
+            "decode_tokens_per_s": decoded / (end - decode_start), "peak_kv_bytes": peak_kv}
+
+
+def _rows(measured: dict[tuple, list[dict]]) -> list[dict]:
+    rows = []
+    for (kind, batch, tokens, name), runs in measured.items():
+        base = measured[(kind, batch, tokens, "none")]
+        total, base_total = median(r["total_ms"] for r in runs), median(r["total_ms"] for r in base)
+        tps, base_tps = median(r["decode_tokens_per_s"] for r in runs), median(r["decode_tokens_per_s"] for r in base)
+        rows.append({
+            "case": kind, "batch": batch, "new_tokens": tokens, "preset": name,
+            "total_ms_median": total, "decode_ms_median": median(r["decode_ms"] for r in runs),
+            "decode_tokens_per_s": tps, "peak_kv_mb": round(max(r["peak_kv_bytes"] for r in runs) / 2**20, 2),
+            # long generation: end-to-end time ratio; throughput: decode tokens/s ratio
+            "speedup_vs_none": round(base_total / total if kind == "long" else tps / base_tps, 2),
+            "runs": len(runs),
+        })
+    return rows
+
+
+COLUMNS = ["case", "batch", "new_tokens", "preset", "total_ms_median", "decode_tokens_per_s", "peak_kv_mb",
+           "speedup_vs_none"]

@@ -1,0 +1,104 @@
+"""`lightvlm bench prefill`: prefill time per preset and baseline, next to `none` in one run.
+
+Runs are interleaved (none, light, ..., none, light, ...) so slow drifts hit every preset alike;
+the median over runs is reported with the vision encoder's share and the speedup that the FLOP
+model of METHOD.md §3 predicts from the layer-averaged kept fraction.
+"""
+
+from __future__ import annotations
+
+import time
+
+from lightvlm_core.bench.common import hardware, median, progress, sync
+from lightvlm_core.bench.profiles import PROFILES, bench_image, build, describe
+from lightvlm_core.engine import Engine
+from lightvlm_core.reduction.schedule import PYRAMIDS
+from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
+
+PROMPT = "Describe this image in detail, then list every object you can see."
+
+
+def configs() -> dict[str, AccelerationConfig]:
+    final = PYRAMIDS["aggressive"][-1][1]  # baselines get the aggressive preset's final budget
+    return {
+        "none": AccelerationConfig("none"),
+        "light": AccelerationConfig("light"),
+        "balanced": AccelerationConfig("balanced"),
+        "aggressive": AccelerationConfig("aggressive"),
+        "fastv": AccelerationConfig("fastv", keep_ratio=final),
+        "random": AccelerationConfig("random", keep_ratio=final),
+    }
+
+
+def run(profile_name: str, quiet: bool = False) -> dict:
+    profile = PROFILES[profile_name]
+    engine = Engine(build(profile))
+    image = bench_image(profile)
+    cases = configs()
+    prepared = {name: engine.prepare(GenerationRequest(PROMPT, [image], SamplingParams(max_new_tokens=1), accel))
+                for name, accel in cases.items()}
+    times: dict[str, list[dict]] = {name: [] for name in cases}
+    usage = {}
+    _prefill(engine, prepared["none"])  # warm-up
+    total = profile.prefill_runs * len(cases)
+    order = [name for _ in range(profile.prefill_runs) for name in cases]
+    for name in progress(order, total, "prefill", quiet):
+        ms, usage[name] = _prefill(engine, prepared[name])
+        times[name].append(dict(engine.last_prefill_ms, total_ms=ms))
+    p = prepared["none"]
+    shape = describe(engine.loaded, p.num_image_tokens, p.num_prompt_tokens - p.num_image_tokens,
+                     _vision_tokens(engine, p))
+    return {"profile": profile.name, "hardware": hardware(), "shape": shape,
+            "results": _rows(times, usage, p.num_image_tokens, p.num_prompt_tokens)}
+
+
+def _prefill(engine: Engine, prepared) -> tuple[float, object]:
+    sync(engine.device)
+    start = time.perf_counter()
+    outputs = engine.add([prepared])
+    sync(engine.device)
+    ms = (time.perf_counter() - start) * 1e3
+    return ms, outputs[0].done.usage  # max_new_tokens=1: the first token finishes the request
+
+
+def _vision_tokens(engine: Engine, prepared) -> int:
+    pv = prepared.prompt.vision.get("pixel_values")
+    if pv is None:
+        return 0
+    if pv.dim() == 4:  # InternVL tiles: (tiles, C, H, W)
+        cfg = engine.loaded.model.config.vision_config
+        return pv.shape[0] * ((cfg.image_size[0] if isinstance(cfg.image_size, (list, tuple)) else cfg.image_size)
+                              // (cfg.patch_size[0] if isinstance(cfg.patch_size, (list, tuple)) else cfg.patch_size)) ** 2
+    return pv.shape[0]  # Qwen: one row per patch
+
+
+def _rows(times: dict[str, list[dict]], usage: dict, num_image: int, num_prompt: int) -> list[dict]:
+    base = median(t["total_ms"] for t in times["none"])
+    base_vision = median(t["vision_ms"] for t in times["none"])
+    vision_share = base_vision / base
+    text_frac = (num_prompt - num_image) / num_prompt
+    rows = []
+    for name, runs in times.items():
+        total = median(t["total_ms"] for t in runs)
+        u = usage[name]
+        avg = u.image_kept_fraction_layer_avg
+        llm_work = text_frac + (1 - text_frac) * avg
+        rows.append({
+            "preset": name,
+            "prefill_ms_median": total,
+            "vision_ms_median": median(t["vision_ms"] for t in runs),
+            "llm_ms_median": median(t["llm_ms"] for t in runs),
+            "vision_share": round(median(t["vision_ms"] for t in runs) / total, 3),
+            "speedup_vs_none": round(base / total, 2),
+            "expected_speedup": round(1 / (vision_share + (1 - vision_share) * llm_work), 2),
+            "image_tokens": u.image_tokens,
+            "image_tokens_kept": u.image_tokens_kept,
+            "kept_fraction_final": round(u.image_tokens_kept / max(u.image_tokens, 1), 4),
+            "kept_fraction_layer_avg": round(avg, 4),
+            "runs": len(runs),
+        })
+    return rows
+
+
+COLUMNS = ["preset", "prefill_ms_median", "vision_ms_median", "llm_ms_median", "speedup_vs_none",
+           "expected_speedup", "image_tokens_kept", "kept_fraction_final", "kept_fraction_layer_avg"]

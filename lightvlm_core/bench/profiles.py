@@ -1,0 +1,187 @@
+"""Benchmark profiles: random-weight models with the shapes of real deployments.
+
+Speed depends on shapes, not on trained weights, so each profile builds a model of a real
+architecture with random weights in memory (nothing to download) plus a working processor, and
+a workload (image size, prompt). Shapes and FLOP split are documented per profile; `describe()`
+computes the split so the README can quote it.
+
+- `cpu-small`: InternVL-architecture, LLM at full InternLM2.5-7B depth (32 layers, GQA 4:1,
+  MLP 3.5x) but 256 wide; vision tower sized so it takes ~12% of prefill FLOPs, as
+  InternViT-300M does in InternVL2.5-8B; 224-px tiles with the real 4:1 patch-to-token pixel
+  shuffle, a 896x672 image -> 12 tiles + thumbnail = 832 image tokens. Runs on 2 CPU cores.
+- `gpu-8b`: InternVL2.5-8B shapes (InternViT-300M + InternLM2.5-7B-sized Llama decoder), bf16.
+- `gpu-26b`: InternVL2.5-26B shapes (InternViT-6B + InternLM2.5-20B-sized decoder), bf16.
+- `qwen2vl-7b`: Qwen2-VL-7B shapes, bf16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image, ImageDraw
+from transformers import (
+    AutoModelForImageTextToText,
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLProcessor,
+    InternVLVideoProcessor,
+    InternVLVisionConfig,
+    LlamaConfig,
+    Qwen2VLConfig,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+from lightvlm_core.loading import LoadedModel, resolve_device, resolve_dtype
+from lightvlm_core.models import adapter_for
+from lightvlm_core.models import tiny
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    family: str  # "internvl" | "qwen2_vl"
+    text: dict  # decoder dims
+    vision: dict  # vision tower dims
+    tile: int  # InternVL tile size (px) / unused for Qwen
+    patch: int
+    max_tiles: int
+    image_size: tuple[int, int]  # (w, h) of the benchmark image
+    device: str = "auto"
+    dtype: str = "auto"
+    prefill_runs: int = 5
+    decode_lengths: tuple[int, ...] = (256,)  # long-generation lengths (batch 1)
+    decode_batches: tuple[int, ...] = (1, 4, 16)
+    decode_tokens: int = 128  # tokens per row in the throughput runs
+    kv_budget: int = 128
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+INTERNLM_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8)
+INTERNLM_20B = dict(hidden_size=6144, intermediate_size=16384, num_hidden_layers=48, num_attention_heads=48,
+                    num_key_value_heads=8)
+INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+INTERNVIT_6B = dict(hidden_size=3200, intermediate_size=12800, num_hidden_layers=45, num_attention_heads=25)
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in [
+        Profile(
+            name="cpu-small", family="internvl",
+            text=dict(hidden_size=256, intermediate_size=896, num_hidden_layers=32, num_attention_heads=8,
+                      num_key_value_heads=2),
+            vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4),
+            tile=224, patch=14, max_tiles=12, image_size=(896, 672), device="cpu", dtype="float32",
+            decode_lengths=(512,), decode_batches=(1, 4, 16), decode_tokens=128, kv_budget=256,
+            notes="InternVL2.5-8B proportions scaled to 2 CPU cores",
+        ),
+        Profile(
+            name="gpu-8b", family="internvl", text=INTERNLM_7B, vision=INTERNVIT_300M,
+            tile=448, patch=14, max_tiles=12, image_size=(1792, 1344), device="cuda", dtype="bfloat16",
+            decode_lengths=(1024, 4096), decode_batches=(1, 8, 32), decode_tokens=512, kv_budget=1024,
+            notes="InternVL2.5-8B shapes, random bf16 weights",
+        ),
+        Profile(
+            name="gpu-26b", family="internvl", text=INTERNLM_20B, vision=INTERNVIT_6B,
+            tile=448, patch=14, max_tiles=12, image_size=(1792, 1344), device="cuda", dtype="bfloat16",
+            decode_lengths=(1024,), decode_batches=(1, 8), decode_tokens=512, kv_budget=1024,
+            notes="InternVL2.5-26B shapes, random bf16 weights",
+        ),
+        Profile(
+            name="qwen2vl-7b", family="qwen2_vl",
+            text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                      num_key_value_heads=4),
+            vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4),
+            tile=0, patch=14, max_tiles=0, image_size=(1344, 1008), device="cuda", dtype="bfloat16",
+            decode_lengths=(1024,), decode_batches=(1, 8, 32), decode_tokens=512, kv_budget=1024,
+            notes="Qwen2-VL-7B shapes, random bf16 weights",
+        ),
+    ]
+}
+
+
+def build(profile: Profile) -> LoadedModel:
+    """Random-weight model + processor for `profile`, on its device and dtype."""
+    device = resolve_device(profile.device)
+    dtype = resolve_dtype(profile.dtype, device)
+    if profile.family == "internvl":
+        tokenizer = tiny._internvl_tokenizer()
+        processor, config = _internvl(profile, tokenizer)
+    else:
+        tokenizer = tiny._qwen_vl_tokenizer()
+        processor, config = _qwen2_vl(profile, tokenizer)
+    with torch.device(device), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.generation_config = tiny._generation_config(tokenizer)
+    model.eval()
+    return LoadedModel(profile.name, model, processor, adapter_for(model), device, dtype)
+
+
+def _text_config(profile: Profile, tokenizer) -> LlamaConfig:
+    return LlamaConfig(**profile.text, max_position_embeddings=32768, **tiny._token_ids(tokenizer),
+                       tie_word_embeddings=False)
+
+
+def _internvl(profile: Profile, tokenizer):
+    tile = {"height": profile.tile, "width": profile.tile}
+    tokens_per_tile = (profile.tile // profile.patch) ** 2 // 4  # pixel shuffle 0.5
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=tile, crop_to_patches=True, min_patches=1,
+                                              max_patches=profile.max_tiles),
+        tokenizer=tokenizer, video_processor=InternVLVideoProcessor(size=tile),
+        image_seq_length=tokens_per_tile, chat_template=tiny.INTERNVL_CHAT_TEMPLATE,
+    )
+    vision = InternVLVisionConfig(**profile.vision, image_size=profile.tile, patch_size=profile.patch)
+    config = InternVLConfig(vision_config=vision, text_config=_text_config(profile, tokenizer),
+                            image_token_id=tokenizer.context_image_token_id, image_seq_length=tokens_per_tile,
+                            downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False)
+    return processor, config
+
+
+def _qwen2_vl(profile: Profile, tokenizer):
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=profile.image_size[0] * profile.image_size[1])
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=tiny.QWEN_CHAT_TEMPLATE)
+    text = dict(profile.text, max_position_embeddings=32768, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    config = Qwen2VLConfig(text_config=dict(text, **tiny._token_ids(tokenizer)),
+                           vision_config=dict(profile.vision, patch_size=profile.patch),
+                           image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+                           video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+                           vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    return processor, config
+
+
+def bench_image(profile: Profile) -> Image.Image:
+    """A synthetic scene at the profile's image size (content does not matter for speed)."""
+    w, h = profile.image_size
+    img = Image.new("RGB", (w, h), (235, 235, 235))
+    draw = ImageDraw.Draw(img)
+    for i in range(12):
+        x, y = (i * 173) % (w - w // 6), (i * 97) % (h - h // 6)
+        draw.ellipse((x, y, x + w // 7, y + h // 7), fill=((i * 60) % 255, (i * 110) % 255, (i * 35) % 255))
+    return img
+
+
+def describe(loaded: LoadedModel, num_image_tokens: int, num_text_tokens: int, num_vision_tokens: int) -> dict:
+    """Parameter counts and the prefill FLOP split (2 FLOPs per parameter per token, plus attention)."""
+    model = loaded.model
+    vision_params = sum(p.numel() for n, p in model.named_parameters() if "vision" in n or "visual" in n)
+    text = loaded.adapter.text_config
+    per_layer = sum(p.numel() for p in loaded.adapter.layers[0].parameters())
+    n_llm = num_image_tokens + num_text_tokens
+    llm_flops = 2 * per_layer * text.num_hidden_layers * n_llm + 4 * text.num_hidden_layers * n_llm**2 * text.hidden_size
+    vision_flops = 2 * vision_params * num_vision_tokens
+    return {
+        "vision_params_m": round(vision_params / 1e6, 2),
+        "llm_layer_params_m": round(per_layer / 1e6, 3),
+        "llm_layers": text.num_hidden_layers,
+        "image_tokens": num_image_tokens,
+        "text_tokens": num_text_tokens,
+        "vision_flops_share": round(vision_flops / (vision_flops + llm_flops), 3),
+    }
