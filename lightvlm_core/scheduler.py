@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lightvlm_core.errors import LightVLMError
@@ -187,7 +187,9 @@ class RequestStream:
             elif isinstance(event, ErrorEvent):
                 raise RequestFailedError(event)
             else:
-                return GenerationResult("".join(texts), token_ids, event.finish_reason, event.usage, event.timings)
+                return GenerationResult(
+                    "".join(texts), token_ids, event.finish_reason, event.usage, event.timings
+                )
         raise RequestFailedError(ErrorEvent("internal_error", "stream ended without a done event"))
 
     def _deliver(self, event: Event) -> None:  # on the stream's event loop
@@ -246,7 +248,9 @@ class Scheduler:
         self._outbox: list[tuple[RequestStream, Event]] = []
         self._counters = _EngineCounters()
         self._thread: threading.Thread | None = None
-        self._prepare_pool = ThreadPoolExecutor(self.config.prepare_workers, thread_name_prefix="lightvlm-prepare")
+        self._prepare_pool = ThreadPoolExecutor(
+            self.config.prepare_workers, thread_name_prefix="lightvlm-prepare"
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -318,7 +322,9 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         with self._cond:
-            return SchedulerStats(self._num_running, self._num_queued, self._kv_cache_bytes, self._kv_cache_tokens)
+            return SchedulerStats(
+                self._num_running, self._num_queued, self._kv_cache_bytes, self._kv_cache_tokens
+            )
 
     def _reserve_slot(self, request_id: str) -> None:
         with self._cond:
@@ -328,9 +334,7 @@ class Scheduler:
                 raise LightVLMError(f"duplicate request_id {request_id!r}")
             free_rows = max(0, self.config.max_batch_size - self._num_running)
             if self._num_queued >= self.config.max_queue + free_rows:
-                raise QueueFullError(
-                    f"too many requests waiting ({self._num_queued}); retry later"
-                )
+                raise QueueFullError(f"too many requests waiting ({self._num_queued}); retry later")
             self._num_queued += 1
 
     # ---- engine thread -----------------------------------------------------------------------
@@ -386,7 +390,9 @@ class Scheduler:
             outputs = self.engine.add([e.prepared for e in entries])
         except Exception as exc:
             if len(entries) > 1:
-                logger.warning("batched prefill of %d requests failed (%s); retrying one by one", len(entries), exc)
+                logger.warning(
+                    "batched prefill of %d requests failed (%s); retrying one by one", len(entries), exc
+                )
                 for entry in entries:
                     self._admit([entry])
                 return
@@ -397,7 +403,9 @@ class Scheduler:
             entry.status = RequestStatus.RUNNING
             entry.admitted_at, entry.prefill_s = start, end - start
             self._running[entry.request_id] = entry
-            self.observer.on_admitted(start - entry.request.arrival_time, end - start, entry.prepared.num_prompt_tokens)
+            self.observer.on_admitted(
+                start - entry.request.arrival_time, end - start, entry.prepared.num_prompt_tokens
+            )
         with self._cond:
             self._num_running = len(self._running)
         self._apply(outputs)
@@ -475,7 +483,9 @@ class Scheduler:
         with self._cond:
             self._num_running = 0
 
-    def _retire(self, entry: _Entry, event: DoneEvent | ErrorEvent, finish_reason: FinishReason | str) -> None:
+    def _retire(
+        self, entry: _Entry, event: DoneEvent | ErrorEvent, finish_reason: FinishReason | str
+    ) -> None:
         entry.status = (
             _STATUS_OF_REASON.get(finish_reason, RequestStatus.FINISHED_ERROR)
             if isinstance(event, DoneEvent)
@@ -503,7 +513,9 @@ class Scheduler:
             prefill_ms=entry.prefill_s * 1e3,
             ttft_ms=(first - arrival) * 1e3 if first is not None else 0.0,
             decode_ms=decode_s * 1e3,
-            tokens_per_second=(entry.num_tokens - 1) / decode_s if decode_s > 0 and entry.num_tokens > 1 else 0.0,
+            tokens_per_second=(entry.num_tokens - 1) / decode_s
+            if decode_s > 0 and entry.num_tokens > 1
+            else 0.0,
         )
 
     def _emit(self, entry: _Entry, event: Event) -> None:
@@ -530,7 +542,11 @@ class Scheduler:
     def _refresh_stats(self) -> None:
         counters = self._read_engine_counters()
         old, self._counters = self._counters, counters
-        deltas = (counters.evicted - old.evicted, counters.image_in - old.image_in, counters.image_kept - old.image_kept)
+        deltas = (
+            counters.evicted - old.evicted,
+            counters.image_in - old.image_in,
+            counters.image_kept - old.image_kept,
+        )
         if any(deltas):
             self.observer.on_engine_counters(*deltas)
         try:

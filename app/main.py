@@ -1,0 +1,132 @@
+"""The FastAPI app: `create_app()` for tests and ASGI servers, `run_server()` for `lightvlm serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from pydantic import BaseModel
+
+from app.errors import install_error_handlers
+from app.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from app.routes import generate, health, openai
+from app.schemas import GenerateRequest
+from app.service import Service
+from app.settings import Settings, get_settings
+from lightvlm_core import __version__
+from lightvlm_core.scheduler import EngineLike
+
+
+def create_app(settings: Settings | None = None, engine: EngineLike | None = None) -> FastAPI:
+    """Build the service. With `engine` given, it is used as is (ready once startup completes);
+    otherwise the model of `settings` is loaded in the background and /ready says when it is up."""
+    settings = settings or get_settings()
+    service = Service(settings, engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        startup: asyncio.Task[None] | None = None
+        if engine is not None:
+            await service.start()
+        else:
+            startup = asyncio.create_task(service.start())
+        try:
+            yield
+        finally:
+            if startup is not None and not startup.done():
+                startup.cancel()
+            await service.stop()
+
+    app = FastAPI(title="LightVLM Serve", version=__version__, lifespan=lifespan)
+    app.state.service = service
+    install_error_handlers(app)
+    # Added innermost first: the request-id/access-log middleware wraps everything else.
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=service.metrics.reject
+    )
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestContextMiddleware)
+    for module in (health, generate, openai):
+        app.include_router(module.router)
+    _document_schemas(app, [GenerateRequest])
+    return app
+
+
+def run_server(
+    host: str | None = None,
+    port: int | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    preset: str | None = None,
+    trust_remote_code: bool | None = None,
+) -> None:
+    """Serve with uvicorn until interrupted; arguments left None come from LIGHTVLM_* settings.
+    Exits with status 1 if the model fails to load or warm up."""
+    import uvicorn
+
+    from app.logs import configure_logging
+
+    overrides = {
+        "host": host,
+        "port": port,
+        "model": model,
+        "device": device,
+        "dtype": dtype,
+        "preset": preset,
+        "trust_remote_code": trust_remote_code or None,  # the CLI flag can only turn it on
+    }
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,  # app.middleware logs one JSON line per request
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    failures: list[BaseException] = []
+
+    def on_failure(exc: BaseException) -> None:
+        failures.append(exc)
+        server.should_exit = True
+
+    app.state.service.on_failure = on_failure
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
+    if failures:
+        raise SystemExit(1)
+
+
+def _document_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Add request models that routes parse by hand (JSON or multipart) to the OpenAPI schema."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,164 @@
+"""Prometheus metrics of one app instance (own registry, so tests can build several apps).
+
+Names and meanings are the contract in ARCHITECTURE.md; buckets follow vLLM for the same
+quantities. Scheduler-side metrics arrive through `SchedulerObserver` callbacks on the engine
+thread (prometheus_client is thread-safe); gauges read the scheduler's stats at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from lightvlm_core.scheduler import SchedulerObserver, SchedulerStats
+
+# No `*_created` series (process-wide switch; vLLM does the same): they only double the output.
+disable_created_metrics()
+
+# vLLM's vllm:time_to_first_token_seconds buckets.
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+# vLLM's vllm:inter_token_latency_seconds buckets.
+ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+# vLLM's request-latency buckets (e2e_request_latency_seconds, request_queue_time_seconds, ...).
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+# Prefill gets the TTFT buckets, not vLLM's request_prefill_time_seconds ones (which start at
+# 0.3 s): prefill is what LightVLM speeds up, and on a GPU it is mostly well under 0.3 s.
+PREFILL_BUCKETS = TTFT_BUCKETS
+# Requests per decode step: powers of two, like vLLM's iteration_tokens_total.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServiceMetrics(SchedulerObserver):
+    """Every lightvlm_* metric, labelled with `model`; also the scheduler's observer."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r, m = self.registry, ["model"]
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, m, buckets=buckets, registry=r)
+
+        self.prefill = hist(
+            "lightvlm_prefill_seconds",
+            "Prefill wall time per request (vision encoder + LLM prefill)",
+            PREFILL_BUCKETS,
+        )
+        self.ttft = hist("lightvlm_time_to_first_token_seconds", "Arrival to first token", TTFT_BUCKETS)
+        self.itl = hist("lightvlm_inter_token_latency_seconds", "Gap between streamed tokens", ITL_BUCKETS)
+        self.e2e = hist("lightvlm_e2e_request_latency_seconds", "Arrival to done", REQUEST_LATENCY_BUCKETS)
+        self.queue = hist(
+            "lightvlm_queue_time_seconds", "Arrival to admitted to a batch", REQUEST_LATENCY_BUCKETS
+        )
+        self.batch_size = hist("lightvlm_batch_size", "Requests per decode step", BATCH_SIZE_BUCKETS)
+        self.kv_bytes = Gauge(
+            "lightvlm_kv_cache_bytes", "KV-cache bytes held by running requests now", m, registry=r
+        )
+        self.kv_tokens = Gauge(
+            "lightvlm_kv_cache_tokens", "KV entries held now (summed over layers)", m, registry=r
+        )
+        self.running = Gauge("lightvlm_requests_running", "Requests in the running batch", m, registry=r)
+        self.waiting = Gauge("lightvlm_requests_waiting", "Requests waiting for admission", m, registry=r)
+        self.evicted = Counter(
+            "lightvlm_kv_cache_evicted_tokens", "KV entries removed by KV compression", m, registry=r
+        )
+        self.image_tokens = Counter(
+            "lightvlm_image_tokens",
+            "Image tokens in (stage=input) and kept after merging (stage=kept)",
+            ["model", "stage"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter("lightvlm_prompt_tokens", "Prompt tokens prefilled", m, registry=r)
+        self.generation_tokens = Counter("lightvlm_generation_tokens", "Tokens generated", m, registry=r)
+        self.requests = Counter(
+            "lightvlm_requests", "Finished requests", ["model", "finish_reason"], registry=r
+        )
+        self.rejected = Counter(
+            "lightvlm_requests_rejected", "Requests rejected (4xx/429/503)", ["model", "reason"], registry=r
+        )
+        self.model_info = Gauge(
+            "lightvlm_model_info",
+            "Loaded model (always 1)",
+            ["model", "family", "preset", "device", "dtype"],
+            registry=r,
+        )
+
+    def bind(self, model: str, stats: Callable[[], SchedulerStats]) -> None:
+        """Once the model is loaded: fix the label and read the gauges from the scheduler."""
+        self.model = model
+        self.kv_bytes.labels(model).set_function(lambda: stats().kv_cache_bytes)
+        self.kv_tokens.labels(model).set_function(lambda: stats().kv_cache_tokens)
+        self.running.labels(model).set_function(lambda: stats().num_running)
+        self.waiting.labels(model).set_function(lambda: stats().num_waiting)
+        for stage in ("input", "kept"):
+            self.image_tokens.labels(model, stage)
+        for metric in (
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.evicted,
+            self.prefill,
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.queue,
+            self.batch_size,
+        ):
+            metric.labels(model)  # exported (as zeros) before the first request
+        for reason in ("stop", "length", "cancelled", "error"):
+            self.requests.labels(model, reason)
+
+    def set_model_info(self, family: str, preset: str, device: str, dtype: str) -> None:
+        self.model_info.labels(self.model, family, preset, device, dtype).set(1)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(self.model, reason).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # ---- SchedulerObserver (engine thread) ---------------------------------------------------
+
+    def on_admitted(self, queue_s: float, prefill_s: float, num_prompt_tokens: int) -> None:
+        self.queue.labels(self.model).observe(queue_s)
+        self.prefill.labels(self.model).observe(prefill_s)
+        self.prompt_tokens.labels(self.model).inc(num_prompt_tokens)
+
+    def on_token(self, ttft_s: float | None, itl_s: float | None) -> None:
+        self.generation_tokens.labels(self.model).inc()
+        if ttft_s is not None:
+            self.ttft.labels(self.model).observe(ttft_s)
+        if itl_s is not None:
+            self.itl.labels(self.model).observe(itl_s)
+
+    def on_finished(self, finish_reason: str, e2e_s: float) -> None:
+        self.requests.labels(self.model, finish_reason).inc()
+        self.e2e.labels(self.model).observe(e2e_s)
+
+    def on_step(self, batch_size: int) -> None:
+        self.batch_size.labels(self.model).observe(batch_size)
+
+    def on_engine_counters(self, evicted_tokens: int, image_tokens_in: int, image_tokens_kept: int) -> None:
+        self.evicted.labels(self.model).inc(evicted_tokens)
+        self.image_tokens.labels(self.model, "input").inc(image_tokens_in)
+        self.image_tokens.labels(self.model, "kept").inc(image_tokens_kept)

@@ -1,0 +1,110 @@
+"""Request and response bodies of the HTTP API (bounds live here, so bad input is a 422)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PresetName = Literal["none", "light", "balanced", "aggressive", "fastv", "random"]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class AccelerationOverride(BaseModel):
+    """Per-request LightVLM override; unset fields keep the service default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: PresetName | None = None
+    keep_ratio: float | None = Field(None, gt=0, le=1)
+    kv_budget: int | None = Field(None, ge=0)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    image: str | None = Field(None, description="base64 or a data: URL; omit for text-only")
+    max_new_tokens: int | None = Field(None, ge=1, description="default min(256, server limit)")
+    temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=16
+    )
+    ignore_eos: bool = False
+    stream: bool = True
+    acceleration: AccelerationOverride | None = None
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    text: str
+    finish_reason: str
+    usage: dict[str, Any]
+    timings: dict[str, float]
+
+
+# ---- OpenAI-compatible chat completions --------------------------------------------------------
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat-completions body that a VLM server can honour.
+
+    Unknown OpenAI fields are ignored; `top_k`, `ignore_eos` and `acceleration` are LightVLM
+    extensions (pass them with the openai client's `extra_body`).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    top_k: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    acceleration: AccelerationOverride | None = None

@@ -1,0 +1,74 @@
+"""Service settings, read from the environment (prefix LIGHTVLM_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lightvlm_core.scheduler import SchedulerConfig
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIGHTVLM_", env_ignore_empty=True, extra="ignore")
+
+    # model and engine
+    model: str | None = None
+    """HF hub id or local directory; unset: the bundled demo model."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    preset: Literal["none", "light", "balanced", "aggressive", "fastv", "random"] = "none"
+    """Default acceleration preset; requests may override it."""
+    trust_remote_code: bool = False
+    served_model_name: str | None = None
+    """Name in /v1/models, the `model` field and the metrics label; unset: the engine's model name."""
+    warmup: bool = True
+
+    # scheduling
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_queue: int = Field(64, ge=0, le=100_000)
+    """Requests that may wait for a free batch row; beyond that: 429."""
+    max_new_tokens: int = Field(1024, ge=1)
+    """Upper bound on a request's max_new_tokens."""
+    request_timeout_s: float = Field(300.0, gt=0)
+
+    # intake limits
+    max_body_bytes: int = Field(32 * MiB, ge=1024)
+    max_image_bytes: int = Field(10 * MiB, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64)
+    max_images_per_request: int = Field(4, ge=0, le=64)
+    max_prompt_chars: int = Field(100_000, ge=1)
+
+    # HTTP
+    api_key: SecretStr | None = None
+    """When set, /generate and /v1/* need `Authorization: Bearer <key>`."""
+    cors_origins: str = ""
+    """Comma-separated allowed origins; empty: CORS off."""
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_batch_size=self.max_batch_size,
+            max_queue=self.max_queue,
+            request_timeout_s=self.request_timeout_s,
+        )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,69 @@
+"""Server-sent events and client-disconnect handling for generation streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterable, Callable
+from typing import Any
+
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from lightvlm_core.scheduler import RequestStream
+from lightvlm_core.types import DoneEvent, ErrorEvent, Event, GenerationResult, TokenEvent
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_data(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def event_payload(event: Event) -> dict[str, Any]:
+    """The /generate SSE event for an engine event (see ARCHITECTURE.md, HTTP API)."""
+    if isinstance(event, TokenEvent):
+        return {"type": "token", "index": event.index, "token_id": event.token_id, "text": event.text}
+    if isinstance(event, DoneEvent):
+        return {
+            "type": "done",
+            "finish_reason": event.finish_reason,
+            "usage": event.usage.to_dict(),
+            "timings": event.timings.to_dict(),
+        }
+    assert isinstance(event, ErrorEvent)
+    return {"type": "error", "error_type": event.error_type, "message": event.message}
+
+
+class EventStreamResponse(StreamingResponse):
+    """text/event-stream that always runs `on_close` when the response ends, however it ends
+    (finished, client gone, server shutdown): the stream's request is then cancelled."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterable[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def collect_until_disconnect(request: Request, stream: RequestStream) -> GenerationResult:
+    """Non-streaming: wait for the result, cancelling the request if the client goes away."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stream.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await stream.collect()
+    finally:
+        watcher.cancel()
+        stream.cancel()

@@ -1,0 +1,83 @@
+"""Helpers for the service tests: settings, a live uvicorn server, images, SSE parsing."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image
+
+from app.settings import Settings
+
+
+class _InitOnlySettings(Settings):
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: Any, init_settings: Any, **sources: Any
+    ) -> tuple[Any, ...]:
+        return (init_settings,)  # ignore LIGHTVLM_* variables of the environment running the tests
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings for tests: the defaults plus `overrides`, whatever the environment says."""
+    return _InitOnlySettings(**{"request_timeout_s": 30.0, **overrides})
+
+
+@contextlib.contextmanager
+def live_server(app: FastAPI) -> Iterator[str]:
+    """Run `app` under uvicorn on a free loopback port in a thread; yields the base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def image_bytes(
+    color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (32, 24), fmt: str = "PNG"
+) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_url(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def parse_sse(text: str) -> list[Any]:
+    """SSE body -> list of parsed `data:` payloads ("[DONE]" kept as the string)."""
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: ") :]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
