@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         from lightvlm_core.eval.accuracy import run_eval
 
         return run_eval(model=args.model, presets=args.preset, num_questions=args.num_questions,
-                        as_json=args.json, plot=args.plot, out=args.out)
+                        as_json=args.json, plot_path=args.plot, out=args.out)
     return 2
 
 

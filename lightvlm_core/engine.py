@@ -189,7 +189,7 @@ class Engine:
     def _prefill_group(self, group: list[PreparedRequest]) -> tuple[BatchedKVCache, list[Sequence], list[StepOutput]]:
         start = time.monotonic()
         a, dtype = self.adapter, self.loaded.dtype
-        embeds = [a.embed(p.prompt, self.device, dtype) for p in group]
+        embeds = a.embed_batch([p.prompt for p in group], self.device, dtype)
         self._sync()
         vision_end = time.monotonic()
         state = _pad_batch(group, embeds, a, self.device)

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lightvlm_core.errors import LightVLMError
+from lightvlm_core.errors import InvalidRequestError, LightVLMError
 from lightvlm_core.types import (
     DoneEvent,
     ErrorEvent,
@@ -331,7 +331,7 @@ class Scheduler:
             if self._closed or self._thread is None:
                 raise SchedulerClosedError("the scheduler is not running")
             if request_id in self._entries:
-                raise LightVLMError(f"duplicate request_id {request_id!r}")
+                raise InvalidRequestError(f"request_id {request_id!r} is already in flight")
             free_rows = max(0, self.config.max_batch_size - self._num_running)
             if self._num_queued >= self.config.max_queue + free_rows:
                 raise QueueFullError(f"too many requests waiting ({self._num_queued}); retry later")
@@ -455,7 +455,7 @@ class Scheduler:
             try:
                 self.engine.remove(request_id)
             except Exception:
-                logger.exception("engine.remove(%s) failed", request_id)
+                logger.exception("engine.remove(%s) failed", request_id, extra={"request_id": request_id})
         if isinstance(event, DoneEvent):
             event = DoneEvent(event.finish_reason, self._partial_usage(entry), self._partial_timings(entry))
         self._retire(entry, event, "cancelled" if isinstance(event, DoneEvent) else "error")
@@ -466,7 +466,13 @@ class Scheduler:
         if isinstance(exc, LightVLMError):
             event = ErrorEvent(exc.error_type, str(exc))
         else:
-            logger.error("request %s failed: %s: %s", entry.request_id, type(exc).__name__, exc)
+            logger.error(
+                "request %s failed: %s: %s",
+                entry.request_id,
+                type(exc).__name__,
+                exc,
+                extra={"request_id": entry.request_id},
+            )
             event = ErrorEvent("internal_error", f"{type(exc).__name__}: {exc}")
         self._running.pop(entry.request_id, None)
         self._retire(entry, event, "error")
@@ -497,7 +503,13 @@ class Scheduler:
         self.observer.on_finished(finish_reason, time.monotonic() - entry.request.arrival_time)
         self._emit(entry, event)
         if isinstance(event, ErrorEvent) and event.error_type != "timeout":
-            logger.info("request %s ended with %s: %s", entry.request_id, event.error_type, event.message)
+            logger.info(
+                "request %s ended with %s: %s",
+                entry.request_id,
+                event.error_type,
+                event.message,
+                extra={"request_id": entry.request_id},
+            )
 
     def _partial_usage(self, entry: _Entry) -> Usage:
         return Usage(prompt_tokens=entry.prepared.num_prompt_tokens, completion_tokens=entry.num_tokens)

@@ -25,8 +25,12 @@ class KVCompressor:
     interval: int = 16  # steps between two compactions of a row
     evicted_total: int = 0
 
-    def min_budget(self) -> int:
-        return self.num_sinks + self.window + self.interval + 1
+    def shape_for(self, budget: int) -> tuple[int, int, int]:
+        """(sinks, window, interval) for a budget; small budgets get proportionally smaller parts."""
+        sinks = min(self.num_sinks, max(1, budget // 8))
+        window = min(self.window, max(1, budget // 4))
+        interval = min(self.interval, max(1, budget // 8))
+        return sinks, window, interval
 
     def after_step(self, cache: BatchedKVCache, budgets: list[int | None]) -> None:
         """Compact every (layer, row) whose cache has reached its budget."""
@@ -37,32 +41,32 @@ class KVCompressor:
         for layer in range(cache.num_layers):
             for b, budget in enumerate(budgets):
                 if budget and lengths[layer][b] >= budget:
-                    self.evicted_total += self._compact(cache, layer, b, self.target(budget))
+                    self.evicted_total += self._compact(cache, layer, b, budget)
                     compacted = True
         if compacted:
             self._trim(cache)
 
-    def target(self, budget: int) -> int:
-        return max(budget, self.min_budget()) - self.interval
-
-    def _compact(self, cache: BatchedKVCache, layer: int, b: int, target: int) -> int:
-        """Keep `target` entries of row b in `layer`; returns the number of entries evicted."""
+    def _compact(self, cache: BatchedKVCache, layer: int, b: int, budget: int) -> int:
+        """Shrink row b of `layer` to `budget - interval` entries; returns the entries evicted."""
         n = int(cache.lengths[layer, b])
+        sinks, window, interval = self.shape_for(budget)
+        target = budget - interval
         keys, values, scores = cache.keys[layer], cache.values[layer], cache.scores[layer]
-        keep = self.keep_indices(scores[b, :, :n], target)  # (H_kv, target)
+        keep = self.keep_indices(scores[b, :, :n], target, sinks, window)  # (H_kv, target)
         for buf in (keys, values):
             buf[b, :, :target] = buf[b].gather(1, keep[..., None].expand(-1, -1, buf.shape[-1]))
         scores[b, :, :target] = scores[b].gather(1, keep)
         cache.lengths[layer, b] = target
         return (n - target) * keys.shape[1]
 
-    def keep_indices(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
-        """scores: (H_kv, n) accumulated attention. Sorted indices to keep per KV head: (H_kv, budget)."""
+    @staticmethod
+    def keep_indices(scores: torch.Tensor, keep: int, num_sinks: int, window: int) -> torch.Tensor:
+        """scores: (H_kv, n) accumulated attention. Sorted indices to keep per KV head: (H_kv, keep)."""
         h, n = scores.shape
-        middle = scores[:, self.num_sinks : n - self.window]
-        heavy = middle.topk(budget - self.num_sinks - self.window, dim=-1).indices + self.num_sinks
-        sinks = torch.arange(self.num_sinks, device=scores.device).expand(h, -1)
-        recent = torch.arange(n - self.window, n, device=scores.device).expand(h, -1)
+        middle = scores[:, num_sinks : n - window]
+        heavy = middle.topk(keep - num_sinks - window, dim=-1).indices + num_sinks
+        sinks = torch.arange(num_sinks, device=scores.device).expand(h, -1)
+        recent = torch.arange(n - window, n, device=scores.device).expand(h, -1)
         return torch.cat([sinks, heavy, recent], dim=-1).sort(dim=-1).values
 
     @staticmethod

@@ -58,33 +58,40 @@ class ModelAdapter:
 
     # --- images -> embeddings ---------------------------------------------------------------
 
-    def vision_kwargs(self, vision: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: vision[k] for k in self.vision_keys if k in vision}
-
     @torch.no_grad()
     def image_features(self, vision: dict[str, torch.Tensor]) -> torch.Tensor:
         """All image features of one prompt, in placeholder order: (N_image_tokens, d)."""
-        out = self.model.model.get_image_features(**self.vision_kwargs(vision), return_dict=True)
+        out = self.model.model.get_image_features(**vision, return_dict=True)
         feats = out.pooler_output
         if isinstance(feats, (list, tuple)):
             feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], dim=0)
         return feats.reshape(-1, feats.shape[-1])
 
     @torch.no_grad()
-    def embed(self, prompt: PromptInputs, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Input embeddings (T, d) with image features in the image-token slots."""
-        ids = prompt.input_ids.to(device)
-        embeds = self.embed_tokens(ids)
-        if prompt.num_images:
-            vision = {k: v.to(device) for k, v in prompt.vision.items()}
-            if "pixel_values" in vision:
-                vision["pixel_values"] = vision["pixel_values"].to(dtype)
-            feats = self.image_features(vision).to(embeds.dtype)
-            slots = ids == self.image_token_id
-            if int(slots.sum()) != feats.shape[0]:
-                raise ValueError(f"{int(slots.sum())} image tokens but {feats.shape[0]} image features")
-            embeds = embeds.clone()
-            embeds[slots] = feats
+    def embed_batch(self, prompts: list[PromptInputs], device: torch.device, dtype: torch.dtype
+                    ) -> list[torch.Tensor]:
+        """Input embeddings (T_i, d) per prompt, image features in the image-token slots.
+
+        The vision tower runs once for all images of the batch: every family's processor output
+        concatenates along dim 0 (images, tiles or patches), and features come back in order.
+        """
+        ids = [p.input_ids.to(device) for p in prompts]
+        embeds = [self.embed_tokens(i) for i in ids]
+        with_images = [i for i, p in enumerate(prompts) if p.num_images]
+        if not with_images:
+            return embeds
+        keys = [k for k in self.vision_keys if k in prompts[with_images[0]].vision]
+        vision = {k: torch.cat([prompts[i].vision[k] for i in with_images]).to(device) for k in keys}
+        if "pixel_values" in vision:
+            vision["pixel_values"] = vision["pixel_values"].to(dtype)
+        feats = self.image_features(vision)
+        slots = [ids[i] == self.image_token_id for i in with_images]
+        counts = [int(s.sum()) for s in slots]
+        if sum(counts) != feats.shape[0]:
+            raise ValueError(f"{sum(counts)} image tokens but {feats.shape[0]} image features")
+        for i, mask, part in zip(with_images, slots, feats.split(counts)):
+            embeds[i] = embeds[i].clone()
+            embeds[i][mask] = part.to(embeds[i].dtype)
         return embeds
 
     # --- positions --------------------------------------------------------------------------

@@ -13,12 +13,11 @@ from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingP
 
 
 def test_keep_indices_always_hold_sinks_and_recent_window():
-    comp = KVCompressor(num_sinks=4, window=8, interval=4)
     scores = torch.zeros(2, 100)
     scores[:, 40:58] = 10.0  # heavy hitters in the middle
     scores[:, 58:70] = 5.0  # runners-up, evicted
     scores[1, 92:] = 100.0  # inside the window anyway
-    keep = comp.keep_indices(scores, budget=30)
+    keep = KVCompressor.keep_indices(scores, 30, num_sinks=4, window=8)
     for head in keep.tolist():
         assert head == sorted(head) and len(set(head)) == 30
         assert set(range(4)) <= set(head) and set(range(92, 100)) <= set(head)
