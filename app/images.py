@@ -11,7 +11,6 @@ import base64
 import binascii
 import io
 
-import numpy as np
 from PIL import (  # noqa: F401  (plugins register their formats; Image.open only tries registered ones)
     BmpImagePlugin,
     GifImagePlugin,
@@ -96,9 +95,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_l(image: Image.Image) -> Image.Image:
-    pixels = np.asarray(image).astype(np.float64)
-    if image.mode.startswith("I;16") or (image.mode == "I" and pixels.max(initial=0) > 255):
-        pixels = pixels / 257.0  # 16-bit range -> 8-bit
-    elif image.mode == "F" and pixels.max(initial=0) <= 1.0:
-        pixels = pixels * 255.0
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+    """16/32-bit integer or float grey -> 8-bit grey (values scaled, not clipped)."""
+    if image.mode == "F":
+        high = image.getextrema()[1]
+        scaled = image.point(lambda v: v * 255) if high <= 1.0 else image  # [0, 1] floats
+        return scaled.convert("L")
+    sixteen_bit = image.mode.startswith("I;16")
+    image = image.convert("I")
+    if sixteen_bit or image.getextrema()[1] > 255:  # 32-bit "I" holding 16-bit data, as PNG gives
+        image = image.point(lambda v: v * (1 / 257))
+    return image.convert("L")

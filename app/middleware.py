@@ -18,8 +18,18 @@ from app.logs import request_id_var
 logger = logging.getLogger("app.access")
 
 request_start_var: ContextVar[float | None] = ContextVar("lightvlm_request_start", default=None)
+_id_from_client_var: ContextVar[bool] = ContextVar("lightvlm_request_id_from_client", default=False)
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def generation_request_id() -> str:
+    """The scheduler's id for this HTTP request's generation: the X-Request-ID when the server
+    assigned it (unique), else the client's id plus a random suffix (clients may reuse theirs)."""
+    request_id = request_id_var.get()
+    if request_id is None:
+        return uuid.uuid4().hex
+    return f"{request_id}-{uuid.uuid4().hex[:8]}" if _id_from_client_var.get() else request_id
 
 
 def request_start() -> float:
@@ -39,9 +49,14 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = _header(scope, b"x-request-id")
-        request_id = incoming if incoming and _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        from_client = bool(incoming and _VALID_REQUEST_ID.match(incoming))
+        request_id = incoming if from_client and incoming else uuid.uuid4().hex
         start = time.monotonic()
-        tokens = request_id_var.set(request_id), request_start_var.set(start)
+        tokens = (
+            request_id_var.set(request_id),
+            request_start_var.set(start),
+            _id_from_client_var.set(from_client),
+        )
         status = 500
 
         async def send_with_id(message: Message) -> None:
@@ -72,6 +87,7 @@ class RequestContextMiddleware:
             )
             request_id_var.reset(tokens[0])
             request_start_var.reset(tokens[1])
+            _id_from_client_var.reset(tokens[2])
 
 
 class BodySizeLimitMiddleware:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +16,7 @@ from starlette.datastructures import UploadFile
 from app.deps import ServiceDep, require_api_key
 from app.errors import ServiceError
 from app.images import decode_image_bytes, decode_image_string
-from app.middleware import request_start
+from app.middleware import generation_request_id, request_start
 from app.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from app.service import Service
 from app.sse import SSE_DONE, EventStreamResponse, collect_until_disconnect, event_payload, sse_data
@@ -100,7 +99,10 @@ async def read_body(request: Request, service: Service) -> tuple[GenerateRequest
                 elif key == "acceleration":
                     data[key] = _json_field(key, value)
                 elif key in _ACCELERATION_FORM_FIELDS:
-                    data.setdefault("acceleration", {})[key] = value
+                    acceleration = data.setdefault("acceleration", {})
+                    if not isinstance(acceleration, dict):
+                        raise ServiceError(422, "invalid_request", "acceleration must be a JSON object")
+                    acceleration[key] = value
                 else:
                     data[key] = value
     elif content_type == "application/json":
@@ -167,7 +169,7 @@ async def build_request(
         images=images,
         sampling=sampling,
         acceleration=acceleration,
-        request_id=uuid.uuid4().hex,
+        request_id=generation_request_id(),
         arrival_time=arrival,
     )
 

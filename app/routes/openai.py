@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from app.deps import ServiceDep, require_api_key
 from app.errors import ServiceError, error_body
 from app.images import decode_image_string
-from app.middleware import request_start
+from app.middleware import generation_request_id, request_start
 from app.routes.generate import DEFAULT_MAX_NEW_TOKENS
 from app.schemas import ChatCompletionRequest, ChatMessage, ErrorResponse, ImagePart
 from app.service import Service
@@ -149,7 +148,7 @@ async def build_request(body: ChatCompletionRequest, service: Service, arrival: 
         images=images,
         sampling=sampling,
         acceleration=acceleration,
-        request_id=uuid.uuid4().hex,
+        request_id=generation_request_id(),
         arrival_time=arrival,
     )
 

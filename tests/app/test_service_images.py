@@ -158,3 +158,15 @@ def test_data_url_and_plain_base64() -> None:
 def test_refused_image_strings(value: str, match: str) -> None:
     with pytest.raises(ImageError, match=match):
         decode_image_string(value, max_bytes=10_000, max_pixels=MAX_PIXELS)
+
+
+def test_dark_16_bit_image_stays_dark() -> None:
+    pixels = np.full((4, 4), 200, dtype=np.uint16)  # nearly black in 16 bits
+    decoded = decode_image_bytes(encode(Image.fromarray(pixels)), max_pixels=MAX_PIXELS)
+    assert decoded.getpixel((0, 0))[0] <= 1
+
+
+def test_float_image_in_unit_range() -> None:
+    pixels = np.full((4, 4), 0.5, dtype=np.float32)
+    decoded = decode_image_bytes(encode(Image.fromarray(pixels), "TIFF"), max_pixels=MAX_PIXELS)
+    assert decoded.mode == "RGB" and 126 <= decoded.getpixel((0, 0))[0] <= 128

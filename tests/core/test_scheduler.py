@@ -65,7 +65,7 @@ class FakeEngine:
         self.gate = threading.Event()  # clear it to park the engine thread at its next decode step
         self.gate.set()
         self.parked = threading.Event()
-        self.fail_next_step = False
+        self.fail_step_at_size: int | None = None  # the first step with at least this many rows raises
         self.step_delay = step_delay
         self.evicted_tokens_total = 0
         self.image_tokens_total = (0, 0)
@@ -92,8 +92,8 @@ class FakeEngine:
             self.gate.wait()
             self.parked.clear()
         time.sleep(self.step_delay)
-        if self.fail_next_step:
-            self.fail_next_step = False
+        if self.fail_step_at_size is not None and len(self.rows) >= self.fail_step_at_size:
+            self.fail_step_at_size = None
             raise RuntimeError("CUDA out of memory (fake)")
         self.step_sizes.append(len(self.rows))
         self.evicted_tokens_total += len(self.rows)
@@ -257,26 +257,24 @@ def test_waiting_requests_are_prefilled_together(engine: FakeEngine) -> None:
     scheduler = make_scheduler(engine, max_batch_size=8)
 
     async def main() -> None:
-        first = await scheduler.submit(make_request(max_new_tokens=50))
-        engine.gate.clear()
-        await wait_until(engine.parked.is_set)
+        blocker = await park(engine, scheduler)
         others = [await scheduler.submit(make_request(max_new_tokens=2)) for _ in range(3)]
         engine.gate.set()
-        await asyncio.gather(first.collect(), *(s.collect() for s in others))
+        await asyncio.gather(blocker.collect(), *(s.collect() for s in others))
 
     try:
         run(main())
     finally:
         scheduler.shutdown()
     assert engine.add_sizes == [1, 3]
-    assert max(engine.step_sizes) == 4
+    assert engine.step_sizes == [1, 3]
 
 
 def test_queue_bound_raises_queue_full(engine: FakeEngine) -> None:
     scheduler = make_scheduler(engine, max_batch_size=1, max_queue=1)
 
     async def main() -> None:
-        running = await scheduler.submit(make_request(max_new_tokens=1000))
+        running = await scheduler.submit(make_request(max_new_tokens=10_000))
         await wait_until(lambda: scheduler.stats().num_running == 1)
         waiting = await scheduler.submit(make_request())
         assert scheduler.stats().num_waiting == 1
@@ -382,15 +380,17 @@ def test_failed_prefill_only_fails_the_bad_request(engine: FakeEngine) -> None:
 
 
 def test_failed_step_fails_running_requests_and_recovers(engine: FakeEngine) -> None:
-    scheduler = make_scheduler(engine)
+    scheduler = make_scheduler(engine, max_batch_size=2)
 
     async def main() -> tuple[list[Any], Any, Any]:
-        running = [await scheduler.submit(make_request(max_new_tokens=50)) for _ in range(2)]
-        engine.gate.clear()
-        await wait_until(engine.parked.is_set)
-        waiting = await scheduler.submit(make_request(max_new_tokens=3))  # not in the failing step
-        engine.fail_next_step = True
+        blocker = await park(engine, scheduler)
+        running = [await scheduler.submit(make_request(max_new_tokens=10_000)) for _ in range(2)]
+        waiting = await scheduler.submit(
+            make_request(max_new_tokens=3)
+        )  # no free row: not in the failing step
+        engine.fail_step_at_size = 2
         engine.gate.set()
+        await blocker.collect()
         failed = await asyncio.gather(*(s.collect() for s in running), return_exceptions=True)
         return failed, await waiting.collect(), await (await scheduler.submit(make_request())).collect()
 
