@@ -13,6 +13,11 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models run fastest single-threaded, and tests start servers and subprocesses beside the
+# test process: more threads only oversubscribe the cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
