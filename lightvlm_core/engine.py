@@ -87,9 +87,15 @@ class Engine:
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise InvalidRequestError("prompt must be a non-empty string")
         images = [_checked_image(img) for img in request.images]
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": request.prompt}]
-        text = self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                  add_generation_prompt=True)
+        if request.messages is not None:
+            messages = _checked_messages(request.messages, len(images))
+        else:
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": request.prompt}]
+            messages = [{"role": "user", "content": content}]
+        try:
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as exc:  # the model's own Jinja template rejected the conversation
+            raise InvalidRequestError(f"the model's chat template rejected the messages: {exc}") from exc
         try:
             inputs = self.processor(images=images or None, text=[text], return_tensors="pt")
         except (ValueError, OSError, TypeError) as exc:
@@ -293,6 +299,24 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
         elif value:
             ids.update(int(v) for v in value)
     return frozenset(ids)
+
+
+def _checked_messages(messages: list[dict], num_images: int) -> list[dict]:
+    """Validate a chat conversation; the number of image parts must match the images given."""
+    if not messages or messages[-1].get("role") != "user":
+        raise InvalidRequestError("the last message must come from the user")
+    parts = 0
+    for message in messages:
+        if message.get("role") not in ("system", "user", "assistant"):
+            raise InvalidRequestError(f"unknown message role {message.get('role')!r}")
+        content = message.get("content")
+        if isinstance(content, list):
+            parts += sum(1 for part in content if part.get("type") == "image")
+        elif not isinstance(content, str):
+            raise InvalidRequestError("message content must be a string or a list of parts")
+    if parts != num_images:
+        raise InvalidRequestError(f"{parts} image parts in the messages but {num_images} images given")
+    return messages
 
 
 def _checked_image(img: object) -> Image.Image:

@@ -64,7 +64,12 @@ class AccelerationConfig:
 
 @dataclass
 class GenerationRequest:
-    """One user request: a chat prompt with zero or more (already decoded) images."""
+    """One request: a prompt with zero or more (already decoded) images.
+
+    `messages` (optional) is a whole conversation in the Hugging Face chat format, content parts
+    {"type": "text", "text": ...} and {"type": "image"} (one per entry of `images`, in order); it
+    replaces the single user turn built from `prompt` (images first, then the text).
+    """
 
     prompt: str
     images: list[Image.Image] = field(default_factory=list)
@@ -72,6 +77,7 @@ class GenerationRequest:
     acceleration: AccelerationConfig | None = None  # None: the engine's default
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival_time: float = field(default_factory=time.monotonic)  # for queue_ms / ttft_ms
+    messages: list[dict] | None = None
 
 
 @dataclass

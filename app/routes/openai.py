@@ -25,7 +25,6 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)
 }
-_ROLE_LABEL = {"user": "User", "assistant": "Assistant"}
 
 
 @router.get("/models", responses=_ERRORS)
@@ -109,7 +108,7 @@ async def stream_chunks(
 
 async def build_request(body: ChatCompletionRequest, service: Service, arrival: float) -> GenerationRequest:
     settings = service.settings
-    prompt, image_urls = flatten_messages(body.messages)
+    chat, prompt, image_urls = to_chat_messages(body.messages)
     if len(prompt) > settings.max_prompt_chars:
         raise ServiceError(
             422, "invalid_request", f"messages are longer than {settings.max_prompt_chars} characters"
@@ -145,6 +144,7 @@ async def build_request(body: ChatCompletionRequest, service: Service, arrival: 
     )
     return GenerationRequest(
         prompt=prompt,
+        messages=chat,
         images=images,
         sampling=sampling,
         acceleration=acceleration,
@@ -153,38 +153,33 @@ async def build_request(body: ChatCompletionRequest, service: Service, arrival: 
     )
 
 
-def flatten_messages(messages: list[ChatMessage]) -> tuple[str, list[str]]:
-    """Chat messages -> (one prompt, image URLs in order).
+def to_chat_messages(messages: list[ChatMessage]) -> tuple[list[dict], str, list[str]]:
+    """OpenAI messages -> (Hugging Face chat messages, all text, image URLs in order).
 
-    The engine takes one user turn (images + text). A single user message maps to it exactly;
-    system messages are prepended, and earlier turns become a "User: ... / Assistant: ..." transcript.
+    The conversation reaches the model's own chat template as is (roles kept, each image_url
+    part becoming an {"type": "image"} part), so multi-turn chats are exact.
     """
-    system: list[str] = []
-    turns: list[tuple[str, str]] = []
+    chat: list[dict] = []
+    texts: list[str] = []
     image_urls: list[str] = []
     for message in messages:
-        texts: list[str] = []
+        parts: list[dict] = []
         if isinstance(message.content, str):
-            texts.append(message.content)
+            parts.append({"type": "text", "text": message.content})
         for part in message.content if isinstance(message.content, list) else []:
             if isinstance(part, ImagePart):
                 if message.role != "user":
                     raise ServiceError(422, "invalid_request", "images are only accepted in user messages")
                 image_urls.append(part.image_url.url)
+                parts.append({"type": "image"})
             else:
-                texts.append(part.text)
-        text = "\n".join(t for t in texts if t)
-        if message.role in ("system", "developer"):
-            system.append(text)
-        else:
-            turns.append((message.role, text))
-    if not turns or turns[-1][0] != "user":
+                parts.append({"type": "text", "text": part.text})
+        texts.extend(p["text"] for p in parts if p["type"] == "text")
+        role = "system" if message.role in ("system", "developer") else message.role
+        chat.append({"role": role, "content": parts})
+    if not chat or chat[-1]["role"] != "user":
         raise ServiceError(422, "invalid_request", "the last message must come from the user")
-    if len(turns) == 1:
-        prompt = turns[0][1]
-    else:
-        prompt = "\n".join(f"{_ROLE_LABEL[role]}: {text}" for role, text in turns)
-    return "\n\n".join([*filter(None, system), prompt]), image_urls
+    return chat, "\n".join(t for t in texts if t), image_urls
 
 
 def _finish_reason(reason: str) -> str:

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from service_fakes import FakeEngine
 from service_helpers import data_url, image_bytes, parse_sse
 
-from app.routes.openai import flatten_messages
+from app.routes.openai import to_chat_messages
 from app.schemas import ChatMessage
 from lightvlm_core.types import AccelerationConfig
 
@@ -144,21 +144,25 @@ def test_too_many_images_is_422(make_client: MakeClient) -> None:
     assert response.status_code == 422 and response.json()["error"]["type"] == "invalid_request"
 
 
-def test_flatten_messages() -> None:
+def test_chat_messages_keep_roles_and_image_order() -> None:
     def msgs(*items: dict[str, Any]) -> list[ChatMessage]:
         return [ChatMessage.model_validate(m) for m in items]
 
-    single = msgs(vision_message("What is it?"))
-    assert flatten_messages(single)[0] == "What is it?" and len(flatten_messages(single)[1]) == 1
-    with_system = msgs({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"})
-    assert flatten_messages(with_system)[0] == "Be brief.\n\nHi"
+    chat, text, urls = to_chat_messages(msgs(vision_message("What is it?")))
+    assert text == "What is it?" and len(urls) == 1
+    assert [p["type"] for p in chat[0]["content"]] == [p["type"].replace("image_url", "image")
+                                                       for p in vision_message()["content"]]
+    chat, _, _ = to_chat_messages(msgs({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}))
+    assert [m["role"] for m in chat] == ["system", "user"]
     multi = msgs(
         {"role": "user", "content": "Colour?"},
         {"role": "assistant", "content": "Red."},
         {"role": "user", "content": [{"type": "text", "text": "Shape?"}]},
     )
-    assert flatten_messages(multi)[0] == "User: Colour?\nAssistant: Red.\nUser: Shape?"
+    chat, _, _ = to_chat_messages(multi)
+    assert [(m["role"], m["content"][0]["text"]) for m in chat] == [
+        ("user", "Colour?"), ("assistant", "Red."), ("user", "Shape?")]
     from app.errors import ServiceError
 
     with pytest.raises(ServiceError, match="last message"):
-        flatten_messages(msgs({"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}))
+        to_chat_messages(msgs({"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}))

@@ -155,3 +155,23 @@ def test_max_new_tokens_and_ignore_eos(engine):
             handle.remove()
     assert len(outputs) == 20 and outputs[-1].done.finish_reason == "length"
     assert stopped.token_ids == [eos] and stopped.finish_reason == "stop" and stopped.text == ""
+
+
+def test_messages_give_a_whole_conversation(engine):
+    img = scene(64, 48)
+    single = GenerationRequest("What is in the image?", [img], SamplingParams(max_new_tokens=5))
+    same = GenerationRequest("What is in the image?", [img], SamplingParams(max_new_tokens=5), messages=[
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}])
+    assert engine.generate([same])[0].token_ids == engine.generate([single])[0].token_ids
+    turns = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And its size?"}]},
+    ]
+    prepared = engine.prepare(GenerationRequest("And its size?", [img], messages=turns))
+    text = engine.tokenizer.decode(prepared.prompt.input_ids)
+    assert "A red square." in text and "And its size?" in text
+    with pytest.raises(InvalidRequestError):
+        engine.prepare(GenerationRequest("x", [], messages=turns))  # one image part, no image
+    with pytest.raises(InvalidRequestError):
+        engine.prepare(GenerationRequest("x", [img], messages=turns[:2]))  # ends with the assistant
