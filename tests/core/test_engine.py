@@ -175,3 +175,14 @@ def test_messages_give_a_whole_conversation(engine):
         engine.prepare(GenerationRequest("x", [], messages=turns))  # one image part, no image
     with pytest.raises(InvalidRequestError):
         engine.prepare(GenerationRequest("x", [img], messages=turns[:2]))  # ends with the assistant
+
+
+def test_stop_string_ends_generation_with_the_text_cut(engine):
+    free = run(engine, "Tell me a story about a cat.", n=24).text
+    candidates = [free[i:i + 3] for i in range(4, len(free) - 3)
+                  if free[i:i + 3].isprintable() and "\ufffd" not in free[i:i + 3]]
+    stop = candidates[0]
+    params = SamplingParams(max_new_tokens=24, stop=(stop,))
+    result = engine.generate([GenerationRequest("Tell me a story about a cat.", [], params)])[0]
+    assert result.finish_reason == "stop"
+    assert result.text == free[: free.index(stop)]
