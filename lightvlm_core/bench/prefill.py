@@ -62,14 +62,19 @@ def _prefill(engine: Engine, prepared) -> tuple[float, object]:
 
 
 def _vision_tokens(engine: Engine, prepared) -> int:
+    """Tokens the vision tower processes for this prompt (for the FLOP split)."""
     pv = prepared.prompt.vision.get("pixel_values")
     if pv is None:
         return 0
-    if pv.dim() == 4:  # InternVL tiles: (tiles, C, H, W)
-        cfg = engine.loaded.model.config.vision_config
-        return pv.shape[0] * ((cfg.image_size[0] if isinstance(cfg.image_size, (list, tuple)) else cfg.image_size)
-                              // (cfg.patch_size[0] if isinstance(cfg.patch_size, (list, tuple)) else cfg.patch_size)) ** 2
-    return pv.shape[0]  # Qwen: one row per patch
+    if pv.dim() == 2:  # Qwen: one row per patch
+        return pv.shape[0]
+    cfg = engine.loaded.model.config.vision_config  # InternVL / LLaVA: (tiles, C, H, W)
+    side = _first(cfg.image_size) // _first(cfg.patch_size)
+    return pv.shape[0] * side * side
+
+
+def _first(x) -> int:
+    return x[0] if isinstance(x, (list, tuple)) else x
 
 
 def _rows(times: dict[str, list[dict]], usage: dict, num_image: int, num_prompt: int) -> list[dict]:

@@ -35,8 +35,7 @@ from transformers import (
 )
 
 from lightvlm_core.loading import LoadedModel, resolve_device, resolve_dtype
-from lightvlm_core.models import adapter_for
-from lightvlm_core.models import tiny
+from lightvlm_core.models import adapter_for, tiny
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,8 @@ def _internvl(profile: Profile, tokenizer):
 
 
 def _qwen2_vl(profile: Profile, tokenizer):
-    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=profile.image_size[0] * profile.image_size[1])
+    w, h = profile.image_size
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=w * h)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  video_processor=Qwen2VLVideoProcessor(), chat_template=tiny.QWEN_CHAT_TEMPLATE)
     text = dict(profile.text, max_position_embeddings=32768, rope_parameters={
@@ -175,7 +175,8 @@ def describe(loaded: LoadedModel, num_image_tokens: int, num_text_tokens: int, n
     text = loaded.adapter.text_config
     per_layer = sum(p.numel() for p in loaded.adapter.layers[0].parameters())
     n_llm = num_image_tokens + num_text_tokens
-    llm_flops = 2 * per_layer * text.num_hidden_layers * n_llm + 4 * text.num_hidden_layers * n_llm**2 * text.hidden_size
+    layers = text.num_hidden_layers
+    llm_flops = 2 * per_layer * layers * n_llm + 4 * layers * n_llm**2 * text.hidden_size  # + QK^T and AV
     vision_flops = 2 * vision_params * num_vision_tokens
     return {
         "vision_params_m": round(vision_params / 1e6, 2),

@@ -6,7 +6,7 @@ from lightvlm_core.errors import UnsupportedModelError
 from lightvlm_core.models.base import ModelAdapter, PromptInputs
 from lightvlm_core.models.internvl import InternVLAdapter
 from lightvlm_core.models.llava import LlavaAdapter
-from lightvlm_core.models.qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
+from lightvlm_core.models.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llava": LlavaAdapter,

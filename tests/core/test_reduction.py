@@ -71,7 +71,7 @@ def test_plans_and_validation():
     assert plan_for(AccelerationConfig("none"), 32) is None
     assert plan_for(AccelerationConfig("none", keep_ratio=1.0), 32) is None
     aggressive = plan_for(AccelerationConfig("aggressive"), 32)
-    assert aggressive.final_keep == pytest.approx(0.03) and [l for l, _ in aggressive.stages] == [2, 4, 8]
+    assert aggressive.final_keep == pytest.approx(0.03) and [layer for layer, _ in aggressive.stages] == [2, 4, 8]
     scaled = plan_for(AccelerationConfig("light", keep_ratio=0.2), 32)
     assert scaled.final_keep == pytest.approx(0.2)
     assert plan_for(AccelerationConfig("fastv", keep_ratio=0.1), 32) == ReductionPlan("fastv", ((2, 0.1),))
