@@ -38,8 +38,9 @@ def run(profile_name: str, quiet: bool = False, repeats: int = 1) -> dict:
     for (kind, batch, tokens), name, accel in progress(work, len(work), "decode", quiet):
         m = _generate(engine, image, batch, tokens, accel)
         measured.setdefault((kind, batch, tokens, name), []).append(m)
+    weights = sum(p.numel() * p.element_size() for p in engine.adapter.text_model.parameters())
     return {"profile": profile.name, "hardware": hardware(), "kv_budget": profile.kv_budget,
-            "results": _rows(measured)}
+            "llm_weight_mb": round(weights / 2**20, 1), "results": _rows(measured, weights)}
 
 
 def _generate(engine: Engine, image, batch: int, tokens: int, accel: AccelerationConfig) -> dict:
@@ -62,7 +63,7 @@ def _generate(engine: Engine, image, batch: int, tokens: int, accel: Acceleratio
             "decode_tokens_per_s": decoded / (end - decode_start), "peak_kv_bytes": peak_kv}
 
 
-def _rows(measured: dict[tuple, list[dict]]) -> list[dict]:
+def _rows(measured: dict[tuple, list[dict]], weight_bytes: int) -> list[dict]:
     rows = []
     for (kind, batch, tokens, name), runs in measured.items():
         base = measured[(kind, batch, tokens, "none")]
@@ -72,6 +73,8 @@ def _rows(measured: dict[tuple, list[dict]]) -> list[dict]:
             "case": kind, "batch": batch, "new_tokens": tokens, "preset": name,
             "total_ms_median": total, "decode_ms_median": median(r["decode_ms"] for r in runs),
             "decode_tokens_per_s": tps, "peak_kv_mb": round(max(r["peak_kv_bytes"] for r in runs) / 2**20, 2),
+            # bytes read per decode step: weights once per batch, KV once per row (at its peak)
+            "kv_to_weight_read_ratio": round(max(r["peak_kv_bytes"] for r in runs) / weight_bytes, 2),
             # long generation: end-to-end time ratio; throughput: decode tokens/s ratio
             "speedup_vs_none": round(base_total / total if kind == "long" else tps / base_tps, 2),
             "runs": len(runs),
@@ -80,4 +83,4 @@ def _rows(measured: dict[tuple, list[dict]]) -> list[dict]:
 
 
 COLUMNS = ["case", "batch", "new_tokens", "preset", "total_ms_median", "decode_tokens_per_s", "peak_kv_mb",
-           "speedup_vs_none"]
+           "kv_to_weight_read_ratio", "speedup_vs_none"]
