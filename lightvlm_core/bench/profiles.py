@@ -9,6 +9,7 @@ computes the split so the README can quote it.
   MLP 3.5x) but 256 wide; vision tower sized so it takes ~12% of prefill FLOPs, as
   InternViT-300M does in InternVL2.5-8B; 224-px tiles with the real 4:1 patch-to-token pixel
   shuffle, a 896x672 image -> 12 tiles + thumbnail = 832 image tokens. Runs on 2 CPU cores.
+- `ci-tiny`: a few-second smoke test of the machinery, not a performance profile.
 - `gpu-8b`: InternVL2.5-8B shapes (InternViT-300M + InternLM2.5-7B-sized Llama decoder), bf16.
 - `gpu-26b`: InternVL2.5-26B shapes (InternViT-6B + InternLM2.5-20B-sized decoder), bf16.
 - `qwen2vl-7b`: Qwen2-VL-7B shapes, bf16.
@@ -77,6 +78,15 @@ PROFILES: dict[str, Profile] = {
             tile=224, patch=14, max_tiles=12, image_size=(896, 672), device="cpu", dtype="float32",
             decode_lengths=(512,), decode_batches=(1, 4, 16), decode_tokens=128, kv_budget=256,
             notes="InternVL2.5-8B proportions scaled to 2 CPU cores",
+        ),
+        Profile(
+            name="ci-tiny", family="internvl",
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                      num_key_value_heads=2),
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+            tile=56, patch=7, max_tiles=2, image_size=(112, 56), device="cpu", dtype="float32",
+            prefill_runs=2, decode_lengths=(24,), decode_batches=(1, 2), decode_tokens=24, kv_budget=24,
+            notes="smoke test of the benchmark machinery (seconds); not a performance profile",
         ),
         Profile(
             name="gpu-8b", family="internvl", text=INTERNLM_7B, vision=INTERNVIT_300M,
