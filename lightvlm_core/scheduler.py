@@ -7,7 +7,9 @@ and `remove`. Every iteration of its loop:
 2. admits waiting requests into the running batch, up to `max_batch_size`, with one batched
    prefill (`engine.add`); if that fails the requests are retried one by one, so a bad request
    fails alone;
-3. decodes one token for every running request (`engine.step`) and retires finished ones;
+3. decodes one token for every running request (`engine.step`) and retires finished ones; a
+   failed step (e.g. out of GPU memory) ends the requests of that step with an error event,
+   clears the engine's batch and releases cached device memory, and the loop goes on;
 4. hands the events to the asyncio loops that wait for them (`call_soon_threadsafe`).
 
 Callers (the HTTP service, benchmarks) use three things: `await submit(request)` returns a
@@ -16,32 +18,44 @@ and `stats()`. `engine.prepare` (tokenisation, image preprocessing) runs in a sm
 at submit time, so a bad request raises there, before anything is queued.
 
 This module knows nothing about HTTP or Prometheus: metrics flow out through
-`SchedulerObserver` callbacks, invoked on the engine thread.
+`SchedulerObserver` callbacks, invoked on the engine thread. The caller-facing types live in
+scheduler_api.py and are re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
+import gc
 import logging
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from lightvlm_core.errors import InvalidRequestError, LightVLMError
+from lightvlm_core.scheduler_api import (
+    EngineLike,
+    QueueFullError,
+    RequestFailedError,
+    RequestStatus,
+    RequestStream,
+    SchedulerClosedError,
+    SchedulerConfig,
+    SchedulerObserver,
+    SchedulerStats,
+    deliver_all,
+)
 from lightvlm_core.types import (
     DoneEvent,
     ErrorEvent,
     Event,
     FinishReason,
     GenerationRequest,
-    GenerationResult,
     Timings,
-    TokenEvent,
     Usage,
 )
 
@@ -50,150 +64,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-
-class QueueFullError(LightVLMError):
-    """The waiting queue is full: the caller should retry later (HTTP 429)."""
-
-    error_type = "queue_full"
-
-
-class SchedulerClosedError(LightVLMError):
-    """The scheduler is not running (not started yet, or shutting down)."""
-
-    error_type = "not_ready"
-
-
-class RequestFailedError(LightVLMError):
-    """A request ended with an error event (time-out, engine failure, ...)."""
-
-    def __init__(self, event: ErrorEvent) -> None:
-        super().__init__(event.message)
-        self.error_type = event.error_type
-
-
-class RequestStatus(enum.IntEnum):
-    WAITING = enum.auto()
-    RUNNING = enum.auto()
-    # Everything after RUNNING is a finished status.
-    FINISHED_STOPPED = enum.auto()
-    FINISHED_LENGTH = enum.auto()
-    FINISHED_CANCELLED = enum.auto()
-    FINISHED_ERROR = enum.auto()
-
-    def is_finished(self) -> bool:
-        return self > RequestStatus.RUNNING
-
-
 _STATUS_OF_REASON: dict[str, RequestStatus] = {
     "stop": RequestStatus.FINISHED_STOPPED,
     "length": RequestStatus.FINISHED_LENGTH,
     "cancelled": RequestStatus.FINISHED_CANCELLED,
     "error": RequestStatus.FINISHED_ERROR,
 }
-
-
-class EngineLike(Protocol):
-    """What the scheduler needs from `lightvlm_core.engine.Engine` (fakes implement it in tests)."""
-
-    def prepare(self, request: GenerationRequest) -> PreparedRequest: ...
-    def add(self, prepared: list[PreparedRequest]) -> list[StepOutput]: ...
-    def step(self) -> list[StepOutput]: ...
-    def remove(self, request_id: str) -> None: ...
-    def remove_all(self) -> None: ...
-    def kv_cache_bytes(self) -> int: ...
-    def kv_cache_tokens(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_batch_size: int = 8
-    """Most requests decoded together in one step."""
-    max_queue: int = 64
-    """Most requests waiting for a free batch row (beyond the free rows); more get QueueFullError."""
-    request_timeout_s: float | None = 300.0
-    """Arrival -> done limit per request; None: no limit."""
-    prepare_workers: int = 2
-    """Threads running `engine.prepare` (CPU: templating, tokenising, image preprocessing)."""
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size ({self.max_batch_size}) must be >= 1")
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue ({self.max_queue}) must be >= 0")
-        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
-            raise ValueError(f"request_timeout_s ({self.request_timeout_s}) must be > 0 or None")
-        if self.prepare_workers < 1:
-            raise ValueError(f"prepare_workers ({self.prepare_workers}) must be >= 1")
-
-
-@dataclass(frozen=True)
-class SchedulerStats:
-    num_running: int = 0
-    num_waiting: int = 0  # queued for admission, including requests still being prepared
-    kv_cache_bytes: int = 0
-    kv_cache_tokens: int = 0
-
-
-class SchedulerObserver:
-    """Metric hooks, called on the engine thread. Override what you need; the defaults do nothing."""
-
-    def on_admitted(self, queue_s: float, prefill_s: float, num_prompt_tokens: int) -> None:
-        """A request joined the running batch after `queue_s` waiting and a `prefill_s` prefill."""
-
-    def on_token(self, ttft_s: float | None, itl_s: float | None) -> None:
-        """A token was streamed: `ttft_s` for a request's first token, else `itl_s` since its last."""
-
-    def on_finished(self, finish_reason: str, e2e_s: float) -> None:
-        """A request left the scheduler (`finish_reason`: stop, length, cancelled or error)."""
-
-    def on_step(self, batch_size: int) -> None:
-        """One decode step ran over `batch_size` requests."""
-
-    def on_engine_counters(self, evicted_tokens: int, image_tokens_in: int, image_tokens_kept: int) -> None:
-        """Increments of the engine's cumulative counters since the last call."""
-
-
-class RequestStream:
-    """The events of one submitted request, as an async iterator. Ends after done or error."""
-
-    def __init__(self, scheduler: Scheduler, request_id: str, num_prompt_tokens: int) -> None:
-        self.request_id = request_id
-        self.num_prompt_tokens = num_prompt_tokens
-        self._scheduler = scheduler
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
-        self.finished = False
-
-    def cancel(self) -> None:
-        """Ask the scheduler to drop this request (no-op once finished)."""
-        if not self.finished:
-            self._scheduler.cancel(self.request_id)
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        while not self.finished:
-            event = await self._queue.get()
-            if not isinstance(event, TokenEvent):
-                self.finished = True
-            yield event
-
-    async def collect(self) -> GenerationResult:
-        """Wait for the whole generation; raises RequestFailedError if it ended with an error."""
-        texts: list[str] = []
-        token_ids: list[int] = []
-        async for event in self:
-            if isinstance(event, TokenEvent):
-                texts.append(event.text)
-                token_ids.append(event.token_id)
-            elif isinstance(event, ErrorEvent):
-                raise RequestFailedError(event)
-            else:
-                return GenerationResult(
-                    "".join(texts), token_ids, event.finish_reason, event.usage, event.timings
-                )
-        raise RequestFailedError(ErrorEvent("internal_error", "stream ended without a done event"))
-
-    def _deliver(self, event: Event) -> None:  # on the stream's event loop
-        self._queue.put_nowait(event)
 
 
 @dataclass(eq=False)
@@ -340,22 +216,30 @@ class Scheduler:
     # ---- engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._closed or self._waiting or self._cancel_ids or self._running):
+                        self._cond.wait(timeout=1.0)
+                    if self._closed:
+                        break
+                    cancel_ids, self._cancel_ids = self._cancel_ids, set()
+                failed = False
+                try:
+                    self._iterate(cancel_ids)
+                except Exception:  # a bug here must not kill the thread and hang every client
+                    logger.exception("scheduler iteration failed; failing the running requests")
+                    failed = True
+                if failed:  # outside the except block: the traceback (and its tensors) is gone
+                    self._fail_running("internal_error", "internal scheduler error")
+                    self._release_device_memory()
+                    time.sleep(0.01)
+                self._refresh_stats()
+                self._flush()
+        finally:  # also on BaseException: nobody may wait forever on a dead engine thread
             with self._cond:
-                while not (self._closed or self._waiting or self._cancel_ids or self._running):
-                    self._cond.wait(timeout=1.0)
-                if self._closed:
-                    break
-                cancel_ids, self._cancel_ids = self._cancel_ids, set()
-            try:
-                self._iterate(cancel_ids)
-            except Exception:  # a bug here must not kill the thread and hang every client
-                logger.exception("scheduler iteration failed; failing the running requests")
-                self._fail_running("internal_error", "internal scheduler error")
-                time.sleep(0.01)
-            self._refresh_stats()
-            self._flush()
-        self._close_all()
+                self._closed = True
+            self._close_all()
 
     def _iterate(self, cancel_ids: set[str]) -> None:
         for request_id in cancel_ids:
@@ -367,13 +251,19 @@ class Scheduler:
             self._flush()
         if self._running:
             batch_size = len(self._running)
+            failure: ErrorEvent | None = None
             try:
                 outputs = self.engine.step()
             except Exception as exc:
                 logger.exception("decode step failed for %d requests", batch_size)
-                self._fail_running("internal_error", f"decode step failed: {type(exc).__name__}: {exc}")
+                failure = failure_event(exc, "decode step failed")
+            if failure is not None:
+                # A batched step cannot be pinned on one row: every row of it ends, the engine's
+                # batch is cleared, and the requests still waiting are admitted next iteration.
+                self._fail_running(failure.error_type, failure.message)
+                self._release_device_memory()
                 return
-            self.observer.on_step(batch_size)
+            self._observe("on_step", batch_size)
             self._apply(outputs)
 
     def _pop_admissible(self) -> list[_Entry]:
@@ -386,25 +276,44 @@ class Scheduler:
     def _admit(self, entries: Sequence[_Entry]) -> None:
         """Batched prefill; on failure retry one by one so only the bad request fails."""
         start = time.monotonic()
+        failure: ErrorEvent | None = None
         try:
             outputs = self.engine.add([e.prepared for e in entries])
         except Exception as exc:
             if len(entries) > 1:
                 logger.warning(
-                    "batched prefill of %d requests failed (%s); retrying one by one", len(entries), exc
+                    "batched prefill of %d requests failed (%s: %s); retrying one by one",
+                    len(entries),
+                    type(exc).__name__,
+                    exc,
                 )
+            failure = failure_event(exc, "prefill failed")
+            if not isinstance(exc, LightVLMError):
+                logger.error(
+                    "prefill of %s failed: %s: %s",
+                    ", ".join(e.request_id for e in entries),
+                    type(exc).__name__,
+                    exc,
+                    extra={"request_id": entries[0].request_id},
+                )
+        if failure is not None:  # outside the except block, so the failed prefill's memory is free
+            self._release_device_memory()
+            if len(entries) > 1:
                 for entry in entries:
                     self._admit([entry])
-                return
-            self._fail(entries[0], exc)
+            else:
+                self._retire(entries[0], failure, "error")
             return
         end = time.monotonic()
         for entry in entries:
             entry.status = RequestStatus.RUNNING
             entry.admitted_at, entry.prefill_s = start, end - start
             self._running[entry.request_id] = entry
-            self.observer.on_admitted(
-                start - entry.request.arrival_time, end - start, entry.prepared.num_prompt_tokens
+            self._observe(
+                "on_admitted",
+                start - entry.request.arrival_time,
+                end - start,
+                entry.prepared.num_prompt_tokens,
             )
         with self._cond:
             self._num_running = len(self._running)
@@ -419,9 +328,9 @@ class Scheduler:
             if out.token is not None:
                 if entry.first_token_at is None:
                     entry.first_token_at = now
-                    self.observer.on_token(now - entry.request.arrival_time, None)
+                    self._observe("on_token", now - entry.request.arrival_time, None)
                 else:
-                    self.observer.on_token(None, now - (entry.last_token_at or now))
+                    self._observe("on_token", None, now - (entry.last_token_at or now))
                 entry.last_token_at = now
                 entry.num_tokens += 1
                 self._emit(entry, out.token)
@@ -462,21 +371,6 @@ class Scheduler:
         with self._cond:
             self._num_running = len(self._running)
 
-    def _fail(self, entry: _Entry, exc: Exception) -> None:
-        if isinstance(exc, LightVLMError):
-            event = ErrorEvent(exc.error_type, str(exc))
-        else:
-            logger.error(
-                "request %s failed: %s: %s",
-                entry.request_id,
-                type(exc).__name__,
-                exc,
-                extra={"request_id": entry.request_id},
-            )
-            event = ErrorEvent("internal_error", f"{type(exc).__name__}: {exc}")
-        self._running.pop(entry.request_id, None)
-        self._retire(entry, event, "error")
-
     def _fail_running(self, error_type: str, message: str) -> None:
         entries = list(self._running.values())
         self._running.clear()
@@ -500,7 +394,7 @@ class Scheduler:
         with self._cond:
             self._entries.pop(entry.request_id, None)
             self._cancel_ids.discard(entry.request_id)
-        self.observer.on_finished(finish_reason, time.monotonic() - entry.request.arrival_time)
+        self._observe("on_finished", finish_reason, time.monotonic() - entry.request.arrival_time)
         self._emit(entry, event)
         if isinstance(event, ErrorEvent) and event.error_type != "timeout":
             logger.info(
@@ -530,6 +424,27 @@ class Scheduler:
             else 0.0,
         )
 
+    def _observe(self, hook: str, *args: Any) -> None:
+        try:
+            getattr(self.observer, hook)(*args)
+        except Exception:
+            logger.exception("scheduler observer %s failed (ignored)", hook)
+
+    def _release_device_memory(self) -> None:
+        """After a failed step or prefill: free what it left behind and hand cached GPU blocks
+        back to the driver, so the next step starts from a clean allocator."""
+        try:
+            gc.collect()  # tensors caught in reference cycles with the exception's frames
+            release = getattr(self.engine, "release_memory", None)
+            if callable(release):
+                release()
+                return
+            torch = sys.modules.get("torch")  # never imported here: only if the engine did
+            if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+        except Exception:
+            logger.exception("releasing device memory failed")
+
     def _emit(self, entry: _Entry, event: Event) -> None:
         self._outbox.append((entry.stream, event))
 
@@ -543,7 +458,7 @@ class Scheduler:
         self._outbox = []
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver_all, items)
+                loop.call_soon_threadsafe(deliver_all, items)
             except RuntimeError:  # that loop is closed: nobody is listening any more
                 pass
 
@@ -560,7 +475,7 @@ class Scheduler:
             counters.image_kept - old.image_kept,
         )
         if any(deltas):
-            self.observer.on_engine_counters(*deltas)
+            self._observe("on_engine_counters", *deltas)
         try:
             kv_bytes, kv_tokens = self.engine.kv_cache_bytes(), self.engine.kv_cache_tokens()
         except Exception:
@@ -583,9 +498,18 @@ class Scheduler:
         self._flush()
 
 
-def _deliver_all(items: list[tuple[RequestStream, Event]]) -> None:
-    for stream, event in items:
-        stream._deliver(event)
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA caching allocator) or an allocator's "out of memory" message."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def failure_event(exc: BaseException, what: str) -> ErrorEvent:
+    """The error event for requests whose prefill or decode step raised `exc`."""
+    if isinstance(exc, LightVLMError):
+        return ErrorEvent(exc.error_type, str(exc))
+    if is_out_of_memory(exc):
+        return ErrorEvent("out_of_memory", f"{what}: out of memory on the device; retry later")
+    return ErrorEvent("internal_error", f"{what}: {type(exc).__name__}: {exc}")
 
 
 __all__ = [
