@@ -36,38 +36,44 @@ class KVCompressor:
         """Compact every (layer, row) whose cache has reached its budget."""
         if cache.scores is None or not any(budgets):
             return
-        lengths = cache.lengths.tolist()  # (L, B)
         compacted = False
-        for layer in range(cache.num_layers):
-            for b, budget in enumerate(budgets):
-                if budget and lengths[layer][b] >= budget:
-                    self.evicted_total += self._compact(cache, layer, b, budget)
+        for budget in sorted({b for b in budgets if b}):
+            in_group = torch.tensor([b == budget for b in budgets], device=cache.lengths.device)
+            for layer in range(cache.num_layers):
+                rows = torch.nonzero(in_group & (cache.lengths[layer] >= budget)).flatten()
+                if rows.numel():
+                    self.evicted_total += self._compact(cache, layer, rows, budget)
                     compacted = True
         if compacted:
             self._trim(cache)
 
-    def _compact(self, cache: BatchedKVCache, layer: int, b: int, budget: int) -> int:
-        """Shrink row b of `layer` to `budget - interval` entries; returns the entries evicted."""
-        n = int(cache.lengths[layer, b])
+    def _compact(self, cache: BatchedKVCache, layer: int, rows: torch.Tensor, budget: int) -> int:
+        """Shrink `rows` of `layer` to `budget - interval` entries; returns the entries evicted."""
         sinks, window, interval = self.shape_for(budget)
         target = budget - interval
+        lengths = cache.lengths[layer, rows]
         keys, values, scores = cache.keys[layer], cache.values[layer], cache.scores[layer]
-        keep = self.keep_indices(scores[b, :, :n], target, sinks, window)  # (H_kv, target)
+        keep = self.keep_indices(scores[rows], lengths, target, sinks, window)  # (R, H_kv, target)
         for buf in (keys, values):
-            buf[b, :, :target] = buf[b].gather(1, keep[..., None].expand(-1, -1, buf.shape[-1]))
-        scores[b, :, :target] = scores[b].gather(1, keep)
-        cache.lengths[layer, b] = target
-        return (n - target) * keys.shape[1]
+            buf[rows, :, :target] = buf[rows].gather(2, keep[..., None].expand(-1, -1, -1, buf.shape[-1]))
+        scores[rows, :, :target] = scores[rows].gather(2, keep)
+        cache.lengths[layer, rows] = target
+        return int((lengths - target).sum()) * keys.shape[1]
 
     @staticmethod
-    def keep_indices(scores: torch.Tensor, keep: int, num_sinks: int, window: int) -> torch.Tensor:
-        """scores: (H_kv, n) accumulated attention. Sorted indices to keep per KV head: (H_kv, keep)."""
-        h, n = scores.shape
-        middle = scores[:, num_sinks : n - window]
-        heavy = middle.topk(keep - num_sinks - window, dim=-1).indices + num_sinks
-        sinks = torch.arange(num_sinks, device=scores.device).expand(h, -1)
-        recent = torch.arange(n - window, n, device=scores.device).expand(h, -1)
-        return torch.cat([sinks, heavy, recent], dim=-1).sort(dim=-1).values
+    def keep_indices(scores: torch.Tensor, lengths: torch.Tensor, keep: int, num_sinks: int, window: int
+                     ) -> torch.Tensor:
+        """Sorted indices to keep per row and KV head: (R, H_kv, keep).
+
+        scores: (R, H_kv, S) accumulated attention; lengths: (R,) valid entries per row. The first
+        `num_sinks` and the last `window` valid entries always stay; the rest go by score.
+        """
+        pos = torch.arange(scores.shape[-1], device=scores.device)[None]
+        n = lengths[:, None]
+        protected = (pos < num_sinks) | ((pos >= n - window) & (pos < n))
+        ranked = scores.masked_fill(~(pos < n)[:, None], float("-inf"))
+        ranked = ranked.masked_fill(protected[:, None], float("inf"))
+        return ranked.topk(keep, dim=-1).indices.sort(dim=-1).values
 
     @staticmethod
     def _trim(cache: BatchedKVCache) -> None:

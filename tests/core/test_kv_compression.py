@@ -17,7 +17,7 @@ def test_keep_indices_always_hold_sinks_and_recent_window():
     scores[:, 40:58] = 10.0  # heavy hitters in the middle
     scores[:, 58:70] = 5.0  # runners-up, evicted
     scores[1, 92:] = 100.0  # inside the window anyway
-    keep = KVCompressor.keep_indices(scores, 30, num_sinks=4, window=8)
+    keep = KVCompressor.keep_indices(scores[None], torch.tensor([100]), 30, num_sinks=4, window=8)[0]
     for head in keep.tolist():
         assert head == sorted(head) and len(set(head)) == 30
         assert set(range(4)) <= set(head) and set(range(92, 100)) <= set(head)
@@ -79,3 +79,12 @@ def test_compression_composes_with_merging(engine):
                             AccelerationConfig(preset="balanced", kv_budget=64))
     result = engine.generate([req])[0]
     assert len(result.token_ids) == 40 and result.usage.image_tokens_kept < result.usage.image_tokens
+
+
+def test_keep_indices_never_pick_padding_of_shorter_rows():
+    scores = torch.rand(2, 3, 100)
+    scores[0, :, 60:] = 1e6  # padding of row 0 (length 50): must never be kept
+    keep = KVCompressor.keep_indices(scores, torch.tensor([50, 100]), 20, num_sinks=2, window=5)
+    assert keep.shape == (2, 3, 20)
+    assert int(keep[0].max()) < 50 and set(range(45, 50)) <= set(keep[0, 0].tolist())
+    assert set(range(95, 100)) <= set(keep[1, 2].tolist()) and {0, 1} <= set(keep[1, 1].tolist())
