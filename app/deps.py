@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -24,7 +25,8 @@ def require_api_key(request: Request, service: ServiceDep) -> None:
     if expected is None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode(), expected.get_secret_value().encode()
-    ):
+    # Digests first, so that neither the content nor the length of the key leaks through timing.
+    given = hashlib.sha256(token.strip().encode()).digest()
+    wanted = hashlib.sha256(expected.get_secret_value().encode()).digest()
+    if not hmac.compare_digest(given, wanted) or scheme.lower() != "bearer":
         raise ServiceError(401, "unauthorized", "missing or invalid API key", {"WWW-Authenticate": "Bearer"})

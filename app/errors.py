@@ -28,6 +28,7 @@ STATUS_OF_ERROR_TYPE = {
     "unsupported_media_type": 415,
     "queue_full": 429,
     "not_ready": 503,
+    "out_of_memory": 503,  # the device ran out of memory mid-batch: transient, retry
     "timeout": 504,
 }
 _TYPE_OF_STATUS = {
@@ -60,8 +61,10 @@ class BodyTooLargeError(StarletteHTTPException):
         super().__init__(413, f"request body is larger than {limit} bytes")
 
 
-def not_ready() -> ServiceError:
-    return ServiceError(503, "not_ready", "the model is not loaded yet", {"Retry-After": str(RETRY_AFTER_S)})
+def not_ready(message: str | None = None) -> ServiceError:
+    return ServiceError(
+        503, "not_ready", message or "the model is not loaded yet", {"Retry-After": str(RETRY_AFTER_S)}
+    )
 
 
 def error_body(error_type: str, message: str) -> dict[str, Any]:

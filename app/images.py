@@ -1,8 +1,8 @@
 """Image intake: base64 / data: URL / upload bytes -> a bounded, upright RGB PIL image.
 
 Limits are checked before the pixels are decoded: the byte size first, then the header's
-width x height (PIL reads only the header on `Image.open`). Remote URLs are refused: the
-service never fetches anything on a client's behalf.
+width x height and aspect ratio (PIL reads only the header on `Image.open`). Remote URLs are
+refused: the service never fetches anything on a client's behalf.
 """
 
 from __future__ import annotations
@@ -25,12 +25,16 @@ from PIL import (  # noqa: F401  (plugins register their formats; Image.open onl
 from lightvlm_core.errors import ImageError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")  # JPEG includes MPO (camera JPEGs)
+DEFAULT_MAX_ASPECT_RATIO = 50.0
 _BACKGROUND = (255, 255, 255)  # transparent pixels become white
 
 
-def decode_image_string(value: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
+def decode_image_string(
+    value: str, *, max_bytes: int, max_pixels: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+) -> Image.Image:
     """Decode a base64 string or a `data:image/...;base64,` URL."""
-    return decode_image_bytes(image_string_to_bytes(value, max_bytes=max_bytes), max_pixels=max_pixels)
+    data = image_string_to_bytes(value, max_bytes=max_bytes)
+    return decode_image_bytes(data, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
 
 
 def image_string_to_bytes(value: str, *, max_bytes: int) -> bytes:
@@ -58,15 +62,23 @@ def image_string_to_bytes(value: str, *, max_bytes: int) -> bytes:
     return data
 
 
-def decode_image_bytes(data: bytes, *, max_pixels: int) -> Image.Image:
+def decode_image_bytes(
+    data: bytes, *, max_pixels: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+) -> Image.Image:
     """Bytes of an image file -> RGB image, upright per EXIF, first frame if animated."""
     if not data:
         raise ImageError("image is empty")
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
         width, height = image.size
-        if width < 1 or height < 1 or width * height > max_pixels:
+        if width < 1 or height < 1:
+            raise ImageError(f"image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
             raise ImageError(f"image is {width}x{height} pixels; at most {max_pixels} pixels are accepted")
+        if max(width, height) > max_aspect_ratio * min(width, height):
+            raise ImageError(
+                f"image is {width}x{height} pixels; its aspect ratio may be at most {max_aspect_ratio:g}:1"
+            )
         image.seek(0)  # animated images: the first frame
         image.load()
         image = ImageOps.exif_transpose(image)

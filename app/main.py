@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import threading
 from collections.abc import AsyncIterator
+from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
@@ -90,26 +93,43 @@ def run_server(
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     configure_logging(settings.log_level)
     app = create_app(settings)
+    service: Service = app.state.service
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,  # app.middleware logs one JSON line per request
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    server = uvicorn.Server(config)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT uvicorn closes the listening socket and waits up to the grace period
+        for open requests; the service also answers 503 to any request that still arrives."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            service.begin_drain()
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(config)
     failures: list[BaseException] = []
 
     def on_failure(exc: BaseException) -> None:
         failures.append(exc)
         server.should_exit = True
 
-    app.state.service.on_failure = on_failure
+    service.on_failure = on_failure
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; for SIGTERM
+    # that would kill the process with status -15: a drained shutdown exits 0 instead.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None) if main_thread else None
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+    except KeyboardInterrupt:  # likewise for Ctrl-C
         pass
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if failures:
         raise SystemExit(1)
 

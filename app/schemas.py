@@ -4,9 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 PresetName = Literal["none", "light", "balanced", "aggressive", "fastv", "random"]
+MIN_KV_BUDGET = 16
+"""Smallest decode-time KV budget (entries per layer) a request may ask for; 0 turns it off."""
+
+
+def _utf8_only(value: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"); no tokenizer can encode them, so they are a 422 here
+    # rather than an error deep in the engine. (Plain `str` fields already refuse them; `str | list`
+    # unions do not.)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8_only)]
 
 
 class ErrorDetail(BaseModel):
@@ -25,20 +41,27 @@ class AccelerationOverride(BaseModel):
 
     preset: PresetName | None = None
     keep_ratio: float | None = Field(None, gt=0, le=1)
-    kv_budget: int | None = Field(None, ge=0)
+    kv_budget: int | None = Field(None, ge=0, description=f"0: off, else >= {MIN_KV_BUDGET}")
+
+    @field_validator("kv_budget")
+    @classmethod
+    def _kv_budget_floor(cls, value: int | None) -> int | None:
+        if value is not None and 0 < value < MIN_KV_BUDGET:
+            raise ValueError(f"kv_budget must be 0 (off) or at least {MIN_KV_BUDGET}")
+        return value
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
     image: str | None = Field(None, description="base64 or a data: URL; omit for text-only")
     max_new_tokens: int | None = Field(None, ge=1, description="default min(256, server limit)")
     temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+    stop: list[Annotated[Text, Field(min_length=1, max_length=256)]] = Field(
         default_factory=list, max_length=16
     )
     ignore_eos: bool = False
@@ -64,7 +87,7 @@ class ImageURL(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImagePart(BaseModel):
@@ -77,7 +100,7 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
     name: str | None = None
 
 
@@ -101,7 +124,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")

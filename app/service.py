@@ -20,7 +20,7 @@ from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingP
 
 logger = logging.getLogger(__name__)
 
-State = Literal["starting", "loading", "warming_up", "ready", "failed", "stopped"]
+State = Literal["starting", "loading", "warming_up", "ready", "draining", "failed", "stopped"]
 T = TypeVar("T")
 
 
@@ -63,7 +63,14 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        """Loaded, warmed up, not shutting down, and the engine thread alive."""
+        return self.state == "ready" and self.scheduler is not None and self.scheduler.is_running
+
+    def begin_drain(self) -> None:
+        """Shutdown has begun: refuse new requests (503) while in-flight ones finish."""
+        if self.state in ("starting", "loading", "warming_up", "ready"):
+            logger.info("draining: new requests are refused, in-flight requests may finish")
+            self.state = "draining"
 
     @property
     def model_name(self) -> str:
@@ -77,7 +84,7 @@ class Service:
 
     def require_scheduler(self) -> Scheduler:
         if not self.ready or self.scheduler is None:
-            raise not_ready()
+            raise not_ready("the server is shutting down" if self.state == "draining" else None)
         return self.scheduler
 
     def acceleration_for(
@@ -98,11 +105,11 @@ class Service:
         try:
             engine = self._engine
             if engine is None:
-                self.state = "loading"
+                self._advance("loading")
                 engine = await run_in_daemon_thread(self._load_engine)
             scheduler = Scheduler(engine, self.settings.scheduler_config(), observer=self.metrics)
             if self.settings.warmup:
-                self.state = "warming_up"
+                self._advance("warming_up")
                 started = time.monotonic()
                 await run_in_daemon_thread(scheduler.warm_up, warmup_request())
                 logger.info("warm-up done in %.2fs", time.monotonic() - started)
@@ -112,7 +119,8 @@ class Service:
             self.metrics.set_model_info(
                 info.family, info.default_acceleration.preset, info.device, info.dtype
             )
-            self.scheduler, self.info, self.state = scheduler, info, "ready"
+            self.scheduler, self.info = scheduler, info
+            self._advance("ready")
             logger.info(
                 "ready", extra={"model": self.model_name, "family": info.family, "device": info.device}
             )
@@ -121,6 +129,10 @@ class Service:
             logger.exception("model failed to load or warm up")
             if self.on_failure is not None:
                 self.on_failure(exc)
+
+    def _advance(self, state: State) -> None:
+        if self.state not in ("draining", "stopped"):  # a shutdown that began meanwhile wins
+            self.state = state
 
     async def stop(self) -> None:
         scheduler, self.scheduler = self.scheduler, None

@@ -35,11 +35,16 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(1024, ge=1)
     """Upper bound on a request's max_new_tokens."""
     request_timeout_s: float = Field(300.0, gt=0)
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    """On SIGTERM/SIGINT: stop admitting, give in-flight requests this long to finish, then exit."""
 
     # intake limits
     max_body_bytes: int = Field(32 * MiB, ge=1024)
     max_image_bytes: int = Field(10 * MiB, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64)
+    max_image_aspect_ratio: float = Field(50.0, ge=1)
+    """Longer side / shorter side. Processors resize the shorter side up, so a 1 x 10^6 image
+    (tiny as a PNG) would become gigabytes of pixels: refused before decoding."""
     max_images_per_request: int = Field(4, ge=0, le=64)
     max_prompt_chars: int = Field(100_000, ge=1)
 

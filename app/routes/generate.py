@@ -140,7 +140,12 @@ async def build_request(
             raise ServiceError(422, "invalid_request", "this server does not accept images")
         if image_bytes is not None:
             images.append(
-                await run_in_threadpool(decode_image_bytes, image_bytes, max_pixels=settings.max_image_pixels)
+                await run_in_threadpool(
+                    decode_image_bytes,
+                    image_bytes,
+                    max_pixels=settings.max_image_pixels,
+                    max_aspect_ratio=settings.max_image_aspect_ratio,
+                )
             )
         else:
             images.append(
@@ -149,6 +154,7 @@ async def build_request(
                     body.image,
                     max_bytes=settings.max_image_bytes,
                     max_pixels=settings.max_image_pixels,
+                    max_aspect_ratio=settings.max_image_aspect_ratio,
                 )
             )
     sampling = SamplingParams(

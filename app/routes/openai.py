@@ -124,7 +124,11 @@ async def build_request(body: ChatCompletionRequest, service: Service, arrival: 
         raise ServiceError(422, "invalid_request", f"max_tokens must be <= {settings.max_new_tokens}")
     images = [
         await run_in_threadpool(
-            decode_image_string, url, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+            decode_image_string,
+            url,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            max_aspect_ratio=settings.max_image_aspect_ratio,
         )
         for url in image_urls
     ]
