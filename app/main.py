@@ -108,7 +108,7 @@ def run_server(
         for open requests; the service also answers 503 to any request that still arrives."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            service.begin_drain()
+            service.begin_drain(settings.shutdown_grace_s)
             super().handle_exit(sig, frame)
 
     server = DrainingServer(config)

@@ -60,17 +60,37 @@ class Service:
         self.info: EngineInfo | None = None
         self.on_failure: Callable[[BaseException], None] | None = None
         self._engine = engine
+        self._cut_off_timer: threading.Timer | None = None
 
     @property
     def ready(self) -> bool:
         """Loaded, warmed up, not shutting down, and the engine thread alive."""
         return self.state == "ready" and self.scheduler is not None and self.scheduler.is_running
 
-    def begin_drain(self) -> None:
-        """Shutdown has begun: refuse new requests (503) while in-flight ones finish."""
-        if self.state in ("starting", "loading", "warming_up", "ready"):
-            logger.info("draining: new requests are refused, in-flight requests may finish")
-            self.state = "draining"
+    def begin_drain(self, grace_s: float | None = None) -> None:
+        """Shutdown has begun: refuse new requests (503) while in-flight ones finish. With
+        `grace_s`, requests still running just before the grace period ends are ended with an
+        error event, so that their clients get a complete answer rather than a cut connection."""
+        if self.state not in ("starting", "loading", "warming_up", "ready"):
+            return
+        logger.info("draining: new requests are refused, in-flight requests may finish")
+        self.state = "draining"
+        if grace_s is not None:
+            cut_off_s = max(0.0, grace_s - min(1.0, grace_s / 5))  # leaves time to send the events
+            self._cut_off_timer = threading.Timer(cut_off_s, self._cut_off)
+            self._cut_off_timer.daemon = True
+            self._cut_off_timer.start()
+
+    def _cut_off(self) -> None:
+        scheduler = self.scheduler
+        if scheduler is not None and scheduler.is_running:
+            stats = scheduler.stats()
+            logger.warning(
+                "shutdown grace period over: ending %d running and %d waiting requests",
+                stats.num_running,
+                stats.num_waiting,
+            )
+            scheduler.shutdown()
 
     @property
     def model_name(self) -> str:
@@ -135,6 +155,8 @@ class Service:
             self.state = state
 
     async def stop(self) -> None:
+        if self._cut_off_timer is not None:
+            self._cut_off_timer.cancel()
         scheduler, self.scheduler = self.scheduler, None
         self.state = "stopped"
         if scheduler is not None:

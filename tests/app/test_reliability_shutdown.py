@@ -1,0 +1,125 @@
+"""Graceful shutdown: `lightvlm serve` in its own process gets SIGTERM with two streams in flight.
+
+It stops admitting (port closed, or 503 for what slips in), lets the stream that fits in the
+grace period finish, ends the one that does not with an error event just before the grace period
+is over, and exits 0 within it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from service_helpers import wait_for
+
+GRACE_S = 4.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def read_stream(http: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event) -> list[Any]:
+    events: list[Any] = []
+    async with http.stream("POST", "/generate", json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                payload = line[len("data: ") :]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+                started.set()
+    return events
+
+
+async def try_new_request(base_url: str) -> str:
+    """What a client arriving after SIGTERM sees: 'refused' (port closed) or the 503's error type."""
+    try:
+        async with httpx.AsyncClient(base_url=base_url, timeout=5) as http:
+            response = await http.post("/generate", json={"prompt": "late", "max_new_tokens": 2})
+    except httpx.TransportError:
+        return "refused"
+    assert response.status_code == 503, response.text
+    return response.json()["error"]["type"]
+
+
+def test_sigterm_drains_then_exits(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "LIGHTVLM_WARMUP": "false",
+        "LIGHTVLM_API_KEY": "",
+        "LIGHTVLM_SHUTDOWN_GRACE_S": str(GRACE_S),
+        "LIGHTVLM_MAX_NEW_TOKENS": "8192",
+    }
+    command = [sys.executable, "-m", "lightvlm_core.cli", "serve", "--model", str(tiny_model_dir("llava"))]
+    command += ["--device", "cpu", "--port", str(port)]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{base_url}/ready").status_code == 200
+            except httpx.TransportError:
+                assert process.poll() is None, log_path.read_text()[-2000:]
+                return False
+
+        wait_for(ready, timeout=120)
+
+        async def main() -> tuple[list[Any], list[Any], list[str], float]:
+            short = {"prompt": "short one", "max_new_tokens": 200, "ignore_eos": True}
+            endless = {"prompt": "endless one", "max_new_tokens": 8000, "ignore_eos": True}
+            async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+                started = [asyncio.Event(), asyncio.Event()]
+                tasks = [
+                    asyncio.create_task(read_stream(http, body, flag))
+                    for body, flag in zip((short, endless), started)
+                ]
+                await asyncio.wait_for(asyncio.gather(*(flag.wait() for flag in started)), 30)
+                signalled = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                late = [await try_new_request(base_url) for _ in range(3)]
+                done_short, done_endless = await asyncio.gather(*tasks)
+            return done_short, done_endless, late, signalled
+
+        short_events, endless_events, late, signalled = asyncio.run(main())
+        exit_code = process.wait(GRACE_S + 10)
+        exited_after = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = log_path.read_text()
+    # new requests were refused
+    assert all(outcome in ("refused", "not_ready") for outcome in late), late
+    # the short stream finished in full
+    assert short_events[-1] == "[DONE]" and short_events[-2]["type"] == "done", short_events[-3:]
+    assert short_events[-2]["usage"]["completion_tokens"] == 200
+    # the endless one got an error event (not a cut connection) before the grace period ended
+    assert endless_events[-1] == "[DONE]", endless_events[-3:]
+    assert endless_events[-2] == {
+        "type": "error",
+        "error_type": "not_ready",
+        "message": "the server is shutting down",
+    }
+    assert len(endless_events) - 2 < 8000
+    # and the process exited cleanly within the grace period (plus process teardown)
+    assert exit_code == 0, log[-3000:]
+    assert exited_after < GRACE_S + 3, exited_after
+    assert "draining" in log
