@@ -24,6 +24,14 @@ def _utf8_only(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_utf8_only)]
 
+# Sampling below these is numerically meaningless (logits / 1e-300 overflow; a top_p under float32's
+# smallest value rounds to 0 and drops every token) and used to fail the whole decode batch:
+# a temperature that small means greedy, and top_p keeps at least the most likely token.
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-6
+Temperature = Annotated[float, Field(ge=0, le=2), AfterValidator(lambda t: 0.0 if t < MIN_TEMPERATURE else t)]
+TopP = Annotated[float, Field(gt=0, le=1), AfterValidator(lambda p: max(p, MIN_TOP_P))]
+
 
 class ErrorDetail(BaseModel):
     type: str
@@ -57,8 +65,8 @@ class GenerateRequest(BaseModel):
     prompt: Text = Field(min_length=1)
     image: str | None = Field(None, description="base64 or a data: URL; omit for text-only")
     max_new_tokens: int | None = Field(None, ge=1, description="default min(256, server limit)")
-    temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: Temperature = Field(0.0, description="0 = greedy")
+    top_p: TopP = 1.0
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[Annotated[Text, Field(min_length=1, max_length=256)]] = Field(
@@ -121,8 +129,8 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: Text | list[Text] | None = None
     stream: bool = False

@@ -183,6 +183,8 @@ def cases() -> list[Case]:
         Case("top_p Infinity", 422, "invalid_request", raw(b'{"prompt": "a", "top_p": Infinity}')),
         Case("seed > 2^63-1", 422, "invalid_request", gen(seed=2**64)),
         Case("kv_budget = 1 (below the floor)", 422, "invalid_request", gen(acceleration={"kv_budget": 1})),
+        Case("temperature 1e-300 (taken as greedy)", 200, None, gen(temperature=1e-300)),
+        Case("top_p 5e-324 (keeps the top token)", 200, None, gen(temperature=1.0, top_p=5e-324, seed=7)),
         Case("unknown field", 422, "invalid_request", gen(bogus=True)),
         Case("messages empty (OpenAI route)", 422, "invalid_request", {"json": {"messages": []}}, "/v1/chat/completions"),
         # ---- bodies ---------------------------------------------------------------------------
