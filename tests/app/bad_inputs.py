@@ -25,7 +25,7 @@ LIMITS = {
     "max_prompt_chars": 20_000,
     "max_new_tokens": 4096,
 }
-JSON = {"content-type": "application/json"}
+CHAT = "/v1/chat/completions"
 
 
 @dataclass
@@ -98,6 +98,10 @@ def palette_with_transparency() -> bytes:
     return encode(image, transparency=0)
 
 
+def png_of(image: Image.Image) -> str:
+    return data_url(encode(image))
+
+
 def gen(image: str | None = None, prompt: str = "What is in the image?", **fields: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": prompt, "max_new_tokens": 4, "stream": False, **fields}
     if image is not None:
@@ -120,6 +124,8 @@ def multipart(parts: bytes, boundary: str = "XBOUNDARY") -> dict[str, Any]:
 def cases() -> list[Case]:
     png = encode(noise())
     jpeg = encode(noise(), "JPEG")
+    max_chars, max_body = LIMITS["max_prompt_chars"], LIMITS["max_body_bytes"]
+    truncated_part = b'--XBOUNDARY\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi'
     too_many = [{"type": "image_url", "image_url": {"url": data_url(png)}}] * (
         LIMITS["max_images_per_request"] + 1
     )
@@ -139,13 +145,13 @@ def cases() -> list[Case]:
         Case("0-pixel PNG (0x16)", 400, "invalid_image", gen(data_url(png_from_rows(0, 16, zlib.compress(b""))))),
         Case("1x1 image", 200, None, gen(data_url(encode(Image.new("RGB", (1, 1), (9, 9, 9)))))),
         Case("4096x4096 (at the pixel limit)", 200, None, gen(data_url(encode(Image.new("L", (4096, 4096), 90))))),
-        Case("4097x4096 (over the pixel limit)", 400, "invalid_image", gen(data_url(encode(Image.new("1", (4097, 4096)))))),
+        Case("4097x4096 (over the pixel limit)", 400, "invalid_image", gen(png_of(Image.new("1", (4097, 4096))))),
         Case("1x4000 (aspect ratio 4000:1)", 400, "invalid_image", gen(data_url(encode(Image.new("RGB", (1, 4000)))))),
         Case("image over max_image_bytes", 400, "invalid_image", gen(b64(b"\x00" * (LIMITS["max_image_bytes"] + 10)))),
         Case("CMYK JPEG", 200, None, gen(data_url(encode(Image.new("CMYK", (30, 20), (0, 200, 200, 0)), "JPEG")))),
         Case("RGBA PNG", 200, None, gen(data_url(encode(Image.new("RGBA", (30, 20), (0, 0, 255, 100)))))),
         Case("palette PNG with transparency", 200, None, gen(data_url(palette_with_transparency()))),
-        Case("16-bit greyscale PNG", 200, None, gen(data_url(encode(Image.fromarray(np.full((20, 30), 40000, np.uint16)))))),
+        Case("16-bit greyscale PNG", 200, None, gen(png_of(Image.fromarray(np.full((20, 30), 40000, np.uint16))))),
         Case("8-bit greyscale PNG", 200, None, gen(data_url(encode(Image.new("L", (30, 20), 77))))),
         Case("animated GIF (first frame used)", 200, None, gen(data_url(animated_gif(), "image/gif"))),
         Case("EXIF-rotated JPEG", 200, None, gen(data_url(exif_rotated_jpeg(), "image/jpeg"))),
@@ -153,27 +159,27 @@ def cases() -> list[Case]:
             "data": {"prompt": "x"},
             "files": [("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))],
         }),
-        Case("too many images (OpenAI route)", 422, "invalid_request", chat(too_many), "/v1/chat/completions"),
+        Case("too many images (OpenAI route)", 422, "invalid_request", chat(too_many), CHAT),
         Case("image URL (OpenAI route)", 400, "invalid_image", chat(
             [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, {"type": "text", "text": "hi"}]
-        ), "/v1/chat/completions"),
+        ), CHAT),
         # ---- prompts --------------------------------------------------------------------------
         Case("empty prompt", 422, "invalid_request", gen(prompt="")),
         Case("whitespace-only prompt", 422, "invalid_request", gen(prompt=" \n\t ")),
         Case("prompt longer than the model context", 400, "context_length_exceeded", gen(prompt="tok " * 4500)),
-        Case("prompt over max_prompt_chars", 422, "invalid_request", gen(prompt="x" * (LIMITS["max_prompt_chars"] + 1))),
+        Case("prompt over max_prompt_chars", 422, "invalid_request", gen(prompt="x" * (max_chars + 1))),
         Case("lone surrogate in the prompt (JSON \\ud800)", 422, "invalid_request", raw(b'{"prompt": "a\\ud800b"}')),
         Case("lone surrogate in a stop string", 422, "invalid_request", raw(b'{"prompt": "a", "stop": ["\\udc00"]}')),
         Case("lone surrogate (OpenAI route)", 422, "invalid_request",
-             raw(b'{"messages": [{"role": "user", "content": "a\\ud800"}]}'), "/v1/chat/completions"),
+             raw(b'{"messages": [{"role": "user", "content": "a\\ud800"}]}'), CHAT),
         Case("invalid UTF-8 in a JSON body", 422, "invalid_request", raw(b'{"prompt": "a\xff\xfe"}')),
         Case("invalid UTF-8 (OpenAI route)", 400, "invalid_request",
-             raw(b'{"messages": [{"role": "user", "content": "a\xff"}]}'), "/v1/chat/completions"),
+             raw(b'{"messages": [{"role": "user", "content": "a\xff"}]}'), CHAT),
         # ---- fields ---------------------------------------------------------------------------
         Case("max_new_tokens = 0", 422, "invalid_request", gen(max_new_tokens=0)),
         Case("max_new_tokens = -5", 422, "invalid_request", gen(max_new_tokens=-5)),
         Case("max_new_tokens over the limit", 422, "invalid_request", gen(max_new_tokens=LIMITS["max_new_tokens"] + 1)),
-        Case("max_tokens = 0 (OpenAI route)", 422, "invalid_request", chat("hi", max_tokens=0), "/v1/chat/completions"),
+        Case("max_tokens = 0 (OpenAI route)", 422, "invalid_request", chat("hi", max_tokens=0), CHAT),
         Case("prompt is a number", 422, "invalid_request", {"json": {"prompt": 123}}),
         Case("image is a number", 422, "invalid_request", gen(image=5)),  # type: ignore[arg-type]
         Case("image is a list", 422, "invalid_request", gen(image=[b64(png), b64(png)])),  # type: ignore[arg-type]
@@ -186,15 +192,15 @@ def cases() -> list[Case]:
         Case("temperature 1e-300 (taken as greedy)", 200, None, gen(temperature=1e-300)),
         Case("top_p 5e-324 (keeps the top token)", 200, None, gen(temperature=1.0, top_p=5e-324, seed=7)),
         Case("unknown field", 422, "invalid_request", gen(bogus=True)),
-        Case("messages empty (OpenAI route)", 422, "invalid_request", {"json": {"messages": []}}, "/v1/chat/completions"),
+        Case("messages empty (OpenAI route)", 422, "invalid_request", {"json": {"messages": []}}, CHAT),
         # ---- bodies ---------------------------------------------------------------------------
         Case("invalid JSON", 422, "invalid_request", raw(b'{"prompt": "a",')),
         Case("JSON that is not an object", 422, "invalid_request", raw(b'["prompt", "a"]')),
         Case("empty body", 422, "invalid_request", raw(b"")),
         Case("wrong content type (text/plain)", 415, "unsupported_media_type", raw(b"prompt=hi", "text/plain")),
         Case("multipart without a boundary", 400, "invalid_request", raw(b"--x--", "multipart/form-data")),
-        Case("multipart, truncated", 422, "invalid_request", multipart(b'--XBOUNDARY\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi')),
-        Case("body over max_body_bytes", 413, "body_too_large", raw(b"{" + b" " * (LIMITS["max_body_bytes"] + 1) + b"}")),
+        Case("multipart, truncated", 422, "invalid_request", multipart(truncated_part)),
+        Case("body over max_body_bytes", 413, "body_too_large", raw(b"{" + b" " * (max_body + 1) + b"}")),
         Case("GET on a POST route", 405, "method_not_allowed", {}, "/generate", "GET"),
         Case("unknown route", 404, "not_found", gen(), "/nope"),
     ]  # fmt: skip
