@@ -26,13 +26,13 @@ def configs(profile: Profile) -> dict[str, AccelerationConfig]:
     }
 
 
-def run(profile_name: str, quiet: bool = False, repeats: int = 1) -> dict:
+def run(profile_name: str, quiet: bool = False) -> dict:
     profile = PROFILES[profile_name]
     engine = Engine(build(profile))
     image = bench_image(profile)
     cases = [("long", 1, n) for n in profile.decode_lengths] + [
         ("throughput", b, profile.decode_tokens) for b in profile.decode_batches]
-    work = [(case, name, accel) for case in cases for name, accel in configs(profile).items()] * repeats
+    work = [(case, name, accel) for case in cases for name, accel in configs(profile).items()] * profile.decode_repeats
     measured: dict[tuple, list[dict]] = {}
     _generate(engine, image, 1, 4, AccelerationConfig())  # warm-up
     for (kind, batch, tokens), name, accel in progress(work, len(work), "decode", quiet):

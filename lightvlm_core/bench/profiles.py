@@ -55,6 +55,7 @@ class Profile:
     decode_lengths: tuple[int, ...] = (256,)  # long-generation lengths (batch 1)
     decode_batches: tuple[int, ...] = (1, 4, 16)
     decode_tokens: int = 128  # tokens per row in the throughput runs
+    decode_repeats: int = 1  # interleaved repetitions of every decode case (medians reported)
     kv_budget: int = 128
     notes: str = ""
     extra: dict = field(default_factory=dict)
@@ -76,7 +77,8 @@ PROFILES: dict[str, Profile] = {
                       num_key_value_heads=2),
             vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4),
             tile=224, patch=14, max_tiles=12, image_size=(896, 672), device="cpu", dtype="float32",
-            decode_lengths=(512,), decode_batches=(1, 4, 16), decode_tokens=128, kv_budget=256,
+            prefill_runs=7, decode_lengths=(512,), decode_batches=(1, 4, 16), decode_tokens=128, kv_budget=256,
+            decode_repeats=2,
             notes="InternVL2.5-8B proportions scaled to 2 CPU cores",
         ),
         Profile(
