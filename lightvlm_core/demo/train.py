@@ -50,10 +50,12 @@ GRID = S.MODEL_SIZE // PATCH_SIZE  # 16
 PREFIX_LEN = 2 + IMAGE_SEQ_LEN  # <s> <|user|> <image>*256
 
 DEFAULTS = dict(
-    vis_hidden=192, vis_layers=4, vis_heads=3, vis_mlp=768,
+    vis_hidden=192, vis_layers=6, vis_heads=3, vis_mlp=768,
     txt_hidden=256, txt_layers=6, txt_heads=4, txt_kv_heads=2, txt_mlp=640,
+    vision_steps=1500, vis_exit_acc=0.9, p1_global_w=1.0, p1_local_exit=0.85, vis_lr=1.5e-3, vis_warmup=30,
     batch=16, lr=1e-3, warmup=60, min_lr_frac=0.05, wd=0.05,
     aux_w0=1.0, aux_w1=0.1, aux_decay_frac=0.5,
+    pos_init="sincos", qk_init="default", qk_std=0.06,
     resize_prob=0.3, eval_every=100, ckpt_minutes=5.0, n_eval=250, eval_seed=12345,
 )
 
@@ -84,7 +86,54 @@ def build_model(cfg: dict):
     model.generation_config.bos_token_id = BOS_ID
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = PAD_ID
+    init_vision(model, cfg)
     return model
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """(grid*grid, dim) 2D sin/cos position code: half the channels encode y, half x."""
+    d = dim // 4
+    omega = 1.0 / (100.0 ** (torch.arange(d, dtype=torch.float32) / d))
+    ys, xs = torch.meshgrid(torch.arange(grid).float(), torch.arange(grid).float(), indexing="ij")
+    out = []
+    for c in (ys.flatten(), xs.flatten()):
+        a = c[:, None] * omega[None]
+        out += [torch.sin(a), torch.cos(a)]
+    pe = torch.cat(out, 1)
+    if pe.shape[1] < dim:
+        pe = torch.cat([pe, torch.zeros(pe.shape[0], dim - pe.shape[1])], 1)
+    return pe
+
+
+@torch.no_grad()
+def init_vision(model, cfg: dict) -> None:
+    """Locality-friendly initialisation of the from-scratch CLIP tower (training speed only).
+
+    * ``pos_init=sincos``: position embeddings start as a 2D sin/cos code, scaled to the
+      patch-embedding norm, so nearby patches have similar codes from step 0.
+    * ``qk_init=tied``: each attention layer starts with ``W_k = W_q`` (bias 0), so
+      ``W_q W_k^T`` is positive semi-definite: tokens attend to tokens that look alike,
+      i.e. to nearby patches and patches of the same colour (object grouping).
+    """
+    vt = model.model.vision_tower
+    dim = cfg["vis_hidden"]
+    if cfg.get("pos_init") == "sincos":
+        pe = sincos_2d(dim, GRID)
+        g = torch.Generator().manual_seed(1234)
+        # typical patch-embedding norm for a CLIP-normalised image (bg ~ +1.9, objects ~ -1..1)
+        x = torch.randn(8, 3, S.MODEL_SIZE, S.MODEL_SIZE, generator=g) * 0.3 + 1.5
+        pn = vt.embeddings.patch_embedding(x).flatten(2).transpose(1, 2).norm(dim=-1).mean()
+        scale = float(pn / pe.norm(dim=-1).mean())
+        w = vt.embeddings.position_embedding.weight
+        w[1:] = pe * scale
+        w[0] = 0.0
+    if cfg.get("qk_init") == "tied":
+        for layer in vt.encoder.layers:
+            a = layer.self_attn
+            a.q_proj.weight.normal_(0.0, cfg["qk_std"])
+            a.k_proj.weight.copy_(a.q_proj.weight)
+            a.q_proj.bias.zero_()
+            a.k_proj.bias.zero_()
 
 
 AUX_SPEC = [  # name, classes (per patch)
@@ -102,7 +151,8 @@ class AuxHeads(nn.Module):
         self.local = nn.Linear(dim, sum(c for _, c in AUX_SPEC))
         self.glob = nn.Linear(dim, sum(c for _, c in GLOBAL_SPEC) + N_PRESENCE)
 
-    def loss(self, tok: torch.Tensor, lab: dict) -> torch.Tensor:
+    def loss(self, tok: torch.Tensor, lab: dict, gw: float = 1.0) -> torch.Tensor:
+        """``gw`` weights the non-local targets (rank and the global heads)."""
         # tok: (B, 256, D)
         out = self.local(tok)
         total = 0.0
@@ -112,6 +162,8 @@ class AuxHeads(nn.Module):
             tgt = lab[name].reshape(-1)
             if name == "centre":
                 total = total + F.cross_entropy(lg, tgt, weight=torch.tensor([1.0, 10.0]))
+            elif name == "rank":
+                total = total + gw * F.cross_entropy(lg, tgt)
             else:
                 total = total + F.cross_entropy(lg, tgt)
             o += c
@@ -120,12 +172,32 @@ class AuxHeads(nn.Module):
         for name, c in GLOBAL_SPEC:
             lg = g[..., o:o + c]
             tgt = lab[name][:, None].expand(-1, lg.shape[1])
-            total = total + 0.5 * F.cross_entropy(lg.reshape(-1, c), tgt.reshape(-1))
+            total = total + 0.5 * gw * F.cross_entropy(lg.reshape(-1, c), tgt.reshape(-1))
             o += c
         pres = g[..., o:]
-        total = total + 0.5 * F.binary_cross_entropy_with_logits(
+        total = total + 0.5 * gw * F.binary_cross_entropy_with_logits(
             pres, lab["presence"][:, None, :].expand_as(pres))
         return total
+
+
+@torch.no_grad()
+def aux_metrics(aux: AuxHeads, tok: torch.Tensor, lab: dict) -> dict:
+    """Foreground accuracy of the per-patch heads and accuracy of the global heads."""
+    out = aux.local(tok)
+    r = {}
+    o = 0
+    for name, c in AUX_SPEC:
+        pred = out[..., o:o + c].argmax(-1)
+        fg = lab[name] > 0
+        r["a_" + name] = round((pred[fg] == lab[name][fg]).float().mean().item(), 3)
+        o += c
+    g = aux.glob(tok)
+    o = 0
+    for name, c in GLOBAL_SPEC:
+        pred = g[..., o:o + c].argmax(-1)
+        r["a_" + name] = round((pred == lab[name][:, None]).float().mean().item(), 3)
+        o += c
+    return r
 
 
 # ----------------------------------------------------------------------------- data
@@ -361,7 +433,9 @@ def training_md(info: dict) -> str:
         "",
         f"- command: `{info.get('command')}`",
         f"- seed: {info.get('seed')}, threads: {info.get('threads')}",
-        f"- steps: {info.get('step')} / {info.get('steps')} (batch {info.get('batch')} images, ~8 QA segments each)",
+        f"- phase 1 (vision tower + auxiliary heads only): {info.get('p2') if info.get('p2') is not None else info.get('step')} steps",
+        f"- full-model steps: {max(0, info.get('step', 0) - (info.get('p2') if info.get('p2') is not None else info.get('step', 0)))} / {info.get('steps')}"
+        f" (batch {info.get('batch')} images, ~8 QA segments each)",
         f"- wall time: {info.get('wall_s', 0) / 60:.1f} min of training",
         f"- hardware: {info.get('hardware')}",
         f"- torch {torch.__version__}, transformers {info.get('transformers')}",
@@ -373,9 +447,11 @@ def training_md(info: dict) -> str:
         "|" + "---|" * len(acc),
         "| " + " | ".join(f"{v:.3f}" for v in acc.values()) + " |",
         "",
-        "Recipe: shared-image-prefix packing of ~8 questions per image (4D mask), loss on answer tokens + `</s>`,",
-        "dense auxiliary per-patch losses on the projected image tokens (training-only heads, not exported),",
-        "AdamW with warm-up + cosine decay over the step budget, grad clip 1.0. See `lightvlm_core/demo/train.py`.",
+        "Recipe: phase 1 trains only the vision tower + projector on dense per-patch auxiliary targets; phase 2 trains",
+        "everything with shared-image-prefix packing of ~8 questions per image (4D mask), loss on answer tokens + `</s>`",
+        "plus the decaying auxiliary loss. CLIP position embeddings start as a 2D sin/cos code.",
+        "The auxiliary heads are training-only (not exported).",
+        "AdamW with warm-up + cosine decay over the phase-2 step budget, grad clip 1.0. See `lightvlm_core/demo/train.py`.",
         "",
     ]
     return "\n".join(lines)
@@ -396,7 +472,12 @@ def hardware() -> str:
 
 # ----------------------------------------------------------------------------- main
 
-def lr_at(step: int, cfg: dict, steps: int) -> float:
+def lr_at(step: int, cfg: dict, steps: int, p2) -> float:
+    """Phase 1 (``p2 is None``): vision-only warm-up then constant; phase 2 (started at
+    step ``p2``, lasting ``steps`` steps): warm-up then cosine decay."""
+    if p2 is None:
+        return cfg["vis_lr"] * min(1.0, (step + 1) / cfg["vis_warmup"])
+    step = step - p2
     if step < cfg["warmup"]:
         return cfg["lr"] * (step + 1) / cfg["warmup"]
     t = (step - cfg["warmup"]) / max(1, steps - cfg["warmup"])
@@ -404,7 +485,10 @@ def lr_at(step: int, cfg: dict, steps: int) -> float:
     return cfg["lr"] * (cfg["min_lr_frac"] + (1 - cfg["min_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def aux_weight(step: int, cfg: dict, steps: int) -> float:
+def aux_weight(step: int, cfg: dict, steps: int, p2) -> float:
+    if p2 is None:
+        return 1.0
+    step = step - p2
     t = min(1.0, step / max(1, cfg["aux_decay_frac"] * steps))
     return cfg["aux_w1"] + (cfg["aux_w0"] - cfg["aux_w1"]) * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -474,6 +558,10 @@ def main(argv=None):
         if args.steps != state["steps"]:
             print(f"note: step budget changed {state['steps']} -> {args.steps}", file=sys.stderr)
     steps = args.steps
+    p2 = None if cfg.get("vision_steps", 0) > 0 else 0  # step at which phase 2 (full model) started
+    ema = {}
+    if state is not None:
+        p2, ema = state.get("p2", 0), state.get("ema", {})
     n_params = sum(p.numel() for p in model.parameters())
 
     if not args.bench:
@@ -494,35 +582,52 @@ def main(argv=None):
     def checkpoint():
         tmp = ckpt_path + ".tmp"
         torch.save(dict(model=model.state_dict(), aux=aux.state_dict(), opt=opt.state_dict(), step=step,
-                        steps=steps, wall_s=wall, cfg=cfg, seed=args.seed, torch_rng=torch.get_rng_state(),
+                        steps=steps, wall_s=wall, cfg=cfg, seed=args.seed, p2=p2, ema=ema, torch_rng=torch.get_rng_state(),
                         last_eval=last_eval, eval_step=eval_step), tmp)
         os.replace(tmp, ckpt_path)
-        export(model, args.export, dict(info, step=step, wall_s=wall, last_eval=last_eval, eval_step=eval_step))
+        export(model, args.export, dict(info, step=step, steps=steps, p2=p2, wall_s=wall, last_eval=last_eval,
+                                        eval_step=eval_step))
 
     if state is None and not args.bench:
         log(dict(event="start", cfg=cfg, params=n_params, **{k: info[k] for k in ("seed", "threads", "steps")}))
     elif not args.bench:
         log(dict(event="resume", step=step))
 
+    n_done = 0
     last_ckpt = time.time()
     t_log = time.time()
     loss_acc, aux_acc, n_acc = 0.0, 0.0, 0
-    end = step + args.bench if args.bench else steps
-    while step < end:
+    while True:
+        if args.bench and n_done >= args.bench:
+            break
+        if not args.bench and p2 is not None and step >= p2 + steps:
+            break
+        n_done += 1
         t0 = time.time()
         exs = [make_train_example(args.seed, step, i, cfg["resize_prob"]) for i in range(cfg["batch"])]
         pix = torch.from_numpy(np.stack([e[0] for e in exs]))
         labs = collate_labels([e[1] for e in exs])
         ids, pos, mask, sb, sp, st, sseg, nseg = pack([e[2] for e in exs])
         t_data = time.time() - t0
-        lr = lr_at(step, cfg, steps)
+        lr = lr_at(step, cfg, steps, p2)
         for g in opt.param_groups:
             g["lr"] = lr
-        logits, img_tok = packed_forward(model, pix, ids, pos, mask, sb, sp)
-        main_loss = F.cross_entropy(logits, st)
-        aw = aux_weight(step, cfg, steps)
-        aux_loss = aux.loss(img_tok, labs)
+        phase1 = p2 is None
+        if phase1:
+            feats = model.model.vision_tower(pix).last_hidden_state[:, 1:]
+            img_tok = model.model.multi_modal_projector(feats)
+            main_loss = torch.zeros(())
+        else:
+            logits, img_tok = packed_forward(model, pix, ids, pos, mask, sb, sp)
+            main_loss = F.cross_entropy(logits, st)
+        aw = aux_weight(step, cfg, steps, p2)
+        gw = 1.0 if (not phase1 or ema.get("global_on")) else cfg.get("p1_global_w", 1.0)
+        aux_loss = aux.loss(img_tok, labs, gw)
         loss = main_loss + aw * aux_loss
+        am = aux_metrics(aux, img_tok.detach(), labs) if (step % 50 == 0 or (phase1 and step % 10 == 0)) else None
+        if phase1 and am is not None:  # deterministic (training-batch) accuracy, measured before the update
+            for k, v in am.items():
+                ema[k] = v if k not in ema else 0.8 * ema[k] + 0.2 * v
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
@@ -539,15 +644,27 @@ def main(argv=None):
                      data_s=round(t_data, 3), seq_len=ids.shape[1], wall_s=round(wall, 1)))
             loss_acc, aux_acc, n_acc = 0.0, 0.0, 0
             t_log = time.time()
+        if am is not None and (step - 1) % 50 == 0:
+            log(dict(event="aux_acc", step=step - 1, **am, **({"ema_shape": round(ema["a_shape"], 3)} if ema else {})))
+        if phase1 and am is not None and not ema.get("global_on") and (
+                cfg.get("p1_global_w", 1.0) >= 1.0 or (step >= 100 and ema["a_shape"] >= cfg["p1_local_exit"])):
+            ema["global_on"] = step  # local targets learned: switch on rank / global targets
+            log(dict(event="global_on", step=step))
+        if phase1 and am is not None and (step >= cfg["vision_steps"] or (
+                step >= 100 and ema.get("global_on") and
+                min(ema["a_shape"], ema["a_rank"], ema["a_n_total"]) >= cfg["vis_exit_acc"])):
+            p2 = step
+            log(dict(event="phase2", step=step, wall_s=round(wall, 1), **{k: round(v, 3) for k, v in ema.items()}))
         if args.bench:
             continue
-        if step % cfg["eval_every"] == 0 or step == steps:
+        done = p2 is not None and step >= p2 + steps
+        if (step % cfg["eval_every"] == 0 and not phase1) or done:
             te = time.time()
             last_eval = evalset.run(model)
             eval_step = step
             log(dict(event="eval", step=step, wall_s=round(wall, 1), eval_s=round(time.time() - te, 1), **last_eval))
             t_log += time.time() - te
-        if time.time() - last_ckpt > cfg["ckpt_minutes"] * 60 or step == steps:
+        if time.time() - last_ckpt > cfg["ckpt_minutes"] * 60 or done:
             tc = time.time()
             checkpoint()
             last_ckpt = time.time()
