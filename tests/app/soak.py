@@ -244,11 +244,17 @@ def resolve_model(model: str | None, workdir: Path) -> tuple[str, bool]:
     return str(snapshot), source.resolve() == DEMO_MODEL.resolve()
 
 
-async def drive(base_url: str, specs: list[Spec], concurrency: int, pid: int) -> tuple[list[Outcome], int]:
-    """Send the specs with at most `concurrency` in flight; returns outcomes and peak RSS."""
+async def drive(
+    base_url: str, specs: list[Spec], concurrency: int, pid: int
+) -> tuple[list[Outcome], int, list[tuple[int, int]]]:
+    """Send the specs with at most `concurrency` in flight; returns the outcomes, the peak RSS and
+    (requests completed, RSS) at every tenth of the run."""
     semaphore = asyncio.Semaphore(concurrency)
     peak = rss_bytes(pid)
     running = True
+    completed = 0
+    series: list[tuple[int, int]] = []
+    every = max(1, len(specs) // 10)
 
     async def sample() -> None:
         nonlocal peak
@@ -260,8 +266,13 @@ async def drive(base_url: str, specs: list[Spec], concurrency: int, pid: int) ->
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
 
         async def bounded(spec: Spec) -> Outcome:
+            nonlocal completed
             async with semaphore:
-                return await run_one(http, spec)
+                outcome = await run_one(http, spec)
+            completed += 1
+            if completed % every == 0:
+                series.append((completed, rss_bytes(pid)))
+            return outcome
 
         sampler = asyncio.create_task(sample())
         try:
@@ -269,7 +280,7 @@ async def drive(base_url: str, specs: list[Spec], concurrency: int, pid: int) ->
         finally:
             running = False
             await sampler
-    return outcomes, peak
+    return outcomes, peak, series
 
 
 def run_soak(
@@ -310,11 +321,11 @@ def run_soak(
                 raise RuntimeError(f"the server did not become ready:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
         rss_ready = rss_bytes(server.pid)
-        warm, _ = asyncio.run(drive(base_url, warmup_specs, concurrency, server.pid))
+        warm, _, _ = asyncio.run(drive(base_url, warmup_specs, concurrency, server.pid))
         before_metrics = scrape(base_url)
         rss_before = rss_bytes(server.pid)
         started = time.monotonic()
-        outcomes, rss_peak = asyncio.run(drive(base_url, specs, concurrency, server.pid))
+        outcomes, rss_peak, rss_series = asyncio.run(drive(base_url, specs, concurrency, server.pid))
         duration = time.monotonic() - started
         time.sleep(0.5)  # the engine thread publishes its last stats after the final events
         idle = scrape(base_url)
@@ -358,6 +369,7 @@ def run_soak(
         "rss_mb": {"ready": round(rss_ready / mib, 1), "before": round(rss_before / mib, 1),
                    "peak": round(rss_peak / mib, 1), "after": round(rss_after / mib, 1)},  # fmt: skip
         "rss_growth_mb": round(growth_mb, 1),
+        "rss_series_mb": [(n, round(rss / mib, 1)) for n, rss in rss_series],
         "max_rss_growth_mb": max_rss_growth_mb,
         "idle_gauges": idle_gauges,
         "server_exit_code": exit_code,
