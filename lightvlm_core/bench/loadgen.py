@@ -144,11 +144,7 @@ def http_target(client: httpx.AsyncClient, body_for: Callable[[int], dict[str, A
                     await response.aread()
                     record.error = f"HTTP {response.status_code}: {response.text[:200]}"
                     return record
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    if _on_sse_data(record, line[6:], time.perf_counter()):
-                        break
+                await _read_sse(response, record)
             if record.finish_reason is None and record.error is None:
                 record.error = "stream ended without a done event"
         except httpx.HTTPError as exc:
@@ -160,10 +156,26 @@ def http_target(client: httpx.AsyncClient, body_for: Callable[[int], dict[str, A
     return send
 
 
-def _on_sse_data(record: RequestRecord, data: str, now: float) -> bool:
+async def _read_sse(response: httpx.Response, record: RequestRecord) -> bool:
+    """Record the events of an SSE body as they arrive; True once `[DONE]` was read. Parses bytes
+    (no text decoding or line splitting): the client shares the machine with the server."""
+    pending = b""
+    async for chunk in response.aiter_bytes():
+        now = time.perf_counter()
+        *events, pending = (pending + chunk).split(b"\n\n")
+        for event in events:
+            if event.startswith(b"data: ") and _on_sse_data(record, event[6:], now):
+                return True
+    return False
+
+
+def _on_sse_data(record: RequestRecord, data: bytes, now: float) -> bool:
     """Record one `data:` payload; True once the stream is over."""
-    if data == "[DONE]":
+    if data == b"[DONE]":
         return True
+    if data.startswith(b'{"type":"token"'):  # the hot path: no JSON parsing
+        record.token_times.append(now)
+        return False
     event = json.loads(data)
     kind = event.get("type")
     if kind == "token":

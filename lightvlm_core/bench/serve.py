@@ -2,17 +2,21 @@
 
 One run builds the profile's model once, wraps it in one `Engine`, serves it with the real app
 (uvicorn on a free loopback port, in a background thread) and drives it with the load generator
-of `loadgen.py`. Presets are chosen per request (the `acceleration` field), so every preset runs
-on the same model, server and scheduler. Rows:
+of `loadgen.py`, whose HTTP client runs in a child process (as real clients would: in this
+process it would take the GIL from the engine thread). Presets are chosen per request (the
+`acceleration` field), so every preset runs on the same model, server and scheduler. Rows:
 
 - `closed`: C concurrent clients (closed loop) for each C in the workload, per preset;
 - `open`: Poisson arrivals at each rate, per preset (queueing shows up in TTFT);
 - `compare`: what users would otherwise run on the same model, prompts and images: plain
   `transformers` `generate()` one request at a time and as one left-padded batch, next to
-  `Engine.generate` on the same batch with acceleration off and on (no service);
+  the engine's own batched loop (`Engine.generate`'s) on the same batch with acceleration off
+  and on (no scheduler, no HTTP); `matches_transformers` is the share of greedy outputs equal
+  to plain `transformers`';
 - `overhead`: the same closed-loop load through the scheduler in-process (submit and iterate the
-  events, no HTTP) and over HTTP + SSE, interleaved; `overhead_pct` is the throughput lost to
-  the HTTP layer.
+  events, no HTTP) and over HTTP + SSE, in interleaved pairs; `overhead_pct` is the throughput
+  lost to the HTTP layer and `overhead_cpu_pct` the CPU time it adds to this process (server and
+  engine), each the median over the pairs. On a shared machine the CPU figure is the steadier.
 
 `speedup_vs_none` is the output tokens/s ratio against preset `none` at the same load (for
 `compare` rows: against `engine-none`; for `overhead` rows: against closed-loop `none` at that
@@ -30,7 +34,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import httpx
@@ -87,6 +91,8 @@ def run(profile_name: str, quiet: bool = False, *, loaded: LoadedModel | None = 
     bench = _Bench(Engine(loaded), workload, image or Image.new("RGB", (64, 48), (120, 160, 200)))
     jobs = bench.jobs()
     rows: list[dict] = []
+    if workload.compare:
+        bench.warm_up()  # the first runs of a model in a process are slow; the service warms itself up
     with contextlib.ExitStack() as stack:
         for job in progress(jobs, len(jobs), "serve", quiet):
             if job.needs_server and bench.url is None:
@@ -201,9 +207,10 @@ class _Bench:
         name = "transformers-sequential" if batch == 1 else "transformers-batched"
         return _row(result, "compare", name, "none", concurrency=batch)
 
-    def _hf_generate(self, num_requests: int, batch: int) -> tuple[loadgen.LoadResult, list[list[int]]]:
+    def _hf_generate(self, num_requests: int, batch: int, max_new_tokens: int | None = None
+                     ) -> tuple[loadgen.LoadResult, list[list[int]]]:
         loaded = self.engine.loaded
-        model, processor, n = loaded.model, loaded.processor, self.w.max_new_tokens
+        model, processor, n = loaded.model, loaded.processor, max_new_tokens or self.w.max_new_tokens
         config = copy.deepcopy(model.generation_config)
         config.update(do_sample=False, max_new_tokens=n, min_new_tokens=None, eos_token_id=None,
                       pad_token_id=processor.tokenizer.pad_token_id)  # eos off: same as ignore_eos
@@ -226,25 +233,43 @@ class _Bench:
                 token_ids.append(new[row].tolist())
         return loadgen.LoadResult(records, time.perf_counter() - start), token_ids
 
+    def warm_up(self) -> None:
+        tokenizer = self.engine.loaded.processor.tokenizer
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            with torch.inference_mode():
+                self._hf_generate(1, 1, max_new_tokens=2)
+        finally:
+            tokenizer.padding_side = side
+        self.engine.generate([replace(self.request(0, p), sampling=SamplingParams(max_new_tokens=2))
+                              for p in ("none", "aggressive")])
+
     def engine_batch(self, batch: int, preset: str) -> dict:
-        """`Engine.generate` on the whole batch at once, in-process (no scheduler, no HTTP)."""
-        requests = [self.request(i, preset) for i in range(batch)]
-        start = time.perf_counter()
-        results = self.engine.generate(requests)
-        sync(self.engine.device)
-        end = time.perf_counter()
-        # per-token times are not observable here: spread the decode time evenly after the first token
-        records = []
-        for i, r in enumerate(results):
-            first = start + (r.timings.ttft_ms / 1e3 if r.timings.ttft_ms else 0.0)
-            gap = (end - first) / max(len(r.token_ids) - 1, 1)
-            times = [first + k * gap for k in range(len(r.token_ids))]
-            records.append(loadgen.RequestRecord(i, start, times, end, r.finish_reason))
-        row = _row(loadgen.LoadResult(records, end - start), "compare", f"engine-{preset}", preset,
-                   concurrency=batch)
+        """The loop of `Engine.generate` on the whole batch, timestamped (no scheduler, no HTTP)."""
+        engine, start = self.engine, time.perf_counter()
+        prepared = [engine.prepare(self.request(i, preset)) for i in range(batch)]
+        row_of = {p.request_id: i for i, p in enumerate(prepared)}
+        records = [loadgen.RequestRecord(i, start) for i in range(batch)]
+        token_ids: list[list[int]] = [[] for _ in range(batch)]
+        outputs = engine.add(prepared)
+        while True:
+            sync(engine.device)
+            now = time.perf_counter()
+            for out in outputs:
+                i = row_of[out.request_id]
+                if out.token is not None:
+                    records[i].token_times.append(now)
+                    token_ids[i].append(out.token.token_id)
+                if out.done is not None:
+                    records[i].finish_reason, records[i].end = out.done.finish_reason, now
+            if not engine.num_running:
+                break
+            outputs = engine.step()
+        result = loadgen.LoadResult(records, time.perf_counter() - start)
+        row = _row(result, "compare", f"engine-{preset}", preset, concurrency=batch)
         hf = getattr(self, "_hf_tokens", None)
-        if preset == "none" and hf is not None:
-            row["matches_transformers"] = round(sum(a == r.token_ids for a, r in zip(hf, results)) / batch, 3)
+        if preset == "none" and hf is not None:  # greedy parity with plain transformers
+            row["matches_transformers"] = round(sum(a == b for a, b in zip(hf, token_ids)) / batch, 3)
         return row
 
 
@@ -351,7 +376,7 @@ def _merge_repeats(rows: list[dict]) -> list[dict]:
             merged.append(runs[0])
             continue
         row = dict(runs[0], runs=len(runs), errors=sum(r["errors"] for r in runs),
-                   **{k: statistics.median(r[k] for r in runs) for k in _MEDIANS if k in runs[0]})
+                   **{k: round(statistics.median(r[k] for r in runs), 3) for k in _MEDIANS if k in runs[0]})
         for k in ("output_tokens_per_s", "cpu_s"):
             if k in runs[0]:
                 row[f"runs_{k}"] = [r[k] for r in runs]
