@@ -6,9 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from lightvlm_core.types import MIN_KV_BUDGET, MIN_TEMPERATURE, MIN_TOP_P
+
 PresetName = Literal["none", "light", "balanced", "aggressive", "fastv", "random"]
-MIN_KV_BUDGET = 16
-"""Smallest decode-time KV budget (entries per layer) a request may ask for; 0 turns it off."""
 
 
 def _utf8_only(value: str) -> str:
@@ -27,8 +27,6 @@ Text = Annotated[str, AfterValidator(_utf8_only)]
 # Sampling below these is numerically meaningless (logits / 1e-300 overflow; a top_p under float32's
 # smallest value rounds to 0 and drops every token) and used to fail the whole decode batch:
 # a temperature that small means greedy, and top_p keeps at least the most likely token.
-MIN_TEMPERATURE = 1e-5
-MIN_TOP_P = 1e-6
 Temperature = Annotated[float, Field(ge=0, le=2), AfterValidator(lambda t: 0.0 if t < MIN_TEMPERATURE else t)]
 TopP = Annotated[float, Field(gt=0, le=1), AfterValidator(lambda p: max(p, MIN_TOP_P))]
 

@@ -35,6 +35,7 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+        drop[0] = False  # a top_p that underflows float32 must still keep the most likely token
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=gen))

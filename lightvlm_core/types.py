@@ -14,6 +14,9 @@ from typing import Literal
 from PIL import Image
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+MIN_TEMPERATURE = 1e-5  # below: greedy (logits / temperature would overflow)
+MIN_TOP_P = 1e-6  # below: rounds to 0 in float32
+MIN_KV_BUDGET = 16  # below: sinks + recent window + compaction interval leave nothing to rank
 
 
 @dataclass
@@ -43,7 +46,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # logits / a temperature this small overflow: it means greedy
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from lightvlm_core.errors import InvalidRequestError
-from lightvlm_core.types import AccelerationConfig
+from lightvlm_core.types import MIN_KV_BUDGET, AccelerationConfig
 
 Stages = tuple[tuple[float, float], ...]
 
@@ -48,8 +48,8 @@ def resolve_acceleration(accel: AccelerationConfig) -> AccelerationConfig:
         raise InvalidRequestError(f"unknown preset {accel.preset!r}; choose one of {', '.join(PRESETS)}")
     if accel.keep_ratio is not None and not 0 < accel.keep_ratio <= 1:
         raise InvalidRequestError(f"keep_ratio must be in (0, 1], got {accel.keep_ratio}")
-    if accel.kv_budget is not None and accel.kv_budget < 0:
-        raise InvalidRequestError(f"kv_budget must be >= 0, got {accel.kv_budget}")
+    if accel.kv_budget is not None and (accel.kv_budget < 0 or 0 < accel.kv_budget < MIN_KV_BUDGET):
+        raise InvalidRequestError(f"kv_budget must be 0 (off) or at least {MIN_KV_BUDGET}, got {accel.kv_budget}")
     if accel.schedule is not None:
         _check_stages(tuple(tuple(s) for s in accel.schedule))
     budget = accel.kv_budget if accel.kv_budget is not None else PRESET_KV_BUDGET[accel.preset]

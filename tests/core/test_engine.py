@@ -186,3 +186,18 @@ def test_stop_string_ends_generation_with_the_text_cut(engine):
     result = engine.generate([GenerationRequest("Tell me a story about a cat.", [], params)])[0]
     assert result.finish_reason == "stop"
     assert result.text == free[: free.index(stop)]
+
+
+def test_numerically_degenerate_sampling_is_safe(engine):
+    greedy = run(engine, "Tell me a story", n=6).token_ids
+    tiny_t = SamplingParams(max_new_tokens=6, temperature=1e-300, seed=1)
+    assert engine.generate([GenerationRequest("Tell me a story", [], tiny_t)])[0].token_ids == greedy
+    tiny_p = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=5e-324, seed=1)
+    assert engine.generate([GenerationRequest("Tell me a story", [], tiny_p)])[0].token_ids == greedy
+
+
+def test_kv_budget_below_the_minimum_is_refused(engine):
+    for budget in (1, 2, 15):
+        with pytest.raises(InvalidRequestError):
+            engine.prepare(GenerationRequest("hi", acceleration=AccelerationConfig(kv_budget=budget)))
+    run(engine, "hi", n=20, kv_budget=16)  # the smallest allowed budget works
