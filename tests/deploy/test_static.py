@@ -667,3 +667,15 @@ def test_contract_matches_architecture_doc():
                 name = name[: -len("_total")]
             table[name] = kind
     assert table == CONTRACT_METRICS
+
+
+def test_compose_gives_the_service_time_to_drain_on_stop():
+    """Docker's stop timeout must outlast the service's own shutdown grace period."""
+    from app.settings import Settings
+
+    grace = Settings().shutdown_grace_s
+    for path, name in ((COMPOSE, "lightvlm"), (COMPOSE_CPU, "lightvlm-cpu")):
+        service = load_yaml(path)["services"][name]
+        assert service["stop_grace_period"].endswith("s")
+        assert float(service["stop_grace_period"][:-1]) > grace
+        assert any(str(e).startswith("LIGHTVLM_SHUTDOWN_GRACE_S") for e in service["environment"])
