@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,25 +21,9 @@ from app.settings import Settings, get_settings
 
 MakeClient = Callable[..., tuple[TestClient, FakeEngine]]
 
-CONTRACT_METRICS = {
-    "lightvlm_prefill_seconds": "histogram",
-    "lightvlm_time_to_first_token_seconds": "histogram",
-    "lightvlm_inter_token_latency_seconds": "histogram",
-    "lightvlm_e2e_request_latency_seconds": "histogram",
-    "lightvlm_queue_time_seconds": "histogram",
-    "lightvlm_kv_cache_bytes": "gauge",
-    "lightvlm_kv_cache_tokens": "gauge",
-    "lightvlm_kv_cache_evicted_tokens": "counter",
-    "lightvlm_image_tokens": "counter",
-    "lightvlm_requests_running": "gauge",
-    "lightvlm_requests_waiting": "gauge",
-    "lightvlm_batch_size": "histogram",
-    "lightvlm_prompt_tokens": "counter",
-    "lightvlm_generation_tokens": "counter",
-    "lightvlm_requests": "counter",
-    "lightvlm_requests_rejected": "counter",
-    "lightvlm_model_info": "gauge",
-}
+# The metric contract lives beside the dashboard checks (tests/deploy/promql.py): one copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+from promql import CONTRACT_METRICS  # noqa: E402
 
 
 def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
