@@ -25,15 +25,15 @@ HELDOUT_SEED = 777
 
 
 def methods(presets: list[str] | None = None) -> dict[str, AccelerationConfig]:
-    """none, the LightVLM presets, and FastV / random at each preset's final kept fraction."""
+    """none, the LightVLM presets (all, or `presets`), and FastV / random at each one's final fraction."""
     out = {"none": AccelerationConfig("none")}
     for preset, stages in PYRAMIDS.items():
+        if presets and preset not in presets:
+            continue
         keep = stages[-1][1]
         out[preset] = AccelerationConfig(preset)
         out[f"fastv@{keep:g}"] = AccelerationConfig("fastv", keep_ratio=keep)
         out[f"random@{keep:g}"] = AccelerationConfig("random", keep_ratio=keep)
-    if presets:
-        out = {k: v for k, v in out.items() if k == "none" or k.split("@")[0] in presets or k in presets}
     return out
 
 
