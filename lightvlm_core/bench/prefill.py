@@ -7,7 +7,10 @@ model of METHOD.md §3 predicts from the layer-averaged kept fraction.
 
 from __future__ import annotations
 
+import gc
 import time
+
+import torch
 
 from lightvlm_core.bench.common import hardware, median, progress, sync
 from lightvlm_core.bench.profiles import PROFILES, bench_image, build, describe
@@ -30,7 +33,14 @@ def configs() -> dict[str, AccelerationConfig]:
     }
 
 
+# The paper's claim that InternVL2.5-26B with LightVLM is faster than plain InternVL2.5-8B:
+# profile name -> (bigger model run with every preset, smaller model whose `none` is the bar).
+PAIRS = {"gpu-26b-vs-8b": ("gpu-26b", "gpu-8b")}
+
+
 def run(profile_name: str, quiet: bool = False) -> dict:
+    if profile_name in PAIRS:
+        return run_pair(profile_name, quiet)
     profile = PROFILES[profile_name]
     engine = Engine(build(profile))
     image = bench_image(profile)
@@ -50,6 +60,23 @@ def run(profile_name: str, quiet: bool = False) -> dict:
                      _vision_tokens(engine, p))
     return {"profile": profile.name, "hardware": hardware(), "shape": shape,
             "results": _rows(times, usage, p.num_image_tokens, p.num_prompt_tokens)}
+
+
+def run_pair(pair_name: str, quiet: bool = False) -> dict:
+    """Both models in turn (one in memory at a time); speedups are against the smaller one's `none`."""
+    big, small = PAIRS[pair_name]
+    small_result = run(small, quiet)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    big_result = run(big, quiet)
+    bar = next(r for r in small_result["results"] if r["preset"] == "none")
+    rows = [dict(bar, model=small)]
+    for row in big_result["results"]:
+        rows.append(dict(row, model=big, speedup_vs_none=round(bar["prefill_ms_median"] / row["prefill_ms_median"], 2),
+                         speedup_vs_own_none=row["speedup_vs_none"]))
+    return {"profile": pair_name, "hardware": big_result["hardware"], "baseline": f"{small} none",
+            "shape": {small: small_result["shape"], big: big_result["shape"]}, "results": rows}
 
 
 def _prefill(engine: Engine, prepared) -> tuple[float, object]:
@@ -105,5 +132,5 @@ def _rows(times: dict[str, list[dict]], usage: dict, num_image: int, num_prompt:
     return rows
 
 
-COLUMNS = ["preset", "prefill_ms_median", "vision_ms_median", "llm_ms_median", "speedup_vs_none",
+COLUMNS = ["model", "preset", "prefill_ms_median", "vision_ms_median", "llm_ms_median", "speedup_vs_none",
            "expected_speedup", "image_tokens_kept", "kept_fraction_final", "kept_fraction_layer_avg"]

@@ -32,3 +32,13 @@ def test_decode_bench_covers_long_and_batched_cases():
     for case, batch in cases:
         assert by[(case, batch, "none")]["speedup_vs_none"] == 1.0
         assert by[(case, batch, "kv")]["peak_kv_mb"] <= by[(case, batch, "none")]["peak_kv_mb"]
+
+
+def test_model_pair_compares_every_preset_of_the_big_model_to_the_small_models_none(monkeypatch):
+    monkeypatch.setitem(prefill.PAIRS, "pair-smoke", ("ci-tiny", "ci-tiny"))
+    result = prefill.run("pair-smoke", quiet=True)
+    assert result["baseline"] == "ci-tiny none"
+    models = [r["model"] for r in result["results"]]
+    assert models[0] == "ci-tiny" and len(models) == 1 + len(prefill.configs())
+    for row in result["results"][1:]:
+        assert row["speedup_vs_none"] > 0 and "speedup_vs_own_none" in row
