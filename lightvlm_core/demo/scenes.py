@@ -27,8 +27,8 @@ never training scenes (Python seeds ``Random`` from a string via SHA-512).
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
@@ -55,8 +55,8 @@ MIN_DX_FRAC = 0.07  # minimum |centre x| difference between any two objects
 class Obj:
     shape: str
     color: str
-    box: Tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive pixel coords)
-    rgb: Tuple[int, int, int]
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive pixel coords)
+    rgb: tuple[int, int, int]
 
     @property
     def cx(self) -> float:
@@ -77,13 +77,13 @@ def _draw(d: ImageDraw.ImageDraw, o: Obj, fill) -> None:
         d.polygon([((x0 + x1) / 2.0, y0), (x0, y1), (x1, y1)], fill=fill)
 
 
-def _place(rng: random.Random, w: int, h: int, n: int) -> List[Tuple[int, int, int, int]]:
+def _place(rng: random.Random, w: int, h: int, n: int) -> list[tuple[int, int, int, int]]:
     m = min(w, h)
     lo, hi = max(6, int(round(m * SIZE_FRAC[0]))), max(7, int(round(m * SIZE_FRAC[1])))
     gap = max(2, int(round(m * GAP_FRAC)))
     min_dx = max(4.0, w * MIN_DX_FRAC)
     for _ in range(200):  # restart if rejection sampling gets stuck
-        boxes: List[Tuple[int, int, int, int]] = []
+        boxes: list[tuple[int, int, int, int]] = []
         tries = 0
         while len(boxes) < n and tries < 300:
             tries += 1
@@ -107,7 +107,7 @@ def _place(rng: random.Random, w: int, h: int, n: int) -> List[Tuple[int, int, i
     raise RuntimeError("could not place objects")  # pragma: no cover
 
 
-def make_scene(rng: random.Random, size=MODEL_SIZE, n_objects: Optional[int] = None, with_labels: bool = False):
+def make_scene(rng: random.Random, size=MODEL_SIZE, n_objects: int | None = None, with_labels: bool = False):
     """Draw a scene.  ``size`` is an int (square) or a (width, height) tuple.
 
     Returns ``(image, objs)`` with ``objs`` sorted left to right by centre x, or
@@ -198,7 +198,7 @@ def askable_args(objs: Sequence[Obj], qtype: str) -> list:
     raise ValueError(qtype)
 
 
-def sample_question(rng: random.Random, objs: Sequence[Obj], qtype: str, want: Optional[str] = None):
+def sample_question(rng: random.Random, objs: Sequence[Obj], qtype: str, want: str | None = None):
     """Sample one question of ``qtype``; returns ``(question, answer)`` or None if not askable.
 
     ``exist`` questions are yes/no balanced (``want`` forces one); "no" questions
@@ -220,6 +220,22 @@ def sample_question(rng: random.Random, objs: Sequence[Obj], qtype: str, want: O
             return None
         arg = rng.choice(args)
     return question_text(qtype, arg), answer(objs, qtype, arg)
+
+
+def parse_question(q: str):
+    """Inverse of :func:`question_text`: ``(qtype, arg)`` for a contract question, else None."""
+    w = q.strip().rstrip("?.").lower().split()
+    if w[:4] == ["what", "color", "is", "the"] and len(w) == 5 and w[4] in SHAPES:
+        return "color", w[4]
+    if w[:3] == ["what", "shape", "is"] and len(w) == 6 and w[4] in COLORS and w[5] == "object":
+        return "shape", w[4]
+    if w[:2] == ["how", "many"] and len(w) == 5 and w[2][:-1] in SHAPES and w[3:] == ["are", "there"]:
+        return "count", w[2][:-1]
+    if w[:3] == ["is", "there", "a"] and len(w) == 5 and w[3] in COLORS and w[4] in SHAPES:
+        return "exist", (w[3], w[4])
+    if w == ["describe", "the", "image"]:
+        return "describe", None
+    return None
 
 
 def normalize_answer(s: str) -> str:
@@ -253,7 +269,7 @@ def heldout_scene(seed: int, index: int, size=MODEL_SIZE):
             return rng, img, objs
 
 
-def heldout_questions(n: int, seed: int = 777, size=MODEL_SIZE) -> Iterator[Tuple[Image.Image, str, str, str]]:
+def heldout_questions(n: int, seed: int = 777, size=MODEL_SIZE) -> Iterator[tuple[Image.Image, str, str, str]]:
     """Yield ``n`` held-out ``(image, question, answer, qtype)`` tuples.
 
     Scene ``i`` (seeded ``f"heldout/{seed}/{i}"``, disjoint from training seeds)

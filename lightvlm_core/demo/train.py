@@ -32,7 +32,6 @@ import random
 import shutil
 import sys
 import time
-from typing import List
 
 import numpy as np
 import torch
@@ -42,8 +41,19 @@ from PIL import Image
 
 from . import scenes as S
 from .processor import (
-    ASSISTANT_ID, BOS_ID, CLIP_MEAN, CLIP_STD, EOS_ID, IMAGE_ID, IMAGE_SEQ_LEN, PAD_ID, PATCH_SIZE, USER_ID,
-    VOCAB, build_processor, encode_words,
+    ASSISTANT_ID,
+    BOS_ID,
+    CLIP_MEAN,
+    CLIP_STD,
+    EOS_ID,
+    IMAGE_ID,
+    IMAGE_SEQ_LEN,
+    PAD_ID,
+    PATCH_SIZE,
+    USER_ID,
+    VOCAB,
+    build_processor,
+    encode_words,
 )
 
 GRID = S.MODEL_SIZE // PATCH_SIZE  # 16
@@ -55,6 +65,7 @@ DEFAULTS = dict(
     vision_steps=1500, vis_exit_acc=0.9, p1_global_w=1.0, p1_local_exit=0.85, vis_lr=1.5e-3, vis_warmup=30,
     batch=16, lr=1e-3, warmup=60, min_lr_frac=0.05, wd=0.05,
     aux_w0=1.0, aux_w1=0.1, aux_decay_frac=0.5,
+    llm_aux_w=0.0, llm_aux_layer=3,  # LLM-side aux head: off in the shipped recipe
     pos_init="sincos", qk_init="default", qk_std=0.06,
     resize_prob=0.3, eval_every=100, ckpt_minutes=5.0, n_eval=250, eval_seed=12345,
 )
@@ -180,6 +191,63 @@ class AuxHeads(nn.Module):
         return total
 
 
+# Targets of the LLM-side auxiliary head, read at every supervised position (the
+# <|assistant|> token and the answer tokens) from the hidden state after
+# ``llm_aux_layer`` decoder layers.  Question-side targets (what is asked) and
+# image-side targets (what the image contains) are each learnable on their own, which
+# breaks the saddle where the answer depends only on their interaction.
+LLM_Q_SPEC = [("q_type", 5), ("q_color", 6), ("q_shape", 4), ("q_cs", 16)]
+LLM_I_SPEC = ([("n_circle", 5), ("n_square", 5), ("n_triangle", 5), ("n_total", 5)]
+              + [(f"color_of_{s}", 6) for s in S.SHAPES] + [(f"shape_of_{c}", 4) for c in S.COLOR_NAMES]
+              + [(f"rank{k}_color", 6) for k in range(4)] + [(f"rank{k}_shape", 4) for k in range(4)])
+
+
+def question_targets(q: str) -> dict:
+    qt, arg = S.parse_question(q)
+    c = arg if qt == "shape" else (arg[0] if qt == "exist" else None)
+    sh = arg if qt in ("color", "count") else (arg[1] if qt == "exist" else None)
+    return dict(
+        q_type=S.QTYPES.index(qt),
+        q_color=S.COLOR_NAMES.index(c) + 1 if c else 0,
+        q_shape=S.SHAPES.index(sh) + 1 if sh else 0,
+        q_cs=(S.COLOR_NAMES.index(c) * 3 + S.SHAPES.index(sh) + 1) if qt == "exist" else 0,
+    )
+
+
+def image_targets(objs) -> dict:
+    t = {}
+    for s in S.SHAPES:
+        m = [o for o in objs if o.shape == s]
+        t[f"color_of_{s}"] = S.COLOR_NAMES.index(m[0].color) + 1 if len(m) == 1 else 0
+    for c in S.COLOR_NAMES:
+        m = [o for o in objs if o.color == c]
+        t[f"shape_of_{c}"] = S.SHAPES.index(m[0].shape) + 1 if len(m) == 1 else 0
+    for k in range(4):
+        t[f"rank{k}_color"] = S.COLOR_NAMES.index(objs[k].color) + 1 if k < len(objs) else 0
+        t[f"rank{k}_shape"] = S.SHAPES.index(objs[k].shape) + 1 if k < len(objs) else 0
+    return t
+
+
+class LLMAuxHead(nn.Module):
+    """Training-only linear head on an intermediate LLM hidden state (not exported)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.lin = nn.Linear(dim, sum(c for _, c in LLM_Q_SPEC + LLM_I_SPEC) + N_PRESENCE)
+
+    def loss(self, h: torch.Tensor, qtgt: dict, itgt: dict, presence: torch.Tensor):
+        """h: (N, D) at supervised positions; qtgt[name]: (N,); itgt[name] / presence: (N, ...)."""
+        out = self.lin(h)
+        terms = []
+        o = 0
+        for name, c in LLM_Q_SPEC + LLM_I_SPEC:
+            tgt = qtgt[name] if name in qtgt else itgt[name]
+            terms.append(F.cross_entropy(out[:, o:o + c], tgt))
+            o += c
+        terms.append(F.binary_cross_entropy_with_logits(out[:, o:], presence) * 3.0)
+        return torch.stack(terms).mean()
+
+
 @torch.no_grad()
 def aux_metrics(aux: AuxHeads, tok: torch.Tensor, lab: dict) -> dict:
     """Foreground accuracy of the per-patch heads and accuracy of the global heads."""
@@ -246,7 +314,7 @@ def patch_labels(lab_img: Image.Image, objs) -> dict:
     )
 
 
-def train_questions(rng: random.Random, objs) -> List[tuple]:
+def train_questions(rng: random.Random, objs) -> list[tuple]:
     """~8 questions per training image covering all five types."""
     qs = [S.sample_question(rng, objs, "describe")]
     for s in S.SHAPES:
@@ -270,7 +338,9 @@ def make_train_example(seed: int, step: int, index: int, resize_prob: float):
     rng = S.train_rng(seed, step, index)
     size = random_render_size(rng) if rng.random() < resize_prob else S.MODEL_SIZE
     img, objs, lab = S.make_scene(rng, size, with_labels=True)
-    return to_pixels(img), patch_labels(lab, objs), train_questions(rng, objs)
+    labels = patch_labels(lab, objs)
+    labels.update(image_targets(objs))
+    return to_pixels(img), labels, train_questions(rng, objs)
 
 
 def segment(q: str, a: str):
@@ -280,7 +350,7 @@ def segment(q: str, a: str):
     return qi + [ASSISTANT_ID] + ai + [EOS_ID], len(qi)
 
 
-def pack(examples_qas: List[List[tuple]]):
+def pack(examples_qas: list[list[tuple]]):
     """Pack per-image question lists into shared-prefix sequences.
 
     Returns input ids (B, L), position ids, 4D bool mask (B, 1, L, L), and the
@@ -329,7 +399,7 @@ def pack(examples_qas: List[List[tuple]]):
             torch.tensor(sup_seg), seg_counter)
 
 
-def collate_labels(labs: List[dict]) -> dict:
+def collate_labels(labs: list[dict]) -> dict:
     out = {}
     for k in labs[0]:
         out[k] = torch.as_tensor(np.stack([np.asarray(l[k]) for l in labs]))
@@ -338,17 +408,21 @@ def collate_labels(labs: List[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- forward
 
-def packed_forward(model, pixel_values, ids, pos, mask, sup_b, sup_p):
-    """Returns (logits at supervised positions, projected image tokens)."""
+def packed_forward(model, pixel_values, ids, pos, mask, sup_b, sup_p, mid_layer=None):
+    """Returns (logits at supervised positions, projected image tokens[, hidden state at
+    the supervised positions after ``mid_layer`` decoder layers])."""
     inner = model.model
     vis = inner.vision_tower(pixel_values)
     feats = vis.last_hidden_state[:, 1:]  # == hidden_states[-1][:, 1:] (vision_feature_layer=-1, "default")
     img_tok = inner.multi_modal_projector(feats)
     emb = inner.language_model.embed_tokens(ids)
     emb = torch.cat([emb[:, :2], img_tok.to(emb.dtype), emb[:, PREFIX_LEN:]], 1)
-    h = inner.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
-    logits = model.lm_head(h[sup_b, sup_p])
-    return logits, img_tok
+    out = inner.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                               output_hidden_states=mid_layer is not None)
+    logits = model.lm_head(out.last_hidden_state[sup_b, sup_p])
+    if mid_layer is None:
+        return logits, img_tok
+    return logits, img_tok, out.hidden_states[mid_layer][sup_b, sup_p]
 
 
 def segment_exact_match(logits, sup_t, sup_seg, n_seg):
@@ -536,13 +610,20 @@ def main(argv=None):
     state = None
     if args.resume and os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        cfg = state["cfg"]
+        cfg = dict(state["cfg"])
+        for key in ("llm_aux_w", "llm_aux_layer"):  # recipe keys added later: off for old runs
+            cfg.setdefault(key, 0.0 if key == "llm_aux_w" else DEFAULTS[key])
+        for kv in args.set:
+            k, v = kv.split("=", 1)
+            cfg[k] = type(DEFAULTS[k])(v)
         args.seed = state["seed"]
     torch.manual_seed(args.seed)
     model = build_model(cfg)
     aux = AuxHeads(cfg["txt_hidden"])
+    llm_aux = LLMAuxHead(cfg["txt_hidden"])
     model.train()
     opt = make_optimizer(model, aux, cfg)
+    opt_llm_aux = torch.optim.AdamW(llm_aux.parameters(), lr=cfg["lr"], betas=(0.9, 0.98), weight_decay=0.0)
     step = 0
     wall = 0.0
     last_eval = None
@@ -551,6 +632,9 @@ def main(argv=None):
         model.load_state_dict(state["model"])
         aux.load_state_dict(state["aux"])
         opt.load_state_dict(state["opt"])
+        if "llm_aux" in state:
+            llm_aux.load_state_dict(state["llm_aux"])
+            opt_llm_aux.load_state_dict(state["opt_llm_aux"])
         step = state["step"]
         wall = state["wall_s"]
         last_eval, eval_step = state.get("last_eval"), state.get("eval_step")
@@ -581,7 +665,8 @@ def main(argv=None):
 
     def checkpoint():
         tmp = ckpt_path + ".tmp"
-        torch.save(dict(model=model.state_dict(), aux=aux.state_dict(), opt=opt.state_dict(), step=step,
+        torch.save(dict(model=model.state_dict(), aux=aux.state_dict(), opt=opt.state_dict(),
+                        llm_aux=llm_aux.state_dict(), opt_llm_aux=opt_llm_aux.state_dict(), step=step,
                         steps=steps, wall_s=wall, cfg=cfg, seed=args.seed, p2=p2, ema=ema, torch_rng=torch.get_rng_state(),
                         last_eval=last_eval, eval_step=eval_step), tmp)
         os.replace(tmp, ckpt_path)
@@ -596,7 +681,7 @@ def main(argv=None):
     n_done = 0
     last_ckpt = time.time()
     t_log = time.time()
-    loss_acc, aux_acc, n_acc = 0.0, 0.0, 0
+    loss_acc, aux_acc, n_acc, llm_aux_acc = 0.0, 0.0, 0, 0.0
     while True:
         if args.bench and n_done >= args.bench:
             break
@@ -610,7 +695,7 @@ def main(argv=None):
         ids, pos, mask, sb, sp, st, sseg, nseg = pack([e[2] for e in exs])
         t_data = time.time() - t0
         lr = lr_at(step, cfg, steps, p2)
-        for g in opt.param_groups:
+        for g in opt.param_groups + opt_llm_aux.param_groups:
             g["lr"] = lr
         phase1 = p2 is None
         if phase1:
@@ -618,20 +703,33 @@ def main(argv=None):
             img_tok = model.model.multi_modal_projector(feats)
             main_loss = torch.zeros(())
         else:
-            logits, img_tok = packed_forward(model, pix, ids, pos, mask, sb, sp)
+            use_llm_aux = cfg["llm_aux_w"] > 0
+            res = packed_forward(model, pix, ids, pos, mask, sb, sp,
+                                 mid_layer=cfg["llm_aux_layer"] if use_llm_aux else None)
+            logits, img_tok = res[0], res[1]
             main_loss = F.cross_entropy(logits, st)
+            if use_llm_aux:
+                seg_q = [question_targets(q) for e in exs for q, _ in e[2]]
+                qt_t = {k: torch.tensor([seg_q[j][k] for j in sseg.tolist()]) for k, _ in LLM_Q_SPEC}
+                it_t = {k: labs[k][sb] for k, _ in LLM_I_SPEC}
+                llm_aux_loss = llm_aux.loss(res[2], qt_t, it_t, labs["presence"][sb])
+                main_loss_for_grad = main_loss + cfg["llm_aux_w"] * llm_aux_loss
+                llm_aux_acc += llm_aux_loss.item()
         aw = aux_weight(step, cfg, steps, p2)
         gw = 1.0 if (not phase1 or ema.get("global_on")) else cfg.get("p1_global_w", 1.0)
         aux_loss = aux.loss(img_tok, labs, gw)
-        loss = main_loss + aw * aux_loss
+        loss = (main_loss_for_grad if (not phase1 and cfg["llm_aux_w"] > 0) else main_loss) + aw * aux_loss
         am = aux_metrics(aux, img_tok.detach(), labs) if (step % 50 == 0 or (phase1 and step % 10 == 0)) else None
         if phase1 and am is not None:  # deterministic (training-batch) accuracy, measured before the update
             for k, v in am.items():
                 ema[k] = v if k not in ema else 0.8 * ema[k] + 0.2 * v
         opt.zero_grad(set_to_none=True)
+        opt_llm_aux.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
         opt.step()
+        if not phase1 and cfg["llm_aux_w"] > 0:
+            opt_llm_aux.step()
         step += 1
         dt = time.time() - t0
         wall += dt
@@ -640,9 +738,10 @@ def main(argv=None):
         n_acc += 1
         if args.bench or step % 10 == 0:
             log(dict(step=step, loss=round(loss_acc / n_acc, 4), aux=round(aux_acc / n_acc, 4), aux_w=round(aw, 3),
+                     llm_aux=round(llm_aux_acc / n_acc, 4),
                      lr=round(lr, 6), gnorm=round(float(gn), 3), s_per_step=round((time.time() - t_log) / n_acc, 3),
                      data_s=round(t_data, 3), seq_len=ids.shape[1], wall_s=round(wall, 1)))
-            loss_acc, aux_acc, n_acc = 0.0, 0.0, 0
+            loss_acc, aux_acc, n_acc, llm_aux_acc = 0.0, 0.0, 0, 0.0
             t_log = time.time()
         if am is not None and (step - 1) % 50 == 0:
             log(dict(event="aux_acc", step=step - 1, **am, **({"ema_shape": round(ema["a_shape"], 3)} if ema else {})))

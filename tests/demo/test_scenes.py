@@ -121,3 +121,11 @@ def test_heldout_questions():
     assert S.heldout_rng(0, 3).random() != S.train_rng(0, 0, 3).random()
     sized = list(S.heldout_questions(5, seed=777, size=(200, 150)))
     assert sized[0][0].size == (200, 150)
+
+
+def test_parse_question_round_trip():
+    for qt in S.QTYPES:
+        args = S.askable_args([], qt) or (S.SHAPES if qt == "color" else S.COLOR_NAMES)
+        for a in args:
+            assert S.parse_question(S.question_text(qt, a)) == (qt, a)
+    assert S.parse_question("What is this?") is None
