@@ -505,7 +505,8 @@ def training_md(info: dict) -> str:
         "Tiny LLaVA (CLIP vision 112 px / patch 7 -> 256 image tokens, Llama text) trained from scratch on",
         "synthetic shapes scenes (`lightvlm_core/demo/scenes.py`).",
         "",
-        f"- command: `{info.get('command')}`",
+        "- command(s), in order (the run was resumed from its checkpoint after each):",
+        *[f"  - `{c}`" for c in (info.get("history") or [info.get("command")])],
         f"- seed: {info.get('seed')}, threads: {info.get('threads')}",
         f"- phase 1 (vision tower + auxiliary heads only): {info.get('p2') if info.get('p2') is not None else info.get('step')} steps",
         f"- full-model steps: {max(0, info.get('step', 0) - (info.get('p2') if info.get('p2') is not None else info.get('step', 0)))} / {info.get('steps')}"
@@ -673,10 +674,18 @@ def main(argv=None):
         export(model, args.export, dict(info, step=step, steps=steps, p2=p2, wall_s=wall, last_eval=last_eval,
                                         eval_step=eval_step))
 
+    if not args.bench:
+        hist_path = os.path.join(args.out, "commands.txt")
+        if state is None and os.path.exists(hist_path):
+            os.remove(hist_path)
+        with open(hist_path, "a") as f:
+            f.write(info["command"] + "\n")
+        with open(hist_path) as f:
+            info["history"] = [l.strip() for l in f if l.strip()]
     if state is None and not args.bench:
         log(dict(event="start", cfg=cfg, params=n_params, **{k: info[k] for k in ("seed", "threads", "steps")}))
     elif not args.bench:
-        log(dict(event="resume", step=step))
+        log(dict(event="resume", step=step, command=info["command"], cfg=cfg))
 
     n_done = 0
     last_ckpt = time.time()
@@ -770,6 +779,8 @@ def main(argv=None):
             log(dict(event="checkpoint", step=step, ckpt_s=round(time.time() - tc, 1)))
             t_log += time.time() - tc
     if not args.bench:
+        if n_done == 0:  # nothing left to train (e.g. --resume of a finished run): refresh the export
+            checkpoint()
         log(dict(event="done", step=step, wall_s=round(wall, 1), last_eval=last_eval))
 
 
