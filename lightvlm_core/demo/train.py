@@ -475,6 +475,8 @@ def export(model, out_dir: str, info: dict) -> None:
     build_processor().save_pretrained(tmp)
     with open(os.path.join(tmp, "TRAINING.md"), "w") as f:
         f.write(training_md(info))
+    for name in os.listdir(tmp):  # safetensors writes 0600 files
+        os.chmod(os.path.join(tmp, name), 0o644)
     if os.path.isdir(out_dir):
         old = out_dir.rstrip("/") + ".old"
         shutil.rmtree(old, ignore_errors=True)
