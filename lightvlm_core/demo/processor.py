@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import List
-
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
@@ -78,7 +76,7 @@ def build_processor() -> LlavaProcessor:
 _WORD_TO_ID = {w: i for i, w in enumerate(VOCAB)}
 
 
-def encode_words(text: str) -> List[int]:
+def encode_words(text: str) -> list[int]:
     """Fast pure-python encoding equal to the tokenizer's for in-vocabulary text."""
     out = []
     for w in text.lower().replace("?", " ?").replace(".", " .").replace(",", " ,").split():
@@ -86,7 +84,7 @@ def encode_words(text: str) -> List[int]:
     return out
 
 
-def prompt_ids(question: str) -> List[int]:
+def prompt_ids(question: str) -> list[int]:
     """Ids of the generation prompt, as the processor builds them (image expanded)."""
     return [BOS_ID, USER_ID] + [IMAGE_ID] * IMAGE_SEQ_LEN + encode_words(question) + [ASSISTANT_ID]
 

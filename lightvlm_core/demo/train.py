@@ -65,7 +65,7 @@ DEFAULTS = dict(
     vision_steps=1500, vis_exit_acc=0.9, p1_global_w=1.0, p1_local_exit=0.85, vis_lr=1.5e-3, vis_warmup=30,
     batch=16, lr=1e-3, warmup=60, min_lr_frac=0.05, wd=0.05,
     aux_w0=1.0, aux_w1=0.1, aux_decay_frac=0.5,
-    llm_aux_w=0.0, llm_aux_layer=3,  # LLM-side aux head: off in the shipped recipe
+    llm_aux_w=0.0, llm_aux_layer=3, extra_qa=0,  # LLM-side aux head: off in the shipped recipe
     pos_init="sincos", qk_init="default", qk_std=0.06,
     resize_prob=0.3, eval_every=100, ckpt_minutes=5.0, n_eval=250, eval_seed=12345,
 )
@@ -314,8 +314,10 @@ def patch_labels(lab_img: Image.Image, objs) -> dict:
     )
 
 
-def train_questions(rng: random.Random, objs) -> list[tuple]:
-    """~8 questions per training image covering all five types."""
+def train_questions(rng: random.Random, objs, extra: int = 0) -> list[tuple]:
+    """~8 questions per training image covering all five types, plus ``extra`` rounds of
+    extra question-conditioned lookups (exist yes + no, color, shape); the extra ones are
+    drawn after the standard ones, so the standard questions do not change."""
     qs = [S.sample_question(rng, objs, "describe")]
     for s in S.SHAPES:
         qs.append((S.question_text("count", s), S.answer(objs, "count", s)))
@@ -325,6 +327,13 @@ def train_questions(rng: random.Random, objs) -> list[tuple]:
         qa = S.sample_question(rng, objs, qt)
         if qa is not None:
             qs.append(qa)
+    for _ in range(extra):
+        qs.append(S.sample_question(rng, objs, "exist", want="yes"))
+        qs.append(S.sample_question(rng, objs, "exist", want="no"))
+        for qt in ("color", "shape"):
+            qa = S.sample_question(rng, objs, qt)
+            if qa is not None and qa not in qs:
+                qs.append(qa)
     return qs
 
 
@@ -334,13 +343,13 @@ def random_render_size(rng: random.Random):
     return (w, max(64, min(400, h)))
 
 
-def make_train_example(seed: int, step: int, index: int, resize_prob: float):
+def make_train_example(seed: int, step: int, index: int, resize_prob: float, extra_qa: int = 0):
     rng = S.train_rng(seed, step, index)
     size = random_render_size(rng) if rng.random() < resize_prob else S.MODEL_SIZE
     img, objs, lab = S.make_scene(rng, size, with_labels=True)
     labels = patch_labels(lab, objs)
     labels.update(image_targets(objs))
-    return to_pixels(img), labels, train_questions(rng, objs)
+    return to_pixels(img), labels, train_questions(rng, objs, extra_qa)
 
 
 def segment(q: str, a: str):
@@ -614,7 +623,7 @@ def main(argv=None):
     if args.resume and os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         cfg = dict(state["cfg"])
-        for key in ("llm_aux_w", "llm_aux_layer"):  # recipe keys added later: off for old runs
+        for key in ("llm_aux_w", "llm_aux_layer", "extra_qa"):  # recipe keys added later: off for old runs
             cfg.setdefault(key, 0.0 if key == "llm_aux_w" else DEFAULTS[key])
         for kv in args.set:
             k, v = kv.split("=", 1)
@@ -700,7 +709,8 @@ def main(argv=None):
             break
         n_done += 1
         t0 = time.time()
-        exs = [make_train_example(args.seed, step, i, cfg["resize_prob"]) for i in range(cfg["batch"])]
+        exs = [make_train_example(args.seed, step, i, cfg["resize_prob"], cfg.get("extra_qa", 0))
+               for i in range(cfg["batch"])]
         pix = torch.from_numpy(np.stack([e[0] for e in exs]))
         labs = collate_labels([e[1] for e in exs])
         ids, pos, mask, sb, sp, st, sseg, nseg = pack([e[2] for e in exs])
