@@ -519,6 +519,8 @@ def training_md(info: dict) -> str:
         "- command(s), in order (the run was resumed from its checkpoint after each):",
         *[f"  - `{c}`" for c in (info.get("history") or [info.get("command")])],
         f"- seed: {info.get('seed')}, threads: {info.get('threads')}",
+        *([f"- warm start: the last command continued the model exported by the ones before it ({info['init']})"]
+          if info.get("init") else []),
         f"- phase 1 (vision tower + auxiliary heads only): {info.get('p2') if info.get('p2') is not None else info.get('step')} steps",
         f"- full-model steps: {max(0, info.get('step', 0) - (info.get('p2') if info.get('p2') is not None else info.get('step', 0)))} / {info.get('steps')}"
         f" (batch {info.get('batch')} images, ~8 QA segments each)",
@@ -554,6 +556,24 @@ def hardware() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} logical CPUs, CPU only"
+
+
+# ----------------------------------------------------------------------------- warm start
+
+def warm_start(model, init_dir: str) -> None:
+    """Load an exported checkpoint (fp16 safetensors) into the freshly built fp32 model."""
+    from transformers import LlavaForConditionalGeneration
+    src = LlavaForConditionalGeneration.from_pretrained(init_dir, dtype=torch.float32)
+    model.load_state_dict(src.state_dict(), strict=True)
+
+
+def init_history(init_dir: str) -> list[str]:
+    """The training commands recorded in ``init_dir/TRAINING.md`` (empty if there is none)."""
+    path = os.path.join(init_dir, "TRAINING.md")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.strip()[3:-1] for line in f if line.strip().startswith("- `python -m lightvlm_core.demo.train")]
 
 
 # ----------------------------------------------------------------------------- main
@@ -599,6 +619,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", default=None,
+                    help="warm start: continue training an exported model directory (skips phase 1; use a new --seed)")
     ap.add_argument("--bench", type=int, default=0, help="time N steps and exit (no files written)")
     ap.add_argument("--set", nargs="*", default=[], help="override recipe values, key=value")
     args = ap.parse_args(argv)
@@ -658,6 +680,13 @@ def main(argv=None):
     ema = {}
     if state is not None:
         p2, ema = state.get("p2", 0), state.get("ema", {})
+        cfg.setdefault("init", None)
+        cfg.setdefault("init_history", [])
+    elif args.init:
+        warm_start(model, args.init)
+        cfg["init"] = args.init
+        cfg["init_history"] = init_history(args.init)  # read now: the export may overwrite init_dir
+        p2 = 0  # the exported model is past phase 1
     n_params = sum(p.numel() for p in model.parameters())
 
     if not args.bench:
@@ -683,7 +712,7 @@ def main(argv=None):
                         last_eval=last_eval, eval_step=eval_step), tmp)
         os.replace(tmp, ckpt_path)
         export(model, args.export, dict(info, step=step, steps=steps, p2=p2, wall_s=wall, last_eval=last_eval,
-                                        eval_step=eval_step))
+                                        eval_step=eval_step, init=cfg.get("init")))
 
     if not args.bench:
         hist_path = os.path.join(args.out, "commands.txt")
@@ -693,6 +722,8 @@ def main(argv=None):
             f.write(info["command"] + "\n")
         with open(hist_path) as f:
             info["history"] = [l.strip() for l in f if l.strip()]
+        if cfg.get("init"):  # the warm-started model's own commands come first
+            info["history"] = cfg["init_history"] + info["history"]
     if state is None and not args.bench:
         log(dict(event="start", cfg=cfg, params=n_params, **{k: info[k] for k in ("seed", "threads", "steps")}))
     elif not args.bench:

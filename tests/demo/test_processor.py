@@ -161,3 +161,27 @@ def test_shipped_model_loads_and_generates():
     if m and m.group(1) == m.group(2):  # training finished: the shipped model must be far above chance
         acc = np.mean([S.answer_matches(p, a) for p, a, _ in preds])
         assert acc >= 0.5, preds
+
+
+def test_warm_start_continues_an_exported_model(tmp_path):
+    """``--init DIR`` loads the exported weights, skips phase 1 and keeps the command history."""
+    torch.manual_seed(0)
+    first = T.build_model(SMALL)
+    first_cmd = "python -m lightvlm_core.demo.train --out runs/a --export A --seed 0 --steps 5"
+    T.export(first, str(tmp_path / "A"), dict(step=5, steps=5, history=[first_cmd], last_eval={"overall": 0.0}))
+    assert T.init_history(str(tmp_path / "A")) == [first_cmd]
+
+    torch.manual_seed(1)
+    second = T.build_model(SMALL)
+    T.warm_start(second, str(tmp_path / "A"))
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a.half().float(), b), name  # the export is fp16
+
+    small = [f"{k}={SMALL[k]}" for k in ("vis_hidden", "vis_layers", "vis_heads", "vis_mlp", "txt_hidden",
+                                         "txt_layers", "txt_heads", "txt_kv_heads", "txt_mlp")]
+    T.main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "B"), "--init", str(tmp_path / "A"),
+            "--seed", "1", "--steps", "2", "--set", *small, "batch=2", "n_eval=10"])
+    md = (tmp_path / "B" / "TRAINING.md").read_text()
+    assert "full-model steps: 2 / 2" in md and "phase 1 (vision tower + auxiliary heads only): 0 steps" in md
+    cmds = T.init_history(str(tmp_path / "B"))
+    assert cmds[0] == first_cmd and "--init" in cmds[1] and len(cmds) == 2
