@@ -542,6 +542,9 @@ def training_md(info: dict) -> str:
         "AdamW with warm-up + cosine decay over the phase-2 step budget, grad clip 1.0. See `lightvlm_core/demo/train.py`.",
         "",
     ]
+    if info.get("init_record"):  # nested records keep their own nesting one level down
+        lines += ["## The warm-started model's own record", "",
+                  *[("#" + ln if ln.startswith("#") else ln) for ln in info["init_record"].splitlines()], ""]
     return "\n".join(lines)
 
 
@@ -572,8 +575,24 @@ def init_history(init_dir: str) -> list[str]:
     path = os.path.join(init_dir, "TRAINING.md")
     if not os.path.exists(path):
         return []
+    cmds = []
     with open(path) as f:
-        return [line.strip()[3:-1] for line in f if line.strip().startswith("- `python -m lightvlm_core.demo.train")]
+        for line in f:
+            if line.startswith("## "):  # a nested record: its commands are already in the list above
+                break
+            if line.strip().startswith("- `python -m lightvlm_core.demo.train"):
+                cmds.append(line.strip()[3:-1])
+    return cmds
+
+
+def init_record(init_dir: str) -> str:
+    """``init_dir/TRAINING.md`` without its title: the record of the run a warm start continues."""
+    path = os.path.join(init_dir, "TRAINING.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        lines = f.read().strip().splitlines()
+    return "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip()
 
 
 # ----------------------------------------------------------------------------- main
@@ -682,10 +701,12 @@ def main(argv=None):
         p2, ema = state.get("p2", 0), state.get("ema", {})
         cfg.setdefault("init", None)
         cfg.setdefault("init_history", [])
+        cfg.setdefault("init_record", "")
     elif args.init:
         warm_start(model, args.init)
         cfg["init"] = args.init
         cfg["init_history"] = init_history(args.init)  # read now: the export may overwrite init_dir
+        cfg["init_record"] = init_record(args.init)
         p2 = 0  # the exported model is past phase 1
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -712,7 +733,7 @@ def main(argv=None):
                         last_eval=last_eval, eval_step=eval_step), tmp)
         os.replace(tmp, ckpt_path)
         export(model, args.export, dict(info, step=step, steps=steps, p2=p2, wall_s=wall, last_eval=last_eval,
-                                        eval_step=eval_step, init=cfg.get("init")))
+                                        eval_step=eval_step, init=cfg.get("init"), init_record=cfg.get("init_record")))
 
     if not args.bench:
         hist_path = os.path.join(args.out, "commands.txt")

@@ -185,3 +185,4 @@ def test_warm_start_continues_an_exported_model(tmp_path):
     assert "full-model steps: 2 / 2" in md and "phase 1 (vision tower + auxiliary heads only): 0 steps" in md
     cmds = T.init_history(str(tmp_path / "B"))
     assert cmds[0] == first_cmd and "--init" in cmds[1] and len(cmds) == 2
+    assert "## The warm-started model's own record" in md and "full-model steps: 0 / 5" in md
