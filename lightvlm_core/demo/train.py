@@ -411,7 +411,7 @@ def pack(examples_qas: list[list[tuple]]):
 def collate_labels(labs: list[dict]) -> dict:
     out = {}
     for k in labs[0]:
-        out[k] = torch.as_tensor(np.stack([np.asarray(l[k]) for l in labs]))
+        out[k] = torch.as_tensor(np.stack([np.asarray(lab[k]) for lab in labs]))
     return out
 
 
@@ -510,6 +510,8 @@ def _save_fp16(model, path: str) -> None:
 
 def training_md(info: dict) -> str:
     acc = info.get("last_eval") or {}
+    step = info.get("step", 0)
+    p1_steps = info["p2"] if info.get("p2") is not None else step  # phase 2 starts at step p2
     lines = [
         "# shapes-demo: training record",
         "",
@@ -521,9 +523,9 @@ def training_md(info: dict) -> str:
         f"- seed: {info.get('seed')}, threads: {info.get('threads')}",
         *([f"- warm start: the last command continued the model exported by the ones before it ({info['init']})"]
           if info.get("init") else []),
-        f"- phase 1 (vision tower + auxiliary heads only): {info.get('p2') if info.get('p2') is not None else info.get('step')} steps",
-        f"- full-model steps: {max(0, info.get('step', 0) - (info.get('p2') if info.get('p2') is not None else info.get('step', 0)))} / {info.get('steps')}"
-        f" (batch {info.get('batch')} images, ~8 QA segments each)",
+        f"- phase 1 (vision tower + auxiliary heads only): {p1_steps} steps",
+        f"- full-model steps: {max(0, step - p1_steps)} / {info.get('steps')}"
+        f" (batch {info.get('batch')} images, ~8 QA segments each, +4 per `extra_qa` round)",
         f"- wall time: {info.get('wall_s', 0) / 60:.1f} min of training",
         f"- hardware: {info.get('hardware')}",
         f"- torch {torch.__version__}, transformers {info.get('transformers')}",
@@ -536,10 +538,11 @@ def training_md(info: dict) -> str:
         "| " + " | ".join(f"{v:.3f}" for v in acc.values()) + " |",
         "",
         "Recipe: phase 1 trains only the vision tower + projector on dense per-patch auxiliary targets; phase 2 trains",
-        "everything with shared-image-prefix packing of ~8 questions per image (4D mask), loss on answer tokens + `</s>`",
-        "plus the decaying auxiliary loss. CLIP position embeddings start as a 2D sin/cos code.",
+        "everything with shared-image-prefix packing of ~8 questions per image (4D mask), loss on answer tokens",
+        "+ `</s>` plus the decaying auxiliary loss. CLIP position embeddings start as a 2D sin/cos code.",
         "The auxiliary heads are training-only (not exported).",
-        "AdamW with warm-up + cosine decay over the phase-2 step budget, grad clip 1.0. See `lightvlm_core/demo/train.py`.",
+        "AdamW with warm-up + cosine decay over the phase-2 step budget, grad clip 1.0.",
+        "See `lightvlm_core/demo/train.py`.",
         "",
     ]
     if info.get("init_record"):  # nested records keep their own nesting one level down
@@ -729,7 +732,8 @@ def main(argv=None):
         tmp = ckpt_path + ".tmp"
         torch.save(dict(model=model.state_dict(), aux=aux.state_dict(), opt=opt.state_dict(),
                         llm_aux=llm_aux.state_dict(), opt_llm_aux=opt_llm_aux.state_dict(), step=step,
-                        steps=steps, wall_s=wall, cfg=cfg, seed=args.seed, p2=p2, ema=ema, torch_rng=torch.get_rng_state(),
+                        steps=steps, wall_s=wall, cfg=cfg, seed=args.seed, p2=p2, ema=ema,
+                        torch_rng=torch.get_rng_state(),
                         last_eval=last_eval, eval_step=eval_step), tmp)
         os.replace(tmp, ckpt_path)
         export(model, args.export, dict(info, step=step, steps=steps, p2=p2, wall_s=wall, last_eval=last_eval,
@@ -742,7 +746,7 @@ def main(argv=None):
         with open(hist_path, "a") as f:
             f.write(info["command"] + "\n")
         with open(hist_path) as f:
-            info["history"] = [l.strip() for l in f if l.strip()]
+            info["history"] = [line.strip() for line in f if line.strip()]
         if cfg.get("init"):  # the warm-started model's own commands come first
             info["history"] = cfg["init_history"] + info["history"]
     if state is None and not args.bench:

@@ -12,7 +12,13 @@ import torch
 from lightvlm_core.demo import scenes as S
 from lightvlm_core.demo import train as T
 from lightvlm_core.demo.processor import (
-    EOS_ID, IMAGE_SEQ_LEN, UNK_ID, build_processor, encode_words, messages, prompt_ids,
+    EOS_ID,
+    IMAGE_SEQ_LEN,
+    UNK_ID,
+    build_processor,
+    encode_words,
+    messages,
+    prompt_ids,
 )
 
 EXPORT_DIR = Path(__file__).resolve().parents[2] / "models" / "shapes-demo"

@@ -13,7 +13,8 @@ def obj(shape, color, x, y=40, s=20):
     return Obj(shape, color, (x, y, x + s, y + s), S.COLORS[color])
 
 
-SCENE = [obj("square", "blue", 50), obj("circle", "red", 5), obj("triangle", "green", 85), obj("circle", "blue", 30, 80)]
+SCENE = [obj("square", "blue", 50), obj("circle", "red", 5), obj("triangle", "green", 85),
+         obj("circle", "blue", 30, 80)]
 
 
 def test_answers_hand_built():
@@ -114,7 +115,7 @@ def test_heldout_questions():
     assert [(q, a) for _, q, a, _ in items] == [(q, a) for _, q, a, _ in again]
     exist = [a for _, _, a, qt in items if qt == "exist"]
     assert exist.count("yes") == exist.count("no") == 5
-    for img, q, a, qt in items:
+    for img, _, a, _ in items:
         assert img.size == (112, 112)
         assert a == S.normalize_answer(a)
     # seeds are namespaced: held-out scenes are never training scenes
