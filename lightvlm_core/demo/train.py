@@ -521,7 +521,7 @@ def training_md(info: dict) -> str:
         "- command(s), in order (the run was resumed from its checkpoint after each):",
         *[f"  - `{c}`" for c in (info.get("history") or [info.get("command")])],
         f"- seed: {info.get('seed')}, threads: {info.get('threads')}",
-        *([f"- warm start: the last command continued the model exported by the ones before it ({info['init']})"]
+        *([f"- warm start: the `--init` command continued the model the commands before it exported ({info['init']})"]
           if info.get("init") else []),
         f"- phase 1 (vision tower + auxiliary heads only): {p1_steps} steps",
         f"- full-model steps: {max(0, step - p1_steps)} / {info.get('steps')}"
@@ -743,8 +743,10 @@ def main(argv=None):
         hist_path = os.path.join(args.out, "commands.txt")
         if state is None and os.path.exists(hist_path):
             os.remove(hist_path)
-        with open(hist_path, "a") as f:
-            f.write(info["command"] + "\n")
+        finished = p2 is not None and step >= p2 + steps
+        if not finished:  # resuming a finished run only re-exports: it is not part of the recipe
+            with open(hist_path, "a") as f:
+                f.write(info["command"] + "\n")
         with open(hist_path) as f:
             info["history"] = [line.strip() for line in f if line.strip()]
         if cfg.get("init"):  # the warm-started model's own commands come first

@@ -160,13 +160,13 @@ def test_export_round_trip(tmp_path):
 def test_shipped_model_loads_and_generates():
     size = (EXPORT_DIR / "model.safetensors").stat().st_size
     assert size < 40e6
-    preds = _generate_answers(EXPORT_DIR, 10)
+    preds = _generate_answers(EXPORT_DIR, 20)  # 140x140 inputs: the processor's resize path
     assert all(isinstance(p, str) for p, _, _ in preds)
     md = (EXPORT_DIR / "TRAINING.md").read_text()
     m = re.search(r"full-model steps: (\d+) / (\d+)", md)
-    if m and m.group(1) == m.group(2):  # training finished: the shipped model must be far above chance
+    if m and m.group(1) == m.group(2):  # training finished: the shipped model is at its >= 95% target
         acc = np.mean([S.answer_matches(p, a) for p, a, _ in preds])
-        assert acc >= 0.5, preds
+        assert acc >= 0.9, preds
 
 
 def test_warm_start_continues_an_exported_model(tmp_path):
@@ -192,3 +192,6 @@ def test_warm_start_continues_an_exported_model(tmp_path):
     cmds = T.init_history(str(tmp_path / "B"))
     assert cmds[0] == first_cmd and "--init" in cmds[1] and len(cmds) == 2
     assert "## The warm-started model's own record" in md and "full-model steps: 0 / 5" in md
+
+    T.main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "B"), "--resume", "--steps", "2"])
+    assert T.init_history(str(tmp_path / "B")) == cmds  # re-exporting a finished run is not a recipe step
