@@ -573,22 +573,7 @@ def warm_start(model, init_dir: str) -> None:
     model.load_state_dict(src.state_dict(), strict=True)
 
 
-def init_history(init_dir: str) -> list[str]:
-    """The training commands recorded in ``init_dir/TRAINING.md`` (empty if there is none)."""
-    path = os.path.join(init_dir, "TRAINING.md")
-    if not os.path.exists(path):
-        return []
-    cmds = []
-    with open(path) as f:
-        for line in f:
-            if line.startswith("## "):  # a nested record: its commands are already in the list above
-                break
-            if line.strip().startswith("- `python -m lightvlm_core.demo.train"):
-                cmds.append(line.strip()[3:-1])
-    return cmds
-
-
-def init_record(init_dir: str) -> str:
+def read_record(init_dir: str) -> str:
     """``init_dir/TRAINING.md`` without its title: the record of the run a warm start continues."""
     path = os.path.join(init_dir, "TRAINING.md")
     if not os.path.exists(path):
@@ -596,6 +581,17 @@ def init_record(init_dir: str) -> str:
     with open(path) as f:
         lines = f.read().strip().splitlines()
     return "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip()
+
+
+def record_commands(record: str) -> list[str]:
+    """The training commands listed in a record, in order."""
+    cmds = []
+    for line in record.splitlines():
+        if line.startswith("## "):  # a nested record: its commands are already in the list above
+            break
+        if line.strip().startswith("- `python -m lightvlm_core.demo.train"):
+            cmds.append(line.strip()[3:-1])
+    return cmds
 
 
 # ----------------------------------------------------------------------------- main
@@ -703,13 +699,11 @@ def main(argv=None):
     if state is not None:
         p2, ema = state.get("p2", 0), state.get("ema", {})
         cfg.setdefault("init", None)
-        cfg.setdefault("init_history", [])
         cfg.setdefault("init_record", "")
     elif args.init:
         warm_start(model, args.init)
         cfg["init"] = args.init
-        cfg["init_history"] = init_history(args.init)  # read now: the export may overwrite init_dir
-        cfg["init_record"] = init_record(args.init)
+        cfg["init_record"] = read_record(args.init)  # read now: the export may overwrite init_dir
         p2 = 0  # the exported model is past phase 1
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -739,18 +733,20 @@ def main(argv=None):
         export(model, args.export, dict(info, step=step, steps=steps, p2=p2, wall_s=wall, last_eval=last_eval,
                                         eval_step=eval_step, init=cfg.get("init"), init_record=cfg.get("init_record")))
 
+    def trained_out() -> bool:  # phase 2 has run its whole step budget
+        return p2 is not None and step >= p2 + steps
+
     if not args.bench:
         hist_path = os.path.join(args.out, "commands.txt")
         if state is None and os.path.exists(hist_path):
             os.remove(hist_path)
-        finished = p2 is not None and step >= p2 + steps
-        if not finished:  # resuming a finished run only re-exports: it is not part of the recipe
+        if not trained_out():  # resuming a finished run only re-exports: it is not part of the recipe
             with open(hist_path, "a") as f:
                 f.write(info["command"] + "\n")
         with open(hist_path) as f:
             info["history"] = [line.strip() for line in f if line.strip()]
         if cfg.get("init"):  # the warm-started model's own commands come first
-            info["history"] = cfg["init_history"] + info["history"]
+            info["history"] = record_commands(cfg["init_record"]) + info["history"]
     if state is None and not args.bench:
         log(dict(event="start", cfg=cfg, params=n_params, **{k: info[k] for k in ("seed", "threads", "steps")}))
     elif not args.bench:
@@ -763,7 +759,7 @@ def main(argv=None):
     while True:
         if args.bench and n_done >= args.bench:
             break
-        if not args.bench and p2 is not None and step >= p2 + steps:
+        if not args.bench and trained_out():
             break
         n_done += 1
         t0 = time.time()
@@ -835,7 +831,7 @@ def main(argv=None):
             log(dict(event="phase2", step=step, wall_s=round(wall, 1), **{k: round(v, 3) for k, v in ema.items()}))
         if args.bench:
             continue
-        done = p2 is not None and step >= p2 + steps
+        done = trained_out()
         if (step % cfg["eval_every"] == 0 and not phase1) or done:
             te = time.time()
             last_eval = evalset.run(model)

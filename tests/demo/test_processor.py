@@ -175,7 +175,7 @@ def test_warm_start_continues_an_exported_model(tmp_path):
     first = T.build_model(SMALL)
     first_cmd = "python -m lightvlm_core.demo.train --out runs/a --export A --seed 0 --steps 5"
     T.export(first, str(tmp_path / "A"), dict(step=5, steps=5, history=[first_cmd], last_eval={"overall": 0.0}))
-    assert T.init_history(str(tmp_path / "A")) == [first_cmd]
+    assert T.record_commands(T.read_record(str(tmp_path / "A"))) == [first_cmd]
 
     torch.manual_seed(1)
     second = T.build_model(SMALL)
@@ -189,9 +189,10 @@ def test_warm_start_continues_an_exported_model(tmp_path):
             "--seed", "1", "--steps", "2", "--set", *small, "batch=2", "n_eval=10"])
     md = (tmp_path / "B" / "TRAINING.md").read_text()
     assert "full-model steps: 2 / 2" in md and "phase 1 (vision tower + auxiliary heads only): 0 steps" in md
-    cmds = T.init_history(str(tmp_path / "B"))
+    cmds = T.record_commands(T.read_record(str(tmp_path / "B")))
     assert cmds[0] == first_cmd and "--init" in cmds[1] and len(cmds) == 2
     assert "## The warm-started model's own record" in md and "full-model steps: 0 / 5" in md
 
     T.main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "B"), "--resume", "--steps", "2"])
-    assert T.init_history(str(tmp_path / "B")) == cmds  # re-exporting a finished run is not a recipe step
+    # re-exporting a finished run is not a recipe step
+    assert T.record_commands(T.read_record(str(tmp_path / "B"))) == cmds
