@@ -16,6 +16,7 @@ from PIL import Image
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 MIN_TEMPERATURE = 1e-5  # below: greedy (logits / temperature would overflow)
 MIN_TOP_P = 1e-6  # below: rounds to 0 in float32
+MAX_TOP_LOGPROBS = 20  # as the OpenAI API
 MIN_KV_BUDGET = 16  # below: sinks + recent window + compaction interval leave nothing to rank
 
 
@@ -30,6 +31,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False  # return the sampled token's log-probability with each token
+    top_logprobs: int = 0  # also the N most likely tokens at each position (0..MAX_TOP_LOGPROBS)
 
     def __post_init__(self) -> None:
         from lightvlm_core.errors import InvalidRequestError
@@ -42,6 +45,10 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs:
+            self.logprobs = True
         self.stop = tuple(s for s in self.stop if s)
 
     @property
@@ -82,6 +89,18 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival_time: float = field(default_factory=time.monotonic)  # for queue_ms / ttft_ms
     messages: list[dict] | None = None
+    return_kept_patches: bool = False  # report which image patches each reduction stage kept
+
+
+@dataclass
+class KeptPatches:
+    """Which tokens of one image survived one reduction stage (for the playground's overlay)."""
+
+    image: int  # the image's index in the request
+    stage: int  # 0: before the LLM (pre-LLM reducers), then 1, 2, ... per in-LLM cut
+    layer: int  # the first LLM layer that sees this set (0 for pre-LLM)
+    grid: tuple[int, int]  # (rows, cols) of the image's token grid as the LLM receives it
+    indices: list[int]  # kept cells of that grid, row-major, ascending
 
 
 @dataclass
@@ -109,14 +128,28 @@ class Timings:
         return {k: round(v, 3) for k, v in asdict(self).items()}
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's text (as the tokenizer spells that one token) and its log-probability."""
+
+    token: str
+    logprob: float
+
+
 @dataclass
 class TokenEvent:
-    """One generated token. `text` is the newly printable text (may be "" mid-character)."""
+    """One generated token. `text` is the newly printable text (may be "" mid-character).
+
+    With `SamplingParams.logprobs`, `logprob` is the sampled token's log-probability (under the
+    model's distribution before temperature/top-k/top-p) and `top_logprobs` the most likely
+    `SamplingParams.top_logprobs` tokens at that position, most likely first."""
 
     index: int
     token_id: int
     text: str
     type: Literal["token"] = "token"
+    logprob: TokenLogprob | None = None
+    top_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -125,6 +158,7 @@ class DoneEvent:
     usage: Usage
     timings: Timings
     type: Literal["done"] = "done"
+    kept_patches: list[KeptPatches] | None = None  # with GenerationRequest.return_kept_patches
 
 
 @dataclass
