@@ -1,4 +1,5 @@
-"""The `lightvlm` command: serve, generate, bench, eval, make-tiny."""
+"""The `lightvlm` command: generate, bench, eval, make-tiny (`serve` is in app/cli.py, which hands
+every other subcommand to `main` here)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightvlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", help="start the HTTP service")
-    _add_model_args(serve)
-    serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None)
-    serve.add_argument("--preset", default=None, choices=PRESETS)
 
     gen = sub.add_parser("generate", help="answer one prompt about one image")
     _add_model_args(gen)
@@ -75,12 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
-    if args.command == "serve":
-        from app.main import run_server
-
-        run_server(host=args.host, port=args.port, model=args.model, device=args.device, dtype=args.dtype,
-                   preset=args.preset, trust_remote_code=args.trust_remote_code)
-        return 0
     if args.command == "bench":
         from lightvlm_core.bench.runner import run_bench
 

@@ -3,7 +3,7 @@ request run alone, with memory and the idle gauges checked afterwards.
 
     python tests/app/soak.py --requests 500 --concurrency 32 [--model DIR] [--out summary.json]
 
-The service runs as its own process (`python -m lightvlm_core.cli serve`, CPU unless --device
+The service runs as its own process (`python -m app.cli serve`, CPU unless --device
 says otherwise). Requests mix /generate SSE (80%) and streaming /v1/chat/completions (20%), scene
 images of several sizes and formats, the demo questions or free prompts, 4-24 new tokens and
 three acceleration settings, all greedy. Every output is compared with an in-process engine
@@ -292,7 +292,22 @@ def run_soak(
     max_rss_growth_mb: float = 64.0,
     seed: int = 0,
 ) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="lightvlm-soak-"))
+    """Run the soak; its work directory (model snapshot, server log) is removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="lightvlm-soak-") as tmp:
+        return _run_soak_in(Path(tmp), requests, concurrency, model, device, max_batch_size,
+                            max_rss_growth_mb, seed)  # fmt: skip
+
+
+def _run_soak_in(
+    workdir: Path,
+    requests: int,
+    concurrency: int,
+    model: str | None,
+    device: str,
+    max_batch_size: int,
+    max_rss_growth_mb: float,
+    seed: int,
+) -> dict[str, Any]:
     source = model or str(DEMO_MODEL)
     model, demo = resolve_model(model, workdir)
     warmup_specs = make_specs(concurrency, demo, seed=seed + 1)
@@ -304,7 +319,7 @@ def run_soak(
     env = {**os.environ, "LIGHTVLM_API_KEY": "", "LIGHTVLM_MAX_BATCH_SIZE": str(max_batch_size),
            "LIGHTVLM_MAX_QUEUE": str(max(64, concurrency)), "LIGHTVLM_PRESET": "none",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
-    command = [sys.executable, "-m", "lightvlm_core.cli", "serve", "--model", model, "--device", device,
+    command = [sys.executable, "-m", "app.cli", "serve", "--model", model, "--device", device,
                "--port", str(port)]  # fmt: skip
     log_path = workdir / "serve.log"
     with open(log_path, "w") as log:

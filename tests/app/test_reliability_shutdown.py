@@ -65,7 +65,7 @@ def test_sigterm_drains_then_exits(tiny_model_dir: Callable[[str], Path], tmp_pa
         "LIGHTVLM_SHUTDOWN_GRACE_S": str(GRACE_S),
         "LIGHTVLM_MAX_NEW_TOKENS": "8192",
     }
-    command = [sys.executable, "-m", "lightvlm_core.cli", "serve", "--model", str(tiny_model_dir("llava"))]
+    command = [sys.executable, "-m", "app.cli", "serve", "--model", str(tiny_model_dir("llava"))]
     command += ["--device", "cpu", "--port", str(port)]
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:

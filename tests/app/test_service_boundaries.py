@@ -12,7 +12,8 @@ from app.logs import JsonFormatter, request_id_var
 ROOT = Path(__file__).resolve().parents[2]
 # What app/ may import from lightvlm_core: the plain types, typed errors, the scheduler, and
 # load_engine (the one entry point to build an engine).
-APP_ALLOWED_CORE = {"lightvlm_core", "lightvlm_core.types", "lightvlm_core.errors", "lightvlm_core.scheduler"}
+APP_ALLOWED_CORE = {"lightvlm_core", "lightvlm_core.types", "lightvlm_core.errors", "lightvlm_core.scheduler",
+                    "lightvlm_core.cli"}  # app/cli.py hands non-serve subcommands to the core CLI
 
 
 def imported_modules(path: Path) -> set[str]:

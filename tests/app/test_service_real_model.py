@@ -223,7 +223,7 @@ def test_lightvlm_serve_command(model_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     log_path = tmp_path / "serve.log"
     env = {**os.environ, "LIGHTVLM_WARMUP": "false", "OMP_NUM_THREADS": "1", "LIGHTVLM_API_KEY": ""}
-    command = [sys.executable, "-m", "lightvlm_core.cli", "serve", "--model", str(model_dir)]
+    command = [sys.executable, "-m", "app.cli", "serve", "--model", str(model_dir)]
     command += ["--device", "cpu", "--port", str(port)]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -256,7 +256,7 @@ def test_lightvlm_serve_exits_1_when_the_model_cannot_load(tmp_path: Path) -> No
     command = [
         sys.executable,
         "-m",
-        "lightvlm_core.cli",
+        "app.cli",
         "serve",
         "--model",
         str(tmp_path / "missing"),

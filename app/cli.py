@@ -1,0 +1,69 @@
+"""The `lightvlm` console script: `serve` lives here (it needs the app and uvicorn); every other
+subcommand (generate, bench, eval, make-tiny, ...) is handed to `lightvlm_core.cli.main`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+
+from app.settings import Settings
+
+
+def _choices(field: str) -> list[str] | None:
+    """The allowed values of a Literal settings field, so the CLI follows Settings."""
+    values = typing.get_args(Settings.model_fields[field].annotation)
+    return [str(v) for v in values] or None
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lightvlm serve", description="start the HTTP service")
+    p.add_argument("--model", default=None, help="hub id or local dir (default: $LIGHTVLM_MODEL, else the demo model)")
+    p.add_argument("--device", default=None, choices=_choices("device"))
+    p.add_argument("--dtype", default=None, choices=_choices("dtype"))
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--preset", default=None, choices=_choices("preset"))
+    ray = p.add_argument_group("Ray Serve (pip install 'lightvlm-serve[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve as a Ray Serve deployment (a local Ray cluster unless RAY_ADDRESS is set)")
+    ray.add_argument("--replicas", type=int, default=None,
+                     help="replicas at start (the autoscaling minimum); default 1")
+    ray.add_argument("--max-replicas", type=int, default=None,
+                     help="autoscale up to this many replicas on ongoing requests; default --replicas")
+    return p
+
+
+def serve(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)
+    overrides = {"host": args.host, "port": args.port, "model": args.model, "device": args.device,
+                 "dtype": args.dtype, "preset": args.preset,
+                 "trust_remote_code": args.trust_remote_code or None}  # the flag can only turn it on
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.ray:
+        from app.ray_serve import run_ray_serve
+
+        return run_ray_serve(overrides, replicas=args.replicas, max_replicas=args.max_replicas)
+    if args.replicas is not None or args.max_replicas is not None:
+        print("error: --replicas and --max-replicas need --ray", file=sys.stderr)
+        return 2
+    from app.main import run_server
+
+    run_server(**overrides)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        return serve(argv[1:])
+    from lightvlm_core.cli import main as core_main
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print("lightvlm serve [--help]: start the HTTP service (--ray: as a Ray Serve deployment)\n")
+    return core_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
