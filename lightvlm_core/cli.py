@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "make-tiny":
-        from lightvlm_core.models.tiny import make_tiny
+        from lightvlm_core.tiny import make_tiny
 
         print(make_tiny(args.family, args.out, seed=args.seed))
         return 0

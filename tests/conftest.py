@@ -1,7 +1,7 @@
 """Shared pytest fixtures for the whole test tree.
 
 Tests run fully offline: the Hugging Face hub is disabled at import time, and models come from
-`lightvlm_core.models.tiny.make_tiny` (random-init, built locally).
+`lightvlm_core.tiny.make_tiny` (random-init, built locally).
 """
 
 import os
@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Factory: `tiny_model_dir("qwen2_vl")` -> dir of that tiny model, built once per session."""
-    from lightvlm_core.models.tiny import make_tiny
+    from lightvlm_core.tiny import make_tiny
 
     built: dict[str, Path] = {}
 

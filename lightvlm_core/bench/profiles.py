@@ -36,7 +36,8 @@ from transformers import (
 )
 
 from lightvlm_core.loading import LoadedModel, resolve_device, resolve_dtype
-from lightvlm_core.models import adapter_for, tiny
+from lightvlm_core.models import adapter_for
+from lightvlm_core.tiny import common, internvl, qwen_vl
 
 
 @dataclass(frozen=True)
@@ -120,21 +121,21 @@ def build(profile: Profile) -> LoadedModel:
     device = resolve_device(profile.device)
     dtype = resolve_dtype(profile.dtype, device)
     if profile.family == "internvl":
-        tokenizer = tiny._internvl_tokenizer()
+        tokenizer = internvl.internvl_tokenizer()
         processor, config = _internvl(profile, tokenizer)
     else:
-        tokenizer = tiny._qwen_vl_tokenizer()
+        tokenizer = qwen_vl.qwen_vl_tokenizer()
         processor, config = _qwen2_vl(profile, tokenizer)
     with torch.device(device), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.generation_config = tiny._generation_config(tokenizer)
+    model.generation_config = common.generation_config(tokenizer)
     model.eval()
     return LoadedModel(profile.name, model, processor, adapter_for(model), device, dtype)
 
 
 def _text_config(profile: Profile, tokenizer) -> LlamaConfig:
-    return LlamaConfig(**profile.text, max_position_embeddings=32768, **tiny._token_ids(tokenizer),
+    return LlamaConfig(**profile.text, max_position_embeddings=32768, **common.token_ids(tokenizer),
                        tie_word_embeddings=False)
 
 
@@ -145,7 +146,7 @@ def _internvl(profile: Profile, tokenizer):
         image_processor=GotOcr2ImageProcessor(size=tile, crop_to_patches=True, min_patches=1,
                                               max_patches=profile.max_tiles),
         tokenizer=tokenizer, video_processor=InternVLVideoProcessor(size=tile),
-        image_seq_length=tokens_per_tile, chat_template=tiny.INTERNVL_CHAT_TEMPLATE,
+        image_seq_length=tokens_per_tile, chat_template=internvl.INTERNVL_CHAT_TEMPLATE,
     )
     vision = InternVLVisionConfig(**profile.vision, image_size=profile.tile, patch_size=profile.patch)
     config = InternVLConfig(vision_config=vision, text_config=_text_config(profile, tokenizer),
@@ -158,10 +159,10 @@ def _qwen2_vl(profile: Profile, tokenizer):
     w, h = profile.image_size
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=w * h)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=Qwen2VLVideoProcessor(), chat_template=tiny.QWEN_CHAT_TEMPLATE)
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=qwen_vl.QWEN_CHAT_TEMPLATE)
     text = dict(profile.text, max_position_embeddings=32768, rope_parameters={
         "rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-    config = Qwen2VLConfig(text_config=dict(text, **tiny._token_ids(tokenizer)),
+    config = Qwen2VLConfig(text_config=dict(text, **common.token_ids(tokenizer)),
                            vision_config=dict(profile.vision, patch_size=profile.patch),
                            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
                            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),

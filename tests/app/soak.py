@@ -233,7 +233,7 @@ def resolve_model(model: str | None, workdir: Path) -> tuple[str, bool]:
     references and the server read the same weights even if the directory is rewritten meanwhile
     (the demo model is re-exported while it trains)."""
     if not model and not (DEMO_MODEL / "model.safetensors").exists():
-        from lightvlm_core.models.tiny import make_tiny
+        from lightvlm_core.tiny import make_tiny
 
         return str(make_tiny("llava", workdir / "tiny-llava")), False
     source = Path(model) if model else DEMO_MODEL

@@ -7,13 +7,13 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from lightvlm_core.bench import profiles
-from lightvlm_core.models import tiny
+from lightvlm_core.tiny import internvl, qwen_vl
 
 
 def config_of(profile):
     if profile.family == "internvl":
-        return profiles._internvl(profile, tiny._internvl_tokenizer())
-    return profiles._qwen2_vl(profile, tiny._qwen_vl_tokenizer())
+        return profiles._internvl(profile, internvl.internvl_tokenizer())
+    return profiles._qwen2_vl(profile, qwen_vl.qwen_vl_tokenizer())
 
 
 @pytest.mark.parametrize("name,billions", [("gpu-8b", (7.0, 8.5)), ("gpu-26b", (24.0, 27.0)),

@@ -8,7 +8,7 @@ from PIL import Image
 
 from lightvlm_core.engine import Engine, load_engine
 from lightvlm_core.errors import ImageError, InvalidRequestError, PromptTooLongError
-from lightvlm_core.models.tiny import FAMILIES
+from lightvlm_core.tiny import FAMILIES
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
 

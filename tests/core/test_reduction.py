@@ -9,7 +9,7 @@ from PIL import Image
 from lightvlm_core.engine import Engine, load_engine
 from lightvlm_core.errors import InvalidRequestError
 from lightvlm_core.forward import PrefillState
-from lightvlm_core.models.tiny import FAMILIES
+from lightvlm_core.tiny import FAMILIES
 from lightvlm_core.reduction import plan_for, resolve_acceleration
 from lightvlm_core.reduction.merger import TokenMerger, merge_into
 from lightvlm_core.reduction.schedule import ReductionPlan

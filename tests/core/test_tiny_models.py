@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from lightvlm_core.models.tiny import FAMILIES, make_tiny
+from lightvlm_core.tiny import FAMILIES, make_tiny
 
 EXPECTED = {
     # family: (model class, eos token, image placeholder in the chat prompt)

@@ -1,0 +1,47 @@
+"""Random-init tiny models of real VLM architectures, with working processors (test builders).
+
+`make_tiny(family, out_dir, seed)` writes a Hugging Face model directory that loads fully offline
+with `AutoProcessor.from_pretrained` and `AutoModelForImageTextToText.from_pretrained`. One module
+per family says what its tiny model looks like; `common` holds the shared tokenizer recipe and
+dims. Everything is deterministic in `seed`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightvlm_core.tiny.common import TinyFamily, generation_config, init_model
+from lightvlm_core.tiny.internvl import INTERNVL
+from lightvlm_core.tiny.llava import LLAVA
+from lightvlm_core.tiny.qwen_vl import QWEN2_5_VL, QWEN2_VL
+
+BUILDERS: dict[str, TinyFamily] = {
+    "llava": LLAVA,
+    "qwen2_vl": QWEN2_VL,
+    "qwen2_5_vl": QWEN2_5_VL,
+    "internvl": INTERNVL,
+}
+FAMILIES = tuple(BUILDERS)
+
+
+def make_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a random-init tiny `family` model plus its processor into `out_dir` and return it.
+
+    The directory holds float32 safetensors weights, config.json, generation_config.json (eos/pad
+    equal to the tokenizer's) and the processor files (tokenizer, image/video processor, chat template).
+    """
+    if family not in BUILDERS:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    builder = BUILDERS[family]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = builder.tokenizer()
+    processor = builder.processor(tokenizer)
+    model = init_model(builder.config(tokenizer), seed)
+    model.generation_config = generation_config(tokenizer)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+__all__ = ["BUILDERS", "FAMILIES", "TinyFamily", "make_tiny"]
