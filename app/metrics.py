@@ -45,6 +45,20 @@ REQUEST_LATENCY_BUCKETS = (
 PREFILL_BUCKETS = TTFT_BUCKETS
 # Requests per decode step: powers of two, like vLLM's iteration_tokens_total.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Decoding, checking and converting an upload: milliseconds for a small PNG, ~1 s for a huge one.
+IMAGE_PREPROCESS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Fraction of a request's image tokens kept after reduction (1.0: preset none).
+KEPT_RATIO_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+# Label values known in advance, exported at 0 from the start so that every dashboard series
+# exists before the first event (a panel on a counter that does not exist yet shows "No data").
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+IMAGE_TOKEN_STAGES = ("input", "kept")
+REJECT_REASONS = (
+    "invalid_request", "invalid_image", "context_length_exceeded", "unauthorized", "not_found",
+    "model_not_found", "method_not_allowed", "body_too_large", "unsupported_media_type", "queue_full",
+    "not_ready", "out_of_memory",
+)  # fmt: skip
 
 
 class ServiceMetrics(SchedulerObserver):
@@ -52,6 +66,7 @@ class ServiceMetrics(SchedulerObserver):
 
     def __init__(self, model: str) -> None:
         self.model = model
+        self._rejected_reasons: set[str] = set()
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -97,23 +112,42 @@ class ServiceMetrics(SchedulerObserver):
         self.rejected = Counter(
             "lightvlm_requests_rejected", "Requests rejected (4xx/429/503)", ["model", "reason"], registry=r
         )
+        self.image_preprocess = hist(
+            "lightvlm_image_preprocess_seconds",
+            "Decoding and checking one request image in the API process",
+            IMAGE_PREPROCESS_BUCKETS,
+        )
+        self.kept_ratio = hist(
+            "lightvlm_image_tokens_kept_ratio",
+            "Fraction of a request's image tokens kept after reduction",
+            KEPT_RATIO_BUCKETS,
+        )
         self.model_info = Gauge(
             "lightvlm_model_info",
             "Loaded model (always 1)",
             ["model", "family", "preset", "device", "dtype"],
             registry=r,
         )
+        self._export_known_series()
 
-    def bind(self, model: str, stats: Callable[[], SchedulerStats]) -> None:
-        """Once the model is loaded: fix the label and read the gauges from the scheduler."""
-        self.model = model
-        self.kv_bytes.labels(model).set_function(lambda: stats().kv_cache_bytes)
-        self.kv_tokens.labels(model).set_function(lambda: stats().kv_cache_tokens)
-        self.running.labels(model).set_function(lambda: stats().num_running)
-        self.waiting.labels(model).set_function(lambda: stats().num_waiting)
-        for stage in ("input", "kept"):
+    def _export_known_series(self) -> None:
+        """Create every series whose labels are known (value 0) under the current model name."""
+        model = self.model
+        for metric in self._single_label_metrics():
+            metric.labels(model)
+        for stage in IMAGE_TOKEN_STAGES:
             self.image_tokens.labels(model, stage)
-        for metric in (
+        for reason in FINISH_REASONS:
+            self.requests.labels(model, reason)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(model, reason)
+
+    def _single_label_metrics(self) -> tuple[Counter | Gauge | Histogram, ...]:
+        return (
+            self.kv_bytes,
+            self.kv_tokens,
+            self.running,
+            self.waiting,
             self.prompt_tokens,
             self.generation_tokens,
             self.evicted,
@@ -123,16 +157,48 @@ class ServiceMetrics(SchedulerObserver):
             self.e2e,
             self.queue,
             self.batch_size,
-        ):
-            metric.labels(model)  # exported (as zeros) before the first request
-        for reason in ("stop", "length", "cancelled", "error"):
-            self.requests.labels(model, reason)
+            self.image_preprocess,
+            self.kept_ratio,
+        )
+
+    def _drop_unused_series(self, model: str) -> None:
+        """Remove the zero series exported under a provisional name (before the engine said its
+        own); rejections counted under that name stay."""
+        for metric in self._single_label_metrics():
+            metric.remove(model)
+        for stage in IMAGE_TOKEN_STAGES:
+            self.image_tokens.remove(model, stage)
+        for reason in FINISH_REASONS:
+            self.requests.remove(model, reason)
+        for reason in REJECT_REASONS:
+            if reason not in self._rejected_reasons:
+                self.rejected.remove(model, reason)
+
+    def bind(self, model: str, stats: Callable[[], SchedulerStats]) -> None:
+        """Once the model is loaded: fix the label and read the gauges from the scheduler."""
+        if model != self.model:
+            self._drop_unused_series(self.model)
+        self.model = model
+        self._export_known_series()
+        self.kv_bytes.labels(model).set_function(lambda: stats().kv_cache_bytes)
+        self.kv_tokens.labels(model).set_function(lambda: stats().kv_cache_tokens)
+        self.running.labels(model).set_function(lambda: stats().num_running)
+        self.waiting.labels(model).set_function(lambda: stats().num_waiting)
 
     def set_model_info(self, family: str, preset: str, device: str, dtype: str) -> None:
         self.model_info.labels(self.model, family, preset, device, dtype).set(1)
 
     def reject(self, reason: str) -> None:
+        self._rejected_reasons.add(reason)
         self.rejected.labels(self.model, reason).inc()
+
+    def observe_image_preprocess(self, seconds: float) -> None:
+        self.image_preprocess.labels(self.model).observe(seconds)
+
+    def observe_kept_ratio(self, image_tokens: int, image_tokens_kept: int) -> None:
+        """One finished request's share of image tokens kept; text-only requests are skipped."""
+        if image_tokens > 0:
+            self.kept_ratio.labels(self.model).observe(image_tokens_kept / image_tokens)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

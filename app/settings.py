@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -11,6 +12,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from lightvlm_core.scheduler import SchedulerConfig
 
 MiB = 1024 * 1024
+# lightvlm_core.loading.DEMO_MODEL_DIR's name (app/ does not import the torch side for a constant).
+DEMO_MODEL_NAME = "shapes-demo"
+
+
+def served_name_of(model: str | None) -> str:
+    """The public name of a model: a hub id as it is, a local directory by its own name (a
+    filesystem path is never shown to clients), the bundled demo model when unset."""
+    if not model:
+        return DEMO_MODEL_NAME
+    path = Path(model).expanduser()
+    if path.is_dir() or model.startswith(("/", ".", "~")):
+        return path.resolve().name or model
+    return model
 
 
 class Settings(BaseSettings):
@@ -25,7 +39,9 @@ class Settings(BaseSettings):
     """Default acceleration preset; requests may override it."""
     trust_remote_code: bool = False
     served_model_name: str | None = None
-    """Name in /v1/models, the `model` field and the metrics label; unset: the engine's model name."""
+    """Name in /v1/models, the `model` field and the metrics label; unset: the hub id or the model
+    directory's own name (`shapes-demo` for the bundled model), never a path. An app built around
+    a given engine (tests) uses that engine's name instead."""
     warmup: bool = True
 
     # scheduling
@@ -65,6 +81,12 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def with_default_served_name(self) -> Settings:
+        """These settings with `served_model_name` filled in from `model` when it is unset."""
+        if self.served_model_name:
+            return self
+        return self.model_copy(update={"served_model_name": served_name_of(self.model)})
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(
