@@ -28,6 +28,8 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
     """Build the service. With `engine` given, it is used as is (ready once startup completes);
     otherwise the model of `settings` is loaded in the background and /ready says when it is up."""
     settings = settings or get_settings()
+    if engine is None:  # the app loads the model itself: name it after the hub id or directory
+        settings = settings.with_default_served_name()
     service = Service(settings, engine)
 
     @contextlib.asynccontextmanager
