@@ -13,6 +13,9 @@ from typing import Literal
 
 from PIL import Image
 
+from lightvlm_core.kv.registry import kv_policy_names  # noqa: F401  (the valid names, torch-free)
+from lightvlm_core.reduction.registry import preset_names  # noqa: F401
+
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 MIN_TEMPERATURE = 1e-5  # below: greedy (logits / temperature would overflow)
 MIN_TOP_P = 1e-6  # below: rounds to 0 in float32
@@ -61,16 +64,18 @@ class SamplingParams:
 class AccelerationConfig:
     """LightVLM knobs for one request.
 
-    preset: "none" | "light" | "balanced" | "aggressive" | "fastv" | "random".
-    keep_ratio: overrides the preset's final image-token keep ratio (0 < r <= 1).
-    kv_budget: decode-time KV budget in entries per layer (None: the preset's default, 0: off).
+    preset: a LightVLM preset or a reduction method: one of `preset_names()` (the registry).
+    keep_ratio: the final fraction of each image's tokens kept (0 < r <= 1; 1 = no reduction).
+    kv_budget: decode-time KV budget in entries per layer (None or 0: off).
     schedule: custom pyramid stages ((layer, keep_ratio), ...); a layer < 1 is a fraction of depth.
+    kv_policy: the KV eviction policy, one of `kv_policy_names()` (None: the default).
     """
 
     preset: str = "none"
     keep_ratio: float | None = None
     kv_budget: int | None = None
     schedule: tuple[tuple[float, float], ...] | None = None  # custom (layer, keep) stages
+    kv_policy: str | None = None
 
 
 @dataclass

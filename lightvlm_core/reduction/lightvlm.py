@@ -1,0 +1,78 @@
+"""LightVLM pyramid token merging (Hu et al., arXiv 2509.00419; see design/METHOD.md §1).
+
+Stages cut image tokens between decoder layers to a decreasing fraction of the original count;
+importance is the attention that prompt tokens pay to each image token at the layer before the
+cut; every removed token is folded into the kept token it is most similar to (a size x
+importance weighted average, sizes carried across stages, ToMe-style) instead of being dropped.
+The default schedule depends on the final keep ratio (the named presets' shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from lightvlm_core.reduction.base import InLLMMethod, Stages, check_stages, resolve_layers
+from lightvlm_core.reduction.registry import PRESET_STAGES
+
+
+def default_shape(keep_ratio: float) -> Stages:
+    """The preset shape whose final keep is closest (in log scale) to `keep_ratio`, rescaled to it."""
+    import math
+
+    name = min(PRESET_STAGES, key=lambda n: abs(math.log(PRESET_STAGES[n][-1][1] / keep_ratio)))
+    stages = PRESET_STAGES[name]
+    scale = keep_ratio / stages[-1][1]
+    return tuple((layer, min(1.0, keep * scale)) for layer, keep in stages)
+
+
+@dataclass
+class LightVLM(InLLMMethod):
+    keep_ratio: float = 0.1
+    schedule: Stages | None = None  # (layer, keep) stages; None: the preset shape for keep_ratio
+    query: int | str = 8  # the last 8 prompt tokens (the instruction suffix), or "text"
+    select: str = "topk"  # "topk" by importance, or "diverse" (importance x novelty, greedy)
+    merge_by: str = "size_importance"  # merge weights: "size_importance" or "size"
+
+    merge: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.schedule is not None:
+            check_stages(self.schedule)
+        if self.select not in ("topk", "diverse") or self.merge_by not in ("size_importance", "size"):
+            raise ValueError(f"unknown select {self.select!r} or merge_by {self.merge_by!r}")
+
+    def stages(self, num_layers: int) -> tuple[tuple[int, float], ...]:
+        if self.schedule is None:
+            return resolve_layers(default_shape(self.keep_ratio), num_layers)
+        scale = self.keep_ratio / self.schedule[-1][1]
+        return resolve_layers(tuple((layer, min(1.0, keep * scale)) for layer, keep in self.schedule), num_layers)
+
+    def choose(self, scores: torch.Tensor, h: torch.Tensor, target: int) -> torch.Tensor:
+        if self.select == "topk":
+            return scores.topk(target).indices
+        return diverse_topk(scores, h, target)
+
+
+def diverse_topk(scores: torch.Tensor, h: torch.Tensor, target: int) -> torch.Tensor:
+    """Greedy: repeatedly take the token maximising importance x (1 - its max cosine to those taken).
+
+    The first pick is the most important token; a token nearly identical to one already kept
+    scores ~0, so the budget spreads over distinct content (e.g. every object of a scene).
+    """
+    unit = F.normalize(h.float(), dim=-1)
+    weight = scores.float().clamp(min=0) + 1e-9
+    novelty = torch.ones_like(weight)
+    chosen = []
+    for _ in range(target):
+        gain = weight * novelty
+        if chosen:
+            gain[torch.tensor(chosen, device=gain.device)] = -1.0
+        pick = int(gain.argmax())
+        chosen.append(pick)
+        novelty = torch.minimum(novelty, (1 - unit @ unit[pick]).clamp(min=0))
+    return torch.tensor(chosen, dtype=torch.long, device=scores.device)
