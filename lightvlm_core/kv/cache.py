@@ -26,6 +26,8 @@ class BatchedKVCache:
         self.values = values
         self.lengths = lengths
         self.scores: list[torch.Tensor] | None = None
+        # (B,) bool: rows whose decode queries add to `scores` (the KV policy's choice); None: all
+        self.score_rows: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -81,7 +83,10 @@ class BatchedKVCache:
         """Append the rows of `other` (e.g. freshly prefilled requests) to this batch."""
         if self.batch_size == 0:
             self.keys, self.values, self.lengths, self.scores = other.keys, other.values, other.lengths, other.scores
+            self.score_rows = other.score_rows
             return
+        if self.scores is not None or other.scores is not None:
+            self.score_rows = torch.cat([self.decode_scored_rows(), other.decode_scored_rows()])
         if other.scores is not None:
             self.enable_scores()
         for layer in range(self.num_layers):
@@ -98,12 +103,22 @@ class BatchedKVCache:
         """Keep only `rows` (in that order) and trim the buffers, so leaving rows free memory."""
         index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
         self.lengths = self.lengths[:, index]
+        if self.score_rows is not None:
+            self.score_rows = self.score_rows[index]
         for layer in range(self.num_layers):
             cap = int(self.lengths[layer].max()) + SLACK if rows else 0
             self.keys[layer] = self.keys[layer][:, :, :cap].index_select(0, index)
             self.values[layer] = self.values[layer][:, :, :cap].index_select(0, index)
             if self.scores is not None:
                 self.scores[layer] = self.scores[layer][:, :, :cap].index_select(0, index)
+
+    def decode_scored_rows(self) -> torch.Tensor:
+        """(B,) bool: which rows accumulate decode scores (none without scores; all by default)."""
+        if self.scores is None:
+            return torch.zeros(self.batch_size, dtype=torch.bool, device=self.lengths.device)
+        if self.score_rows is None:
+            return torch.ones(self.batch_size, dtype=torch.bool, device=self.lengths.device)
+        return self.score_rows
 
     def enable_scores(self) -> None:
         if self.scores is None:
