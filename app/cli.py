@@ -32,6 +32,8 @@ def serve_parser() -> argparse.ArgumentParser:
                      help="replicas at start (the autoscaling minimum); default 1")
     ray.add_argument("--max-replicas", type=int, default=None,
                      help="autoscale up to this many replicas on ongoing requests; default --replicas")
+    ray.add_argument("--cpus-per-replica", type=int, default=1,
+                     help="CPUs (and torch threads) of a CPU replica; GPU replicas take one GPU each")
     return p
 
 
@@ -42,9 +44,10 @@ def serve(argv: list[str]) -> int:
                  "trust_remote_code": args.trust_remote_code or None}  # the flag can only turn it on
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.ray:
-        from app.ray_serve import run_ray_serve
+        from app.scaleout.launcher import run_ray_serve
 
-        return run_ray_serve(overrides, replicas=args.replicas, max_replicas=args.max_replicas)
+        return run_ray_serve(overrides, replicas=args.replicas, max_replicas=args.max_replicas,
+                             cpus_per_replica=args.cpus_per_replica)
     if args.replicas is not None or args.max_replicas is not None:
         print("error: --replicas and --max-replicas need --ray", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from app.errors import install_error_handlers
 from app.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from app.replica import ReplicaHeaderMiddleware
 from app.routes import generate, health, openai
 from app.schemas import GenerateRequest
 from app.service import Service
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(ReplicaHeaderMiddleware)  # outermost: every response, errors too
     for module in (health, generate, openai):
         app.include_router(module.router)
     _document_schemas(app, [GenerateRequest])
