@@ -1,4 +1,4 @@
-"""FastAPI dependencies: the service of this app, and the optional API-key check."""
+"""FastAPI dependencies (the service, the pixel budget) and the API-key comparison."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
+from pydantic import SecretStr
 
-from app.errors import ServiceError
+from app.images import PixelBudget
 from app.service import Service
 
 
@@ -16,17 +17,18 @@ def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
+def get_pixel_budget(request: Request) -> PixelBudget:
+    return request.app.state.pixel_budget
+
+
 ServiceDep = Annotated[Service, Depends(get_service)]
+PixelBudgetDep = Annotated[PixelBudget, Depends(get_pixel_budget)]
 
 
-def require_api_key(request: Request, service: ServiceDep) -> None:
-    """When LIGHTVLM_API_KEY is set, demand `Authorization: Bearer <key>` (constant-time compare)."""
-    expected = service.settings.api_key
-    if expected is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def api_key_matches(authorization: str, expected: SecretStr) -> bool:
+    """`Authorization: Bearer <key>` against the configured key, in constant time."""
+    scheme, _, token = authorization.partition(" ")
     # Digests first, so that neither the content nor the length of the key leaks through timing.
     given = hashlib.sha256(token.strip().encode()).digest()
     wanted = hashlib.sha256(expected.get_secret_value().encode()).digest()
-    if not hmac.compare_digest(given, wanted) or scheme.lower() != "bearer":
-        raise ServiceError(401, "unauthorized", "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+    return hmac.compare_digest(given, wanted) and scheme.lower() == "bearer"

@@ -8,7 +8,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lightvlm_core.errors import LightVLMError
@@ -16,6 +17,8 @@ from lightvlm_core.errors import LightVLMError
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+CLIENT_ABORTED = "client_aborted"  # lightvlm_requests_rejected_total{reason=...} of aborted uploads
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for it: what the access log shows
 
 # error type -> HTTP status, for the engine's and the scheduler's typed errors
 STATUS_OF_ERROR_TYPE = {
@@ -36,6 +39,7 @@ _TYPE_OF_STATUS = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     413: "body_too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
@@ -45,13 +49,23 @@ _TYPE_OF_STATUS = {
 
 
 class ServiceError(Exception):
-    """An error the HTTP layer raises itself (auth, readiness, unsupported fields, ...)."""
+    """An error the HTTP layer raises itself (auth, readiness, unsupported fields, ...).
+
+    `param` and `code` follow OpenAI's error object (e.g. param="tools", code="unsupported_parameter")."""
 
     def __init__(
-        self, status: int, error_type: str, message: str, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        param: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.error_type, self.message, self.headers = status, error_type, message, headers
+        self.param, self.code = param, code
 
 
 class BodyTooLargeError(StarletteHTTPException):
@@ -61,14 +75,24 @@ class BodyTooLargeError(StarletteHTTPException):
         super().__init__(413, f"request body is larger than {limit} bytes")
 
 
+class BodyReadTimeoutError(StarletteHTTPException):
+    """The client did not send its whole body in time (a trickling upload): 408, connection closed."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body was not received within {timeout_s:g}s", {"Connection": "close"})
+
+
 def not_ready(message: str | None = None) -> ServiceError:
     return ServiceError(
         503, "not_ready", message or "the model is not loaded yet", {"Retry-After": str(RETRY_AFTER_S)}
     )
 
 
-def error_body(error_type: str, message: str) -> dict[str, Any]:
-    return {"error": {"type": error_type, "message": message}}
+def error_body(error_type: str, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": error_type, "message": message}
+    if param is not None or code is not None:
+        error.update(param=param, code=code)
+    return {"error": error}
 
 
 def error_response(
@@ -77,12 +101,17 @@ def error_response(
     error_type: str,
     message: str,
     headers: Mapping[str, str] | None = None,
+    **openai_fields: str | None,
 ) -> JSONResponse:
     if request is not None and (400 <= status < 500 or status == 503):
-        service = getattr(request.app.state, "service", None)
-        if service is not None:
-            service.metrics.reject(error_type)
-    return JSONResponse(error_body(error_type, message), status_code=status, headers=headers)
+        count_rejection(request, error_type)
+    return JSONResponse(error_body(error_type, message, **openai_fields), status_code=status, headers=headers)
+
+
+def count_rejection(request: Request, reason: str) -> None:
+    service = getattr(request.app.state, "service", None)
+    if service is not None:
+        service.metrics.reject(reason)
 
 
 def status_of(exc: LightVLMError) -> int:
@@ -100,7 +129,9 @@ def validation_message(errors: Sequence[Any]) -> str:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(request, exc.status, exc.error_type, exc.message, exc.headers)
+    return error_response(
+        request, exc.status, exc.error_type, exc.message, exc.headers, param=exc.param, code=exc.code
+    )
 
 
 async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
@@ -123,6 +154,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, exc.status_code, error_type, str(exc.detail), exc.headers)
 
 
+async def _client_aborted(request: Request, exc: Exception) -> Response:
+    # The client closed the connection before sending its whole body: nobody reads an answer and
+    # nothing failed here. Info level, counted under its own reason, never a 5xx.
+    logger.info("client closed the connection before sending its whole body (%s %s)", request.method, request.url.path)
+    count_rejection(request, CLIENT_ABORTED)
+    return Response(status_code=CLIENT_CLOSED_REQUEST, headers={"Connection": "close"})
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error", exc_info=exc)
     return error_response(request, 500, "internal_error", "internal server error")
@@ -133,4 +172,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(LightVLMError, _engine_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_aborted)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -15,10 +15,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
 from app.errors import install_error_handlers
-from app.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from app.images import PixelBudget
+from app.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
 from app.replica import ReplicaHeaderMiddleware
 from app.routes import generate, health, openai
-from app.schemas import GenerateRequest
+from app.schemas import ChatCompletionRequest, GenerateRequest
 from app.service import Service
 from app.settings import Settings, get_settings
 from lightvlm_core import __version__
@@ -51,8 +52,19 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
     app.state.service = service
     install_error_handlers(app)
     # Added innermost first: the request-id/access-log middleware wraps everything else.
+    app.state.pixel_budget = PixelBudget(settings.max_decoded_pixels, max_waiting=settings.max_queue)
     app.add_middleware(
-        BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=service.metrics.reject
+        BodySizeLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        on_reject=service.metrics.reject,
+        read_timeout_s=settings.body_read_timeout_s,
+        max_incomplete_uploads=settings.max_incomplete_uploads,
+    )
+    app.add_middleware(  # before the body is read, on every route (app.middleware.PUBLIC_PATHS aside)
+        ApiKeyMiddleware,
+        api_key=settings.api_key,
+        protect_docs=settings.docs_require_api_key,
+        on_reject=service.metrics.reject,
     )
     if settings.cors_origin_list:
         app.add_middleware(
@@ -66,7 +78,7 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
     app.add_middleware(ReplicaHeaderMiddleware)  # outermost: every response, errors too
     for module in (health, generate, openai):
         app.include_router(module.router)
-    _document_schemas(app, [GenerateRequest])
+    _document_schemas(app, [GenerateRequest, ChatCompletionRequest])
     return app
 
 

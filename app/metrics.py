@@ -58,6 +58,7 @@ REJECT_REASONS = (
     "invalid_request", "invalid_image", "context_length_exceeded", "unauthorized", "not_found",
     "model_not_found", "method_not_allowed", "body_too_large", "unsupported_media_type", "queue_full",
     "not_ready", "out_of_memory",
+    "timeout", "too_many_uploads", "client_aborted",  # body intake (app.middleware, app.errors)
 )  # fmt: skip
 
 

@@ -1,7 +1,9 @@
-"""Pure-ASGI middleware (safe with streaming responses): request id + access log, body limit."""
+"""Pure-ASGI middleware (safe with streaming responses): request id + access log, API key, body
+intake (size limit, read timeout, a cap on incomplete uploads)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -10,9 +12,11 @@ import uuid
 from collections.abc import Callable
 from contextvars import ContextVar
 
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import BodyTooLargeError, error_body
+from app.deps import api_key_matches
+from app.errors import BodyReadTimeoutError, BodyTooLargeError, error_body
 from app.logs import request_id_var
 
 logger = logging.getLogger("app.access")
@@ -21,6 +25,9 @@ request_start_var: ContextVar[float | None] = ContextVar("lightvlm_request_start
 _id_from_client_var: ContextVar[bool] = ContextVar("lightvlm_request_id_from_client", default=False)
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# Open without the API key: the probes and the playground page (it sends the key itself).
+PUBLIC_PATHS = _PROBE_PATHS | {"/"}
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 def generation_request_id() -> str:
@@ -90,15 +97,56 @@ class RequestContextMiddleware:
             _id_from_client_var.reset(tokens[2])
 
 
-class BodySizeLimitMiddleware:
-    """413 for bodies over `max_body_bytes`: at once from Content-Length, else while reading."""
+class ApiKeyMiddleware:
+    """With an API key configured: 401 before anything reads the body, on every route but the
+    probes and the playground page (and the docs when `protect_docs` is off). CORS preflights pass:
+    browsers send them without credentials."""
 
     def __init__(
-        self, app: ASGIApp, max_body_bytes: int, on_reject: Callable[[str], None] | None = None
+        self,
+        app: ASGIApp,
+        api_key: SecretStr | None,
+        protect_docs: bool = True,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        self.app, self.api_key, self.on_reject = app, api_key, on_reject
+        self.public = PUBLIC_PATHS if protect_docs else PUBLIC_PATHS | DOCS_PATHS
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or self.api_key is None
+            or scope.get("method") == "OPTIONS"
+            or scope.get("path") in self.public
+            or api_key_matches(_header(scope, b"authorization") or "", self.api_key)
+        ):
+            await self.app(scope, receive, send)
+            return
+        if self.on_reject is not None:
+            self.on_reject("unauthorized")
+        body = error_body("unauthorized", "missing or invalid API key")
+        await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+
+
+class BodySizeLimitMiddleware:
+    """Body intake: 413 for bodies over `max_body_bytes` (at once from Content-Length, else while
+    reading); 408 when the whole body has not arrived `read_timeout_s` after the request did (a
+    trickling client); 429 when `max_incomplete_uploads` bodies are being received already."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        on_reject: Callable[[str], None] | None = None,
+        read_timeout_s: float | None = None,
+        max_incomplete_uploads: int | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.on_reject = on_reject
+        self.read_timeout_s = read_timeout_s
+        self.max_incomplete_uploads = max_incomplete_uploads
+        self.incomplete_uploads = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,26 +154,61 @@ class BodySizeLimitMiddleware:
             return
         length = _header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            if self.on_reject is not None:
-                self.on_reject("body_too_large")
-            await _send_json(
-                send,
-                413,
-                error_body("body_too_large", f"request body is larger than {self.max_body_bytes} bytes"),
-            )
+            self._reject("body_too_large")
+            message = f"request body is larger than {self.max_body_bytes} bytes"
+            await _send_json(send, 413, error_body("body_too_large", message))
             return
-        received = 0
+        expects_body = (length is not None and int(length) > 0) or _header(scope, b"transfer-encoding") is not None
+        if not expects_body:
+            await self.app(scope, receive, send)
+            return
+        if self.max_incomplete_uploads is not None and self.incomplete_uploads >= self.max_incomplete_uploads:
+            self._reject("too_many_uploads")
+            message = f"{self.incomplete_uploads} uploads are in progress already; retry shortly"
+            await _send_json(send, 429, error_body("too_many_uploads", message), [(b"retry-after", b"1")])
+            return
+        await self._intake(scope, receive, send)
+
+    async def _intake(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.incomplete_uploads += 1
+        incomplete, received = True, 0
+        deadline = time.monotonic() + (self.read_timeout_s or 0.0)
+
+        def upload_ended() -> None:
+            nonlocal incomplete
+            if incomplete:
+                incomplete = False
+                self.incomplete_uploads -= 1
 
         async def limited_receive() -> Message:
             nonlocal received
-            message = await receive()
+            if incomplete and self.read_timeout_s is not None:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    upload_ended()
+                    raise BodyReadTimeoutError(self.read_timeout_s) from None
+            else:
+                message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
+                    upload_ended()
                     raise BodyTooLargeError(self.max_body_bytes)
+                if not message.get("more_body", False):
+                    upload_ended()
+            else:  # http.disconnect
+                upload_ended()
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            upload_ended()
+
+    def _reject(self, reason: str) -> None:
+        if self.on_reject is not None:
+            self.on_reject(reason)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -135,12 +218,14 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _send_json(send: Send, status: int, body: dict) -> None:
+async def _send_json(send: Send, status: int, body: dict, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+    # The body was not read: the connection cannot be reused for another request.
     payload = json.dumps(body).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(payload)).encode()),
         (b"connection", b"close"),
+        *extra_headers,
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

@@ -6,9 +6,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from lightvlm_core.types import MIN_KV_BUDGET, MIN_TEMPERATURE, MIN_TOP_P
+from lightvlm_core.types import MAX_TOP_LOGPROBS, MIN_KV_BUDGET, MIN_TEMPERATURE, MIN_TOP_P
 
 PresetName = Literal["none", "light", "balanced", "aggressive", "fastv", "random"]
+
+# Caps that hold on every route (a field unbounded on one route is a way around the other's cap).
+MAX_STOP_STRINGS = 16  # every stop string is scanned on every generated token
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 256  # chat templating is CPU work proportional to the message count
+MAX_CONTENT_PARTS = 64  # per message
+MAX_CHOICES = 8  # n: each choice is a batch row
+MAX_TOP_K = 1 << 20  # above any vocabulary
+MAX_TOKEN_COUNT = 1 << 31  # static bound of token counts; the settings and the model's context bound them further
+MAX_SEED = 2**63 - 1
 
 
 def _utf8_only(value: str) -> str:
@@ -47,7 +57,9 @@ class AccelerationOverride(BaseModel):
 
     preset: PresetName | None = None
     keep_ratio: float | None = Field(None, gt=0, le=1)
-    kv_budget: int | None = Field(None, ge=0, description=f"0: off, else >= {MIN_KV_BUDGET}")
+    kv_budget: int | None = Field(
+        None, ge=0, le=MAX_TOKEN_COUNT, description=f"0: off, else >= {MIN_KV_BUDGET} and <= the model's context"
+    )
 
     @field_validator("kv_budget")
     @classmethod
@@ -62,15 +74,17 @@ class GenerateRequest(BaseModel):
 
     prompt: Text = Field(min_length=1)
     image: str | None = Field(None, description="base64 or a data: URL; omit for text-only")
-    max_new_tokens: int | None = Field(None, ge=1, description="default min(256, server limit)")
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_TOKEN_COUNT, description="default min(256, server limit)")
     temperature: Temperature = Field(0.0, description="0 = greedy")
     top_p: TopP = 1.0
-    top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[Annotated[Text, Field(min_length=1, max_length=256)]] = Field(
-        default_factory=list, max_length=16
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_STOP_STRINGS
     )
     ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="implies logprobs")
     stream: bool = True
     acceleration: AccelerationOverride | None = None
 
@@ -88,7 +102,7 @@ class GenerateResponse(BaseModel):
 
 class ImageURL(BaseModel):
     url: str
-    detail: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
 
 
 class TextPart(BaseModel):
@@ -106,8 +120,11 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: str | None = Field(None, max_length=256)
+
+
+StopText = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(BaseModel):
@@ -117,23 +134,27 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """The subset of OpenAI's chat-completions body that a VLM server can honour.
 
-    Unknown OpenAI fields are ignored; `top_k`, `ignore_eos` and `acceleration` are LightVLM
+    OpenAI parameters we do not implement (tools, structured output, penalties, ...) and unknown
+    fields are a 400 (app.requests.check_openai_params), as OpenAI answers them; `user`, `metadata`
+    and the like are accepted and ignored. `top_k`, `ignore_eos` and `acceleration` are LightVLM
     extensions (pass them with the openai client's `extra_body`).
     """
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    model: str | None = Field(None, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKEN_COUNT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKEN_COUNT)
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="choice i of n samples with seed + i")
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
-    top_k: int = Field(0, ge=0)
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="number of choices")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="needs logprobs=true")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
     ignore_eos: bool = False
     acceleration: AccelerationOverride | None = None

@@ -63,10 +63,20 @@ class Settings(BaseSettings):
     (tiny as a PNG) would become gigabytes of pixels: refused before decoding."""
     max_images_per_request: int = Field(4, ge=0, le=64)
     max_prompt_chars: int = Field(100_000, ge=1)
+    max_decoded_pixels: int = Field(4 * 4096 * 4096, ge=64)
+    """Decoded image pixels held at once over all requests (from decoding until the request ends):
+    a 100 KB PNG can decode to 4096x4096 RGBA. Requests beyond it wait (429 when max_queue wait)."""
+    body_read_timeout_s: float = Field(60.0, gt=0)
+    """A request's whole body must arrive within this long (a trickling upload gets a 408)."""
+    max_incomplete_uploads: int = Field(64, ge=1)
+    """Bodies being received at once; beyond it a new upload gets a 429 before it is read."""
 
     # HTTP
     api_key: SecretStr | None = None
-    """When set, /generate and /v1/* need `Authorization: Bearer <key>`."""
+    """When set, every route but /health, /ready, /metrics and / needs `Authorization: Bearer <key>`
+    (checked before the body is read)."""
+    docs_require_api_key: bool = True
+    """With an API key set, /docs, /redoc and /openapi.json need it too (off: they stay public)."""
     cors_origins: str = ""
     """Comma-separated allowed origins; empty: CORS off."""
     host: str = "127.0.0.1"

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterable, Callable
-from typing import Any
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from lightvlm_core.scheduler import RequestStream
 from lightvlm_core.types import DoneEvent, ErrorEvent, Event, GenerationResult, TokenEvent
 
+if TYPE_CHECKING:  # only in annotations: the stream type lives where the engine client does
+    from lightvlm_core.client import RequestStream
+
 SSE_DONE = b"data: [DONE]\n\n"
+T = TypeVar("T")
 
 
 def sse_data(payload: Any) -> bytes:
@@ -24,7 +27,13 @@ def sse_data(payload: Any) -> bytes:
 def event_payload(event: Event) -> dict[str, Any]:
     """The /generate SSE event for an engine event (see ARCHITECTURE.md, HTTP API)."""
     if isinstance(event, TokenEvent):
-        return {"type": "token", "index": event.index, "token_id": event.token_id, "text": event.text}
+        payload: dict[str, Any] = {
+            "type": "token", "index": event.index, "token_id": event.token_id, "text": event.text
+        }
+        if event.logprob is not None:  # asked for with logprobs / top_logprobs
+            payload["logprob"] = event.logprob.logprob
+            payload["top_logprobs"] = [{"token": t.token, "logprob": t.logprob} for t in event.top_logprobs]
+        return payload
     if isinstance(event, DoneEvent):
         return {
             "type": "done",
@@ -55,15 +64,24 @@ class EventStreamResponse(StreamingResponse):
 
 async def collect_until_disconnect(request: Request, stream: RequestStream) -> GenerationResult:
     """Non-streaming: wait for the result, cancelling the request if the client goes away."""
+    return await until_disconnect(request, stream.collect(), [stream])
+
+
+async def until_disconnect(request: Request, work: Awaitable[T], streams: Sequence[RequestStream]) -> T:
+    """Await `work` (which consumes `streams`), cancelling the streams if the client goes away."""
+
+    def cancel_all() -> None:
+        for stream in streams:
+            stream.cancel()
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        stream.cancel()
+        cancel_all()
 
     watcher = asyncio.create_task(watch())
     try:
-        return await stream.collect()
+        return await work
     finally:
         watcher.cancel()
-        stream.cancel()
+        cancel_all()

@@ -173,7 +173,7 @@ def cases() -> list[Case]:
         Case("lone surrogate (OpenAI route)", 422, "invalid_request",
              raw(b'{"messages": [{"role": "user", "content": "a\\ud800"}]}'), CHAT),
         Case("invalid UTF-8 in a JSON body", 422, "invalid_request", raw(b'{"prompt": "a\xff\xfe"}')),
-        Case("invalid UTF-8 (OpenAI route)", 400, "invalid_request",
+        Case("invalid UTF-8 (OpenAI route)", 422, "invalid_request",
              raw(b'{"messages": [{"role": "user", "content": "a\xff"}]}'), CHAT),
         # ---- fields ---------------------------------------------------------------------------
         Case("max_new_tokens = 0", 422, "invalid_request", gen(max_new_tokens=0)),

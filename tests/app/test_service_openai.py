@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from service_fakes import FakeEngine
 from service_helpers import data_url, image_bytes, parse_sse
 
-from app.routes.openai import to_chat_messages
+from app.requests import to_chat_messages
 from app.schemas import ChatMessage
 from lightvlm_core.types import AccelerationConfig
 
@@ -124,7 +124,7 @@ def test_errors_are_openai_errors(make_client: MakeClient) -> None:
     with pytest.raises(openai.UnprocessableEntityError):
         oai.chat.completions.create(model="fake-vlm", messages=[], max_tokens=2)
     with pytest.raises(openai.UnprocessableEntityError):
-        oai.chat.completions.create(model="fake-vlm", messages=[{"role": "user", "content": "x"}], n=2)
+        oai.chat.completions.create(model="fake-vlm", messages=[{"role": "user", "content": "x"}], n=99)
     with pytest.raises(openai.AuthenticationError):
         openai_client(client, api_key="wrong").models.list()
 
