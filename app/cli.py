@@ -8,6 +8,7 @@ import sys
 import typing
 
 from app.settings import Settings
+from lightvlm_core.cli_checks import OneLineParser, UsageError, check_model, fail, port_number
 
 
 def _choices(field: str) -> list[str] | None:
@@ -17,14 +18,18 @@ def _choices(field: str) -> list[str] | None:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lightvlm serve", description="start the HTTP service")
+    p = OneLineParser(prog="lightvlm serve", description="start the HTTP service")
     p.add_argument("--model", default=None, help="hub id or local dir (default: $LIGHTVLM_MODEL, else the demo model)")
-    p.add_argument("--device", default=None, choices=_choices("device"))
-    p.add_argument("--dtype", default=None, choices=_choices("dtype"))
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--preset", default=None, choices=_choices("preset"))
+    p.add_argument("--device", default=None, choices=_choices("device"),
+                   help="auto: CUDA when available, else CPU (default: $LIGHTVLM_DEVICE, else auto)")
+    p.add_argument("--dtype", default=None, choices=_choices("dtype"),
+                   help="auto: bfloat16 on CUDA, float32 on CPU (default: $LIGHTVLM_DTYPE, else auto)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model's own Python code from the hub (off by default)")
+    p.add_argument("--host", default=None, help="address to listen on (default: $LIGHTVLM_HOST, else 127.0.0.1)")
+    p.add_argument("--port", type=port_number, default=None, help="default: $LIGHTVLM_PORT, else 8000")
+    p.add_argument("--preset", default=None, choices=_choices("preset"),
+                   help="default acceleration preset; requests may override it (default: none)")
     ray = p.add_argument_group("Ray Serve (pip install 'lightvlm-serve[ray]')")
     ray.add_argument("--ray", action="store_true",
                      help="serve as a Ray Serve deployment (a local Ray cluster unless RAY_ADDRESS is set)")
@@ -39,6 +44,10 @@ def serve_parser() -> argparse.ArgumentParser:
 
 def serve(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
+    try:
+        check_model(args.model)  # before the model loads: a typo is one line, not a load failure
+    except UsageError as exc:
+        return fail("lightvlm serve", exc)
     overrides = {"host": args.host, "port": args.port, "model": args.model, "device": args.device,
                  "dtype": args.dtype, "preset": args.preset,
                  "trust_remote_code": args.trust_remote_code or None}  # the flag can only turn it on

@@ -288,3 +288,19 @@ def heldout_questions(n: int, seed: int = 777, size=MODEL_SIZE) -> Iterator[tupl
             yield img, q, a, qt
             k += 1
         i += 1
+
+
+# ----------------------------------------------------------------------------- samples for users
+
+def sample_scene(seed: int, size=224):
+    """A scene for people to try (`lightvlm make-scene`, examples/): ``(image, objs, questions)``
+    with one ``(question, answer)`` per askable question type. Its own seed namespace
+    (``sample/{seed}``), apart from the training and held-out scenes."""
+    rng = random.Random(f"sample/{seed}")
+    image, objs = make_scene(rng, size=size)
+    questions = []
+    for qtype in QTYPES:
+        qa = sample_question(rng, objs, qtype)
+        if qa is not None:
+            questions.append(qa)
+    return image, objs, questions
