@@ -7,7 +7,7 @@ prefill and KV compression can act on the cache during decode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightvlm_core.kv.cache import BatchedKVCache
-from lightvlm_core.models.base import ModelAdapter
+from lightvlm_core.models.base import LayerSpec, ModelAdapter
 
 SNAPKV_WINDOW = 8  # prompt tokens whose attention seeds the KV heavy-hitter scores
 
@@ -27,7 +27,9 @@ class PrefillState:
     h: (B, T, d) hidden states; valid: (B, T) real tokens (packed at the front of each row);
     pos: (B, T) or (3, B, T) original position ids (never renumbered by reduction);
     span: (B, T) index of the image span a token belongs to, -1 for text;
-    size: (B, T) how many original tokens each token now carries (merging adds up).
+    size: (B, T) how many original tokens each token now carries (merging adds up);
+    carry: per-token family features {name: (B, T, ...)} (Qwen3-VL DeepStack), zero on text,
+    gathered with their tokens and read by `adapter.inject`.
     """
 
     h: torch.Tensor
@@ -35,6 +37,7 @@ class PrefillState:
     pos: torch.Tensor
     span: torch.Tensor
     size: torch.Tensor
+    carry: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -49,7 +52,18 @@ class PrefillState:
             pos=pos,
             span=self.span.gather(1, index),
             size=self.size.gather(1, index),
+            carry={name: _gather_tokens(c, index) for name, c in self.carry.items()},
         )
+
+    @property
+    def text_pos(self) -> torch.Tensor:
+        """(B, T) 1-D positions (M-RoPE's temporal row), for causality and sliding windows."""
+        return self.pos[0] if self.pos.dim() == 3 else self.pos
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, ...) -> (B, T', ...) at index (B, T')."""
+    return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(*index.shape, *x.shape[2:]))
 
 
 class PrefillHook(Protocol):
@@ -85,8 +99,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _mlp_residual(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+def prefill_mask(adapter: ModelAdapter, spec: LayerSpec, state: PrefillState) -> torch.Tensor:
+    """(B, 1, T, T) boolean attention mask of one layer during prefill.
+
+    Causal over the row's real tokens (rows keep their tokens in original order, so index order is
+    position order); image tokens also see their whole image where the family is bidirectional
+    (Gemma 3); sliding layers see only keys whose ORIGINAL position is within the window, so the
+    window stays right after token reduction drops tokens.
+    """
+    t = state.h.shape[1]
+    allowed = torch.ones(t, t, dtype=torch.bool, device=state.h.device).tril()[None]
+    if adapter.bidirectional_images:
+        span = state.span
+        allowed = allowed | ((span[:, :, None] == span[:, None, :]) & (span[:, :, None] >= 0))
+    if spec.attention == "sliding":
+        pos = state.text_pos
+        allowed = allowed & (pos[:, None, :] > pos[:, :, None] - spec.window)
+    return (allowed & state.valid[:, None, :])[:, None]
 
 
 def last_query_attention(q: torch.Tensor, k: torch.Tensor, state: PrefillState, num_query: int,
@@ -125,16 +154,16 @@ def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None
     for i, layer in enumerate(adapter.layers):
         if hook is not None:
             state = hook.before_layer(i, state)
-        t = state.h.shape[1]
-        cos, sin = adapter.rotary(state.h, state.pos)
+        spec = adapter.layer_specs[i]
+        cos, sin = adapter.rotary(state.h, state.pos, spec.rope)
         x = layer.input_layernorm(state.h)
         q, k, v = _project_qkv(adapter, layer.self_attn, x, cos, sin)
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        mask = causal[None, None] & state.valid[:, None, None, :]
+        mask = prefill_mask(adapter, spec, state)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=adapter.scaling,
                                              enable_gqa=adapter.num_kv_heads != adapter.num_heads)
         out = out.transpose(1, 2).reshape(*state.h.shape[:2], -1)
-        state.h = _mlp_residual(layer, state.h + layer.self_attn.o_proj(out))
+        state.h = adapter.attn_residual(layer, state.h, layer.self_attn.o_proj(out))
+        state.h = adapter.inject(i, adapter.mlp_residual(layer, state.h), state.carry)
         keys.append(k)
         values.append(v)
         layer_lengths.append(state.lengths)
@@ -162,14 +191,17 @@ def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor
     """
     cache.reserve(1)
     h = adapter.embed_tokens(input_ids)[:, None]  # (B, 1, d)
-    cos, sin = adapter.rotary(h, pos[..., None])
+    ropes = {spec.rope: adapter.rotary(h, pos[..., None], spec.rope) for spec in adapter.layer_specs}
     groups = adapter.num_heads // adapter.num_kv_heads
     # only rows whose KV policy reads decode-time scores pay for the explicit softmax
     scoring = cache.scores is not None and (cache.score_rows is None or bool(cache.score_rows.any()))
     for i, layer in enumerate(adapter.layers):
+        spec = adapter.layer_specs[i]
         x = layer.input_layernorm(h)
-        q, k, v = _project_qkv(adapter, layer.self_attn, x, cos, sin)
+        q, k, v = _project_qkv(adapter, layer.self_attn, x, *ropes[spec.rope])
         keys, values, mask = cache.append(i, k[:, :, 0], v[:, :, 0])
+        if spec.attention == "sliding":
+            mask = mask & _decode_window(cache.lengths[i], mask.shape[1], spec.window)
         if not scoring:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :],
                                                  scale=adapter.scaling, enable_gqa=groups > 1)
@@ -177,8 +209,17 @@ def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor
             out = _attend_and_score(q, keys, values, mask, adapter.scaling, groups, cache.scores[i],
                                     cache.score_rows)
         out = out.transpose(1, 2).reshape(h.shape[0], 1, -1)
-        h = _mlp_residual(layer, h + layer.self_attn.o_proj(out))
+        h = adapter.mlp_residual(layer, adapter.attn_residual(layer, h, layer.self_attn.o_proj(out)))
     return adapter.lm_head(adapter.norm(h))[:, 0].float()
+
+
+def _decode_window(lengths: torch.Tensor, span: int, window: int) -> torch.Tensor:
+    """(B, S) the last `window` entries of each row (entries sit in position order).
+
+    Equal to HF's position window while a row holds every token; after reduction or eviction it
+    keeps the `window` most recent entries the row still holds.
+    """
+    return torch.arange(span, device=lengths.device)[None, :] >= (lengths[:, None] - window)
 
 
 def _attend_and_score(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,

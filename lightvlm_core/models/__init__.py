@@ -3,26 +3,32 @@
 from torch import nn
 
 from lightvlm_core.errors import UnsupportedModelError
-from lightvlm_core.models.base import ModelAdapter, PromptInputs
+from lightvlm_core.models.base import LayerSpec, ModelAdapter, PromptInputs
+from lightvlm_core.models.check import check_supported
 from lightvlm_core.models.internvl import InternVLAdapter
 from lightvlm_core.models.llava import LlavaAdapter
 from lightvlm_core.models.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
+from lightvlm_core.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llava": LlavaAdapter,
     "qwen2_vl": Qwen2VLAdapter,
     "qwen2_5_vl": Qwen25VLAdapter,
     "internvl": InternVLAdapter,
+    "qwen3_vl": Qwen3VLAdapter,
 }
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter for `model`, after the load-time check (UnsupportedModelError if it fails)."""
     model_type = model.config.model_type
     if model_type not in ADAPTERS:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}"
         )
-    return ADAPTERS[model_type](model)
+    adapter = ADAPTERS[model_type](model)
+    check_supported(adapter)
+    return adapter
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "PromptInputs", "adapter_for"]
+__all__ = ["ADAPTERS", "LayerSpec", "ModelAdapter", "PromptInputs", "adapter_for", "check_supported"]

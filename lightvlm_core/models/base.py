@@ -1,10 +1,22 @@
-"""What the engine needs from a VLM family, and the parts every family shares.
+"""What the engine needs from a VLM family (the adapter contract), and the parts every family shares.
 
 The engine runs the language model's decoder layers itself (so that it can reduce tokens
-between layers and own the KV cache). An adapter hands it the pieces: the processor inputs
-turned into input embeddings (image features scattered into the image-token slots), the
-position ids (1-D, or Qwen2-VL's 3-row M-RoPE), the decoder layers, rotary embedding, final norm
-and LM head. Families differ only in how images become features and how positions are built.
+between layers and own the KV cache). An adapter hands it:
+
+- images into the prompt: `embed_batch` -> input embeddings with image features in the
+  image-token slots, plus per-token `carry` features (e.g. Qwen3-VL's DeepStack) that follow
+  their token through reduction;
+- `image_spans`: [start, end) of each contiguous image-token run;
+- `position_ids`: 1-D, or 3-row M-RoPE (`uses_mrope`), and the next position;
+- the decoder parts the forward pass uses: `embed_tokens`, `layers` (each with `self_attn`
+  q/k/v/o projections and optional q/k norms, `mlp`, the norms of `norm_layout`), `rotary`,
+  `norm`, `lm_head`, `scaling`;
+- per layer, a `LayerSpec`: global or sliding-window attention (and its window) and which
+  rotary table it uses; `bidirectional_images` for image tokens that see their whole image;
+- `inject(layer, state)`: additions to the hidden states after a layer (DeepStack).
+
+`check_supported` (models/check.py) refuses, at load, any model whose layers or config use
+something outside this contract, so an unsupported model fails instead of giving wrong output.
 """
 
 from __future__ import annotations
@@ -13,6 +25,21 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How the forward pass runs one decoder layer.
+
+    attention: "global" (causal over every earlier token) or "sliding" (a key is visible only
+    when its position is within `window` of the query's: k_pos > q_pos - window).
+    rope: which rotary table the layer uses (Gemma 3 has a local and a global one); None = the
+    model's single table.
+    """
+
+    attention: str = "global"
+    window: int | None = None
+    rope: str | None = None
 
 
 @dataclass
@@ -37,6 +64,13 @@ class ModelAdapter:
     family: str = "generic"
     uses_mrope: bool = False
     vision_keys: tuple[str, ...] = ("pixel_values",)
+    # decoder-layer classes whose math forward.py reproduces (checked at load)
+    layer_classes: tuple[str, ...] = ()
+    # "pre": x + attn(norm(x)), then x + mlp(post_attention_layernorm(x)) (Llama/Qwen);
+    # "sandwich": Gemma's extra post-attention and pre/post-feedforward norms
+    norm_layout: str = "pre"
+    bidirectional_images: bool = False  # image tokens attend to their whole image in prefill
+    supports_sliding_window: bool = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -55,6 +89,13 @@ class ModelAdapter:
         self.num_kv_heads: int = self.text_config.num_key_value_heads
         self.scaling: float = attn.scaling
         self.max_context: int = int(getattr(self.text_config, "max_position_embeddings", 4096))
+        self.layer_specs: list[LayerSpec] = self._layer_specs()
+
+    def _layer_specs(self) -> list[LayerSpec]:
+        """One LayerSpec per decoder layer, from the text config's `layer_types`."""
+        kinds = getattr(self.text_config, "layer_types", None) or ["full_attention"] * len(self.layers)
+        window = getattr(self.text_config, "sliding_window", None)
+        return [LayerSpec("sliding", window) if k == "sliding_attention" else LayerSpec() for k in kinds]
 
     # --- images -> embeddings ---------------------------------------------------------------
 
@@ -70,6 +111,12 @@ class ModelAdapter:
     @torch.no_grad()
     def embed_batch(self, prompts: list[PromptInputs], device: torch.device, dtype: torch.dtype
                     ) -> list[torch.Tensor]:
+        """Input embeddings (T_i, d) per prompt; see `embed_with_carry`."""
+        return self.embed_with_carry(prompts, device, dtype)[0]
+
+    @torch.no_grad()
+    def embed_with_carry(self, prompts: list[PromptInputs], device: torch.device, dtype: torch.dtype
+                         ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
         """Input embeddings (T_i, d) per prompt, image features in the image-token slots.
 
         The vision tower runs once for all images of the batch: every family's processor output
@@ -78,13 +125,14 @@ class ModelAdapter:
         ids = [p.input_ids.to(device) for p in prompts]
         embeds = [self.embed_tokens(i) for i in ids]
         with_images = [i for i, p in enumerate(prompts) if p.num_images]
+        carry: list[dict[str, torch.Tensor]] = [{} for _ in prompts]
         if not with_images:
-            return embeds
+            return embeds, carry
         keys = [k for k in self.vision_keys if k in prompts[with_images[0]].vision]
         vision = {k: torch.cat([prompts[i].vision[k] for i in with_images]).to(device) for k in keys}
         if "pixel_values" in vision:
             vision["pixel_values"] = vision["pixel_values"].to(dtype)
-        feats = self.image_features(vision)
+        feats, extra = self.image_features_with_carry(vision)
         slots = [ids[i] == self.image_token_id for i in with_images]
         counts = [int(s.sum()) for s in slots]
         if sum(counts) != feats.shape[0]:
@@ -92,7 +140,17 @@ class ModelAdapter:
         for i, mask, part in zip(with_images, slots, feats.split(counts)):
             embeds[i] = embeds[i].clone()
             embeds[i][mask] = part.to(embeds[i].dtype)
-        return embeds
+        for name, per_token in extra.items():  # (N_image_tokens, ...) -> (T_i, ...), zeros on text
+            for i, mask, part in zip(with_images, slots, per_token.split(counts)):
+                full = part.new_zeros(mask.shape[0], *part.shape[1:])
+                full[mask] = part
+                carry[i][name] = full
+        return embeds, carry
+
+    def image_features_with_carry(self, vision: dict[str, torch.Tensor]
+                                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Image features (N, d) and per-image-token extras {name: (N, ...)} (none by default)."""
+        return self.image_features(vision), {}
 
     # --- positions --------------------------------------------------------------------------
 
@@ -113,8 +171,24 @@ class ModelAdapter:
                 start = None
         return spans
 
-    # --- rotary -----------------------------------------------------------------------------
+    # --- decoder-layer parts -------------------------------------------------------------------
 
-    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: (B, T, head_dim) for position_ids (B, T) (1-D) or (3, B, T) (M-RoPE)."""
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor, rope: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: (B, T, head_dim) for position_ids (B, T) (1-D) or (3, B, T) (M-RoPE).
+
+        `rope` is the layer's LayerSpec.rope (None for single-table models).
+        """
         return self.rotary_emb(x, position_ids)
+
+    def attn_residual(self, layer: nn.Module, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """h after the attention block, given the o_proj output."""
+        return h + attn_out
+
+    def mlp_residual(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """h after the MLP block."""
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def inject(self, layer: int, h: torch.Tensor, carry: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hidden states (B, T, d) after `layer`, plus any per-layer injection from `carry`."""
+        return h

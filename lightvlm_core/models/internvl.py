@@ -8,3 +8,4 @@ from lightvlm_core.models.base import ModelAdapter
 class InternVLAdapter(ModelAdapter):
     family = "internvl"
     vision_keys = ("pixel_values",)
+    layer_classes = ("Qwen2DecoderLayer", "LlamaDecoderLayer")

@@ -6,3 +6,4 @@ from lightvlm_core.models.base import ModelAdapter
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     vision_keys = ("pixel_values", "image_sizes")
+    layer_classes = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")

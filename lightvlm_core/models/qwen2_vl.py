@@ -14,6 +14,7 @@ class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     uses_mrope = True
     vision_keys = ("pixel_values", "image_grid_thw")
+    layer_classes = ("Qwen2VLDecoderLayer",)
 
     def position_ids(self, prompt: PromptInputs) -> tuple[torch.Tensor, int]:
         ids = prompt.input_ids
@@ -33,3 +34,4 @@ class Qwen2VLAdapter(ModelAdapter):
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
+    layer_classes = ("Qwen2_5_VLDecoderLayer",)

@@ -13,6 +13,7 @@ from pathlib import Path
 from lightvlm_core.tiny.common import TinyFamily, generation_config, init_model
 from lightvlm_core.tiny.internvl import INTERNVL
 from lightvlm_core.tiny.llava import LLAVA
+from lightvlm_core.tiny.qwen3_vl import QWEN3_VL
 from lightvlm_core.tiny.qwen_vl import QWEN2_5_VL, QWEN2_VL
 
 BUILDERS: dict[str, TinyFamily] = {
@@ -20,6 +21,7 @@ BUILDERS: dict[str, TinyFamily] = {
     "qwen2_vl": QWEN2_VL,
     "qwen2_5_vl": QWEN2_5_VL,
     "internvl": INTERNVL,
+    "qwen3_vl": QWEN3_VL,
 }
 FAMILIES = tuple(BUILDERS)
 

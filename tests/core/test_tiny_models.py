@@ -15,6 +15,7 @@ EXPECTED = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "<|im_end|>", "<|vision_start|><|image_pad|><|vision_end|>"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "<|im_end|>", "<|vision_start|><|image_pad|><|vision_end|>"),
     "internvl": ("InternVLForConditionalGeneration", "<|im_end|>", "<IMG_CONTEXT>"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "<|im_end|>", "<|vision_start|><|image_pad|><|vision_end|>"),
 }
 # family: {(width, height): image tokens in input_ids}
 IMAGE_TOKENS = {
@@ -22,6 +23,7 @@ IMAGE_TOKENS = {
     "qwen2_vl": {(56, 56): 4, (168, 112): 24, (224, 224): 64},
     "qwen2_5_vl": {(56, 56): 4, (168, 112): 24, (224, 224): 64},
     "internvl": {(56, 56): 16, (168, 56): 64, (112, 168): 112},
+    "qwen3_vl": {(56, 56): 4, (168, 112): 20, (256, 256): 64},  # 32 px per token
 }
 PROMPT = "What is in this image?"
 

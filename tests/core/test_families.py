@@ -1,0 +1,117 @@
+"""The adapter contract: the load-time check refuses what the forward pass does not implement,
+and family-specific parts (Qwen3-VL DeepStack) are load-bearing and travel with their tokens.
+
+Greedy parity, batching, joining mid-decode, reduction and KV policies run for every family in the
+shared matrix (test_engine.py, test_reduction.py, test_kv_compression.py, parametrized by FAMILIES).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from lightvlm_core.engine import load_engine
+from lightvlm_core.errors import UnsupportedModelError
+from lightvlm_core.forward import PrefillState
+from lightvlm_core.loading import load_model
+from lightvlm_core.models import ADAPTERS, check_supported
+from lightvlm_core.reduction.merger import merge_into
+from lightvlm_core.tiny import FAMILIES
+from lightvlm_core.types import GenerationRequest, SamplingParams
+
+
+def modified_copy(src: Path, dst: Path, **text_changes) -> Path:
+    """A copy of a tiny model dir whose text config has `text_changes` applied."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["text_config"].update(text_changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_every_tiny_family_has_an_adapter_and_a_cli_choice():
+    from lightvlm_core.cli import _parser
+
+    assert set(FAMILIES) <= set(ADAPTERS)
+    choices = next(a for a in _parser()._subparsers._group_actions[0].choices["make-tiny"]._actions
+                   if a.dest == "family").choices
+    assert set(choices) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family,changes,feature", [
+    ("qwen2_vl", {"use_sliding_window": True, "sliding_window": 8,
+                  "layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 4}, "sliding-window"),
+    ("llava", {"layer_types": ["full_attention"] * 5 + ["chunked_attention"]}, "chunked_attention"),
+])
+def test_unsupported_config_is_refused_at_load(tiny_model_dir, tmp_path, family, changes, feature):
+    path = modified_copy(tiny_model_dir(family), tmp_path / "m", **changes)
+    with pytest.raises(UnsupportedModelError, match=f"^{family}: .*{feature}"):
+        load_model(str(path), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_model_dir):
+    return load_model(str(tiny_model_dir("qwen3_vl")), device="cpu")
+
+
+def test_unknown_layer_class_extra_norm_and_other_norm_are_refused(qwen3):
+    adapter = ADAPTERS["qwen3_vl"](qwen3.model)
+    check_supported(adapter)  # the real model passes
+    layers = adapter.layers
+    original = layers[1]
+    try:
+        layers[1] = nn.Sequential(original)
+        with pytest.raises(UnsupportedModelError, match="qwen3_vl: .*layer 1: decoder layer class Sequential"):
+            check_supported(adapter)
+        layers[1] = original
+        original.extra_norm = nn.LayerNorm(64)
+        with pytest.raises(UnsupportedModelError, match=r"layer 1: unexpected layer parts \['extra_norm'\]"):
+            check_supported(adapter)
+        del original.extra_norm
+        norm = original.input_layernorm
+        original.input_layernorm = nn.LayerNorm(64)
+        with pytest.raises(UnsupportedModelError, match="layer 1: norm input_layernorm is LayerNorm"):
+            check_supported(adapter)
+        original.input_layernorm = norm
+    finally:
+        layers[1] = original
+    check_supported(adapter)
+
+
+def scene(w: int, h: int) -> Image.Image:
+    img = Image.new("RGB", (w, h), (240, 240, 240))
+    img.paste((200, 30, 30), (w // 4, h // 4, w // 2, h // 2))
+    return img
+
+
+def test_deepstack_is_load_bearing(tiny_model_dir):
+    """Without the DeepStack injections the image answer changes: the parity test really covers them."""
+    engine = load_engine(str(tiny_model_dir("qwen3_vl")), device="cpu")
+    request = GenerationRequest("What is in the image?", [scene(128, 96)], SamplingParams(max_new_tokens=8))
+    with_deepstack = engine.generate([request])[0].token_ids
+    engine.adapter.inject = lambda layer, h, carry: h
+    try:
+        without = engine.generate([request])[0].token_ids
+    finally:
+        del engine.adapter.inject
+    assert without != with_deepstack
+
+
+def test_carry_features_are_gathered_and_merged_with_their_tokens():
+    b, t, d = 1, 5, 4
+    deepstack = torch.arange(b * t * 2 * d, dtype=torch.float32).view(b, t, 2, d)
+    state = PrefillState(h=torch.randn(b, t, d), valid=torch.ones(b, t, dtype=torch.bool),
+                         pos=torch.arange(t)[None], span=torch.tensor([[-1, 0, 0, 0, -1]]),
+                         size=torch.ones(b, t), carry={"deepstack": deepstack.clone()})
+    kept = state.gather(torch.tensor([[0, 2, 4]]), torch.ones(1, 3, dtype=torch.bool))
+    assert torch.equal(kept.carry["deepstack"], deepstack[:, [0, 2, 4]])
+    # merge token 1 into token 2 (the only destination) with equal weights: plain average
+    merge_into(state, 0, torch.tensor([1]), torch.tensor([2]), torch.ones(t))
+    assert torch.allclose(state.carry["deepstack"][0, 2], (deepstack[0, 1] + deepstack[0, 2]) / 2)
+    assert torch.equal(state.carry["deepstack"][0, [0, 3, 4]], deepstack[0, [0, 3, 4]])
