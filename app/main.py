@@ -18,7 +18,7 @@ from app.errors import install_error_handlers
 from app.images import PixelBudget
 from app.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
 from app.replica import ReplicaHeaderMiddleware
-from app.routes import generate, health, openai
+from app.routes import generate, health, openai, playground
 from app.schemas import ChatCompletionRequest, GenerateRequest
 from app.service import Service
 from app.settings import Settings, get_settings
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
         )
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(ReplicaHeaderMiddleware)  # outermost: every response, errors too
-    for module in (health, generate, openai):
+    for module in (health, generate, openai, playground):
         app.include_router(module.router)
     _document_schemas(app, [GenerateRequest, ChatCompletionRequest])
     return app

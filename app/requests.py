@@ -60,6 +60,7 @@ class Intake:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    return_kept_patches: bool = False
 
     def prompt_chars(self) -> int:
         return len(self.prompt) + MESSAGE_OVERHEAD_CHARS * len(self.messages or ())
@@ -228,6 +229,7 @@ async def build_request(intake: Intake, service: Service, budget: PixelBudget, a
                 images=images,
                 sampling=sampling_params(intake, max_new_tokens, choice),
                 acceleration=acceleration,
+                return_kept_patches=intake.return_kept_patches,
                 request_id=request_id if intake.n == 1 else f"{request_id}-{choice}",
                 arrival_time=arrival,
             )

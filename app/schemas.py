@@ -87,6 +87,9 @@ class GenerateRequest(BaseModel):
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="implies logprobs")
     stream: bool = True
     acceleration: AccelerationOverride | None = None
+    return_kept_patches: bool = Field(
+        False, description="the done event lists, per image and reduction stage, the kept cells of its token grid"
+    )
 
 
 class GenerateResponse(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import asdict
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -40,6 +41,7 @@ def event_payload(event: Event) -> dict[str, Any]:
             "finish_reason": event.finish_reason,
             "usage": event.usage.to_dict(),
             "timings": event.timings.to_dict(),
+            **({"kept_patches": [asdict(k) for k in event.kept_patches]} if event.kept_patches else {}),
         }
     assert isinstance(event, ErrorEvent)
     return {"type": "error", "error_type": event.error_type, "message": event.message}

@@ -101,6 +101,7 @@ def intake_of(body: GenerateRequest, image_bytes: bytes | None) -> Intake:
         acceleration=body.acceleration,
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs,
+        return_kept_patches=body.return_kept_patches,
     )
 
 

@@ -1,0 +1,98 @@
+"""The playground: `GET /` (a page that needs no build step), its static files, the sample scenes
+it offers in one click, and what it needs to know about the service. None of these need the API
+key (the page asks for it and sends it with every generation request)."""
+
+from __future__ import annotations
+
+import io
+import typing
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from app.deps import ServiceDep
+from app.errors import ServiceError
+from app.schemas import PresetName
+from lightvlm_core.demo.scenes import describe, sample_scene
+
+router = APIRouter(include_in_schema=False)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+_MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
+SAMPLE_SEEDS = (1, 2, 3, 4)  # the same scenes as examples/scene-<seed>.png (lightvlm make-scene)
+# The five question patterns the demo model was trained on (lightvlm_core/demo/scenes.py).
+QUESTION_PATTERNS = (
+    "What color is the circle?",
+    "What shape is the red object?",
+    "How many squares are there?",
+    "Is there a blue triangle?",
+    "Describe the image.",
+)
+_NO_CACHE = {"Cache-Control": "no-cache"}  # a new release must not run an old page
+
+
+@router.get("/")
+def playground_page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type=_MEDIA_TYPES[".html"], headers=_NO_CACHE)
+
+
+@router.get("/static/{name}")
+def static_file(name: str) -> FileResponse:
+    """Only the files that app/static holds, by plain name (no paths)."""
+    path = STATIC_DIR / name
+    media_type = _MEDIA_TYPES.get(path.suffix)
+    if "/" in name or name.startswith(".") or media_type is None or not path.is_file():
+        raise ServiceError(404, "not_found", f"no static file {name!r}")
+    return FileResponse(path, media_type=media_type, headers=_NO_CACHE)
+
+
+@router.get("/playground/config")
+def playground_config(service: ServiceDep) -> JSONResponse:
+    settings = service.settings
+    return JSONResponse(
+        {
+            "model": service.model_name,
+            "ready": service.ready,
+            "presets": list(typing.get_args(PresetName)),
+            "default_preset": settings.preset,
+            "api_key_required": settings.api_key is not None,
+            "max_new_tokens": min(64, settings.max_new_tokens),
+            "question_patterns": list(QUESTION_PATTERNS),
+        }
+    )
+
+
+@router.get("/playground/samples")
+def playground_samples() -> list[dict[str, Any]]:
+    return [_sample(seed)[0] for seed in SAMPLE_SEEDS]
+
+
+@router.get("/playground/samples/{name}.png")
+def playground_sample_image(name: str) -> Response:
+    seed = name.removeprefix("scene-")
+    if not seed.isdigit() or int(seed) not in SAMPLE_SEEDS:
+        raise ServiceError(404, "not_found", f"no sample {name!r}")
+    return Response(_sample(int(seed))[1], media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+@lru_cache(maxsize=len(SAMPLE_SEEDS))
+def _sample(seed: int) -> tuple[dict[str, Any], bytes]:
+    image, objects, questions = sample_scene(seed)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    info = {
+        "name": f"scene-{seed}",
+        "url": f"/playground/samples/scene-{seed}.png",
+        "objects": describe(objects),
+        "questions": [{"question": q, "answer": a} for q, a in questions],
+    }
+    return info, png.getvalue()
