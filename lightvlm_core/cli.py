@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--out", default=None, help="also write the JSON result to this file")
     bench.add_argument("--plot", default=None, help="write a PNG plot")
+    from lightvlm_core.bench.serve_args import add_serve_arguments
+
+    add_serve_arguments(bench)
 
     ev = sub.add_parser("eval", help="accuracy on the demo task vs kept image tokens")
     ev.add_argument("--model", default=None, help="default: $LIGHTVLM_MODEL, else the demo model")
@@ -105,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from lightvlm_core.bench.runner import run_bench
 
-        return run_bench(args.kind, profile=args.profile, as_json=args.json, out=args.out, plot=args.plot)
+        from lightvlm_core.bench.serve_args import serve_options
+
+        return run_bench(args.kind, profile=args.profile, as_json=args.json, out=args.out, plot=args.plot,
+                         options=serve_options(args))
     if args.command == "eval":
         from lightvlm_core.eval.accuracy import run_eval
 

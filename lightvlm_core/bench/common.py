@@ -66,3 +66,5 @@ def emit(result: dict, as_json: bool, out: str | None, table_columns: list[str])
     print("  ".join(c.ljust(w) for c, w in zip(table_columns, widths)))
     for r in rows:
         print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(table_columns, widths)))
+    if result.get("markdown"):  # the serve bench's side-by-side table
+        print("\n" + result["markdown"])

