@@ -23,10 +23,9 @@ from app.schemas import ChatCompletionRequest, GenerateRequest
 from app.service import Service
 from app.settings import Settings, get_settings
 from lightvlm_core import __version__
-from lightvlm_core.scheduler import EngineLike
 
 
-def create_app(settings: Settings | None = None, engine: EngineLike | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: Any | None = None) -> FastAPI:
     """Build the service. With `engine` given, it is used as is (ready once startup completes);
     otherwise the model of `settings` is loaded in the background and /ready says when it is up."""
     settings = settings or get_settings()

@@ -21,7 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from lightvlm_core.scheduler import SchedulerObserver, SchedulerStats
+from lightvlm_core.client import SchedulerObserver, SchedulerStats
 
 # No `*_created` series (process-wide switch; vLLM does the same): they only double the output.
 disable_created_metrics()
@@ -113,6 +113,9 @@ class ServiceMetrics(SchedulerObserver):
         self.rejected = Counter(
             "lightvlm_requests_rejected", "Requests rejected (4xx/429/503)", ["model", "reason"], registry=r
         )
+        self.engine_restarts = Counter(
+            "lightvlm_engine_restarts", "Engine processes started again after one died", m, registry=r
+        )
         self.image_preprocess = hist(
             "lightvlm_image_preprocess_seconds",
             "Decoding and checking one request image in the API process",
@@ -152,6 +155,7 @@ class ServiceMetrics(SchedulerObserver):
             self.prompt_tokens,
             self.generation_tokens,
             self.evicted,
+            self.engine_restarts,
             self.prefill,
             self.ttft,
             self.itl,

@@ -1,4 +1,4 @@
-"""The service's runtime state: load the engine, warm it up, run the scheduler, report readiness."""
+"""The service's runtime state: start the engine (its own process), restart it if it dies, report readiness."""
 
 from __future__ import annotations
 
@@ -7,64 +7,47 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
-
-from PIL import Image
 
 from app.errors import not_ready
 from app.metrics import ServiceMetrics
 from app.settings import Settings
-from lightvlm_core.scheduler import EngineLike, Scheduler
-from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
+from lightvlm_core.client import EngineClient, EngineInfo
+from lightvlm_core.types import AccelerationConfig
 
 logger = logging.getLogger(__name__)
 
-State = Literal["starting", "loading", "warming_up", "ready", "draining", "failed", "stopped"]
+State = Literal["starting", "loading", "warming_up", "ready", "restarting", "draining", "failed", "stopped"]
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What the HTTP layer may know about the engine (public attributes only)."""
-
-    model_name: str
-    family: str
-    device: str
-    dtype: str
-    default_acceleration: AccelerationConfig
-    max_context: int | None
-
-    @classmethod
-    def of(cls, engine: Any) -> EngineInfo:
-        return cls(
-            model_name=str(engine.model_name),
-            family=str(getattr(engine, "family", "unknown")),
-            device=str(getattr(engine, "device", "unknown")),
-            dtype=str(getattr(engine, "dtype", "unknown")),
-            default_acceleration=getattr(engine, "default_acceleration", None) or AccelerationConfig(),
-            max_context=getattr(engine, "max_context", None),
-        )
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # between failed engine restarts
 
 
 class Service:
-    """Owns the scheduler (and through it the engine) for one app instance."""
+    """Owns the EngineClient (and through it the engine process) for one app instance.
 
-    def __init__(self, settings: Settings, engine: EngineLike | None = None) -> None:
+    With `engine` given (tests: a runner, or an offline `lightvlm_core.engine.Engine`), the core
+    runs in a thread of this process; otherwise the model is loaded in an engine process, which is
+    started again whenever it dies (`lightvlm_engine_restarts_total`)."""
+
+    def __init__(self, settings: Settings, engine: Any | None = None) -> None:
         self.settings = settings
         self.metrics = ServiceMetrics(settings.served_model_name or settings.model or "default")
         self.state: State = "starting"
         self.error: str | None = None
         self.created = int(time.time())
-        self.scheduler: Scheduler | None = None
+        self.scheduler: EngineClient | None = None  # the name routes use; it is the engine client
         self.info: EngineInfo | None = None
         self.on_failure: Callable[[BaseException], None] | None = None
-        self._engine = engine
+        self._engine = getattr(engine, "runner", engine)
         self._cut_off_timer: threading.Timer | None = None
 
     @property
+    def client(self) -> EngineClient | None:
+        return self.scheduler
+
+    @property
     def ready(self) -> bool:
-        """Loaded, warmed up, not shutting down, and the engine thread alive."""
+        """Loaded, warmed up, not shutting down, and the engine alive."""
         return self.state == "ready" and self.scheduler is not None and self.scheduler.is_running
 
     def begin_drain(self, grace_s: float | None = None) -> None:
@@ -102,10 +85,12 @@ class Service:
             names.add(self.info.model_name)
         return names
 
-    def require_scheduler(self) -> Scheduler:
+    def require_scheduler(self) -> EngineClient:
         if not self.ready or self.scheduler is None:
             raise not_ready("the server is shutting down" if self.state == "draining" else None)
         return self.scheduler
+
+    require_client = require_scheduler
 
     def acceleration_for(
         self, preset: str | None, keep_ratio: float | None, kv_budget: int | None
@@ -121,29 +106,21 @@ class Service:
         )
 
     async def start(self) -> None:
-        """Load (unless an engine was given), warm up, start the scheduler; never raises."""
+        """Start the engine (loading and warming up the model); never raises."""
         try:
-            engine = self._engine
-            if engine is None:
-                self._advance("loading")
-                engine = await run_in_daemon_thread(self._load_engine)
-            scheduler = Scheduler(engine, self.settings.scheduler_config(), observer=self.metrics)
-            if self.settings.warmup:
-                self._advance("warming_up")
-                started = time.monotonic()
-                await run_in_daemon_thread(scheduler.warm_up, warmup_request())
-                logger.info("warm-up done in %.2fs", time.monotonic() - started)
-            scheduler.start()
-            info = EngineInfo.of(engine)
-            self.metrics.bind(self.settings.served_model_name or info.model_name, scheduler.stats)
-            self.metrics.set_model_info(
-                info.family, info.default_acceleration.preset, info.device, info.dtype
-            )
-            self.scheduler, self.info = scheduler, info
+            self._advance("loading" if self._engine is None else "warming_up")
+            client = await run_in_daemon_thread(self._start_client)
+            if self.state in ("draining", "stopped"):  # shut down while it was loading
+                await asyncio.to_thread(client.shutdown)
+                return
+            info = client.info
+            assert info is not None
+            self.metrics.bind(self.settings.served_model_name or info.model_name, client.stats)
+            self.metrics.set_model_info(info.family, info.default_acceleration.preset, info.device, info.dtype)
+            self.scheduler, self.info = client, info
             self._advance("ready")
-            logger.info(
-                "ready", extra={"model": self.model_name, "family": info.family, "device": info.device}
-            )
+            logger.info("ready", extra={"model": self.model_name, "family": info.family, "device": info.device,
+                                        "engine_pid": info.pid})
         except Exception as exc:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             logger.exception("model failed to load or warm up")
@@ -157,32 +134,64 @@ class Service:
     async def stop(self) -> None:
         if self._cut_off_timer is not None:
             self._cut_off_timer.cancel()
-        scheduler, self.scheduler = self.scheduler, None
+        client, self.scheduler = self.scheduler, None
         self.state = "stopped"
-        if scheduler is not None:
-            await asyncio.to_thread(scheduler.shutdown)
+        if client is not None:
+            await asyncio.to_thread(client.shutdown)
 
-    def _load_engine(self) -> EngineLike:
-        from lightvlm_core.engine import load_engine  # heavy (torch, transformers): only when needed
+    def _start_client(self) -> EngineClient:
+        s = self.settings
+        config = s.scheduler_config()
+        runner = self._engine if self._engine is not None or s.engine_process else self._load_engine()
+        if runner is not None:
+            client = EngineClient.start_in_thread(runner, config, runner.tokenizer, self.metrics, warmup=s.warmup)
+        else:
+            started = time.monotonic()
+            logger.info("loading model", extra={"model": s.model or "(bundled demo)", "device": s.device,
+                                                "dtype": s.dtype, "engine_process": s.engine_process})
+            client = EngineClient.launch(s.model, config, self.metrics, device=s.device, dtype=s.dtype,
+                                         preset=s.preset, trust_remote_code=s.trust_remote_code, warmup=s.warmup,
+                                         own_process=s.engine_process)
+            logger.info("engine started in %.1fs", time.monotonic() - started)
+        client.on_death = self._on_engine_death
+        return client
+
+    def _load_engine(self) -> Any:
+        """The model runner, loaded in this process (LIGHTVLM_ENGINE_PROCESS=0)."""
+        from lightvlm_core.client import load_runner
 
         s = self.settings
-        started = time.monotonic()
-        logger.info(
-            "loading model",
-            extra={"model": s.model or "(bundled demo)", "device": s.device, "dtype": s.dtype},
-        )
-        engine = load_engine(
-            s.model, device=s.device, dtype=s.dtype, preset=s.preset, trust_remote_code=s.trust_remote_code
-        )
-        logger.info("model loaded in %.1fs", time.monotonic() - started)
-        return engine
+        return load_runner(s.model, device=s.device, dtype=s.dtype, preset=s.preset,
+                           trust_remote_code=s.trust_remote_code)
 
+    def _on_engine_death(self) -> None:
+        """On the client's reader thread: every stream in flight has its error event already."""
+        if self.state != "ready":
+            return
+        self.state = "restarting"
+        self.metrics.engine_restarts.labels(self.metrics.model).inc()
+        logger.error("the engine process died; starting a new one")
+        threading.Thread(target=self._restart, name="lightvlm-engine-restart", daemon=True).start()
 
-def warmup_request() -> GenerationRequest:
-    image = Image.new("RGB", (64, 64), (127, 127, 127))
-    return GenerationRequest(
-        prompt="Describe the image.", images=[image], sampling=SamplingParams(max_new_tokens=2)
-    )
+    def _restart(self) -> None:
+        for attempt, backoff in enumerate((0.0, *RESTART_BACKOFF_S)):
+            time.sleep(backoff)
+            if self.state != "restarting":
+                return
+            try:
+                client = self._start_client()
+            except Exception as exc:
+                logger.error("engine restart %d failed: %s", attempt + 1, exc)
+                continue
+            if self.state != "restarting":  # shut down meanwhile
+                client.shutdown()
+                return
+            self.scheduler, self.info = client, client.info
+            self.metrics.bind(self.model_name, client.stats)
+            self.state = "ready"
+            logger.info("engine restarted", extra={"engine_pid": client.pid})
+            return
+        self.state, self.error = "failed", "the engine could not be restarted"
 
 
 async def run_in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:

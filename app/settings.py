@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lightvlm_core.scheduler import SchedulerConfig
+from lightvlm_core.client import SchedulerConfig
 
 MiB = 1024 * 1024
 # lightvlm_core.loading.DEMO_MODEL_DIR's name (app/ does not import the torch side for a constant).
@@ -43,11 +43,16 @@ class Settings(BaseSettings):
     directory's own name (`shapes-demo` for the bundled model), never a path. An app built around
     a given engine (tests) uses that engine's name instead."""
     warmup: bool = True
+    engine_process: bool = True
+    """Run the engine in its own process (restarted if it dies); off: a thread of the API process."""
 
     # scheduling
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_queue: int = Field(64, ge=0, le=100_000)
     """Requests that may wait for a free batch row; beyond that: 429."""
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    """Per-step token budget (decodes count 1, a prefill its prompt): bounds how long a burst of
+    prefills can hold up running streams."""
     max_new_tokens: int = Field(1024, ge=1)
     """Upper bound on a request's max_new_tokens."""
     request_timeout_s: float = Field(300.0, gt=0)
@@ -102,6 +107,7 @@ class Settings(BaseSettings):
         return SchedulerConfig(
             max_batch_size=self.max_batch_size,
             max_queue=self.max_queue,
+            max_num_batched_tokens=self.max_num_batched_tokens,
             request_timeout_s=self.request_timeout_s,
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lightvlm_core.scheduler import TokenLogprobs
 from lightvlm_core.types import SamplingParams
 
 
@@ -39,3 +40,24 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]
+                   ) -> list[TokenLogprobs | None]:
+    """Log-probabilities of the sampled tokens under the model's distribution (before temperature,
+    top-k and top-p, as OpenAI reports them), plus each row's `top_logprobs` most likely tokens.
+    logits: (B, V). None for rows that did not ask."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    k = max(p.top_logprobs for p in params)
+    top_values, top_ids = (logprobs.topk(k, dim=-1) if k else (None, None))
+    out: list[TokenLogprobs | None] = []
+    for row, p in enumerate(params):
+        if not p.logprobs:
+            out.append(None)
+            continue
+        top = []
+        if p.top_logprobs:
+            top = list(zip(top_ids[row, :p.top_logprobs].tolist(), top_values[row, :p.top_logprobs].tolist()))
+        out.append(TokenLogprobs(chosen[row], top))
+    return out

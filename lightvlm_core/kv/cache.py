@@ -112,6 +112,16 @@ class BatchedKVCache:
             if self.scores is not None:
                 self.scores[layer] = self.scores[layer][:, :, :cap].index_select(0, index)
 
+    def copy_rows(self, rows: list[int]) -> BatchedKVCache:
+        """A new cache holding copies of `rows` (this one is left untouched)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        copy = BatchedKVCache([k.index_select(0, index) for k in self.keys],
+                              [v.index_select(0, index) for v in self.values], self.lengths[:, index].clone())
+        if self.scores is not None:
+            copy.scores = [s.index_select(0, index) for s in self.scores]
+            copy.score_rows = None if self.score_rows is None else self.score_rows[index]
+        return copy
+
     def decode_scored_rows(self) -> torch.Tensor:
         """(B,) bool: which rows accumulate decode scores (none without scores; all by default)."""
         if self.scores is None:
@@ -137,10 +147,6 @@ class BatchedKVCache:
     def row_bytes(self) -> list[int]:
         per = self.bytes_per_entry()
         return [n * per for n in self.row_tokens()]
-
-    def allocated_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for k, v in zip(self.keys, self.values))
 
 
 def _pad_seq(x: torch.Tensor, cap: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ def test_ready_is_503_until_loaded_and_warmed_up(monkeypatch: pytest.MonkeyPatch
         return FakeEngine()
 
     monkeypatch.setattr(service_module.Service, "_load_engine", slow_load)
-    with TestClient(create_app(make_settings())) as client:
+    with TestClient(create_app(make_settings(engine_process=False))) as client:
         assert client.get("/health").status_code == 200
         response = client.get("/ready")
         assert response.status_code == 503 and response.json()["error"]["type"] == "not_ready"
@@ -67,7 +67,7 @@ def test_failed_load_stays_unready_and_reports_it(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(service_module.Service, "_load_engine", broken_load)
     failures: list[BaseException] = []
-    app = create_app(make_settings())
+    app = create_app(make_settings(engine_process=False))
     app.state.service.on_failure = failures.append
     with TestClient(app) as client:
         wait_for(lambda: app.state.service.state == "failed")

@@ -138,7 +138,7 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(engine):
 
 
 def test_max_new_tokens_and_ignore_eos(engine):
-    eos = next(iter(engine.eos_ids))
+    eos = next(iter(engine.eos_token_ids))
     request = GenerationRequest("hi", [], SamplingParams(max_new_tokens=20, ignore_eos=True))
     prepared = engine.prepare(request)
     # force EOS as the first token by biasing the LM head: ignore_eos must keep going

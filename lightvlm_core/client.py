@@ -1,0 +1,549 @@
+"""EngineClient: the API process's side of the engine (all that app/ imports of lightvlm_core,
+with types.py and errors.py).
+
+`submit` sends a request to the EngineCore and returns its RequestStream once the core has
+accepted it (prepare errors raise here, so HTTP can answer 4xx before streaming); a reader thread
+turns the core's token ids into events: incremental detokenisation and stop strings run here, in
+the API process, and metrics are observed from the core's own timestamps. The core runs in its own
+process (`EngineClient.start_process`) or in a thread (`EngineClient.start_in_thread`, for tests and
+the CLI) behind the same interface. If the core dies, every stream in flight ends with an error
+event at once and `on_death` tells the owner, who may start a new client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lightvlm_core import errors as errors_module
+from lightvlm_core.core import CoreStep, RequestOutput, serve_core
+from lightvlm_core.detok import IncrementalDetokenizer
+from lightvlm_core.errors import LightVLMError
+from lightvlm_core.request import RequestStatus
+from lightvlm_core.scheduler import QueueFullError, SchedulerConfig
+from lightvlm_core.types import (
+    AccelerationConfig,
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    GenerationRequest,
+    GenerationResult,
+    Timings,
+    TokenEvent,
+    TokenLogprob,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0  # model download + load + warm-up
+
+
+class EngineClosedError(LightVLMError):
+    """The engine is not running (not started yet, restarting, or shutting down)."""
+
+    error_type = "not_ready"
+
+
+SchedulerClosedError = EngineClosedError  # the name app/ used before the engine had its own process
+
+
+class RequestFailedError(LightVLMError):
+    """A request ended with an error event (time-out, engine failure, ...)."""
+
+    def __init__(self, event: ErrorEvent) -> None:
+        super().__init__(event.message)
+        self.error_type = event.error_type
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0  # queued for admission, including requests still being prepared
+    kv_cache_bytes: int = 0
+    kv_cache_tokens: int = 0
+
+
+class SchedulerObserver:
+    """Metric hooks, called on the client's reader thread with the core's timestamps. Override
+    what you need; an exception raised by a hook is logged and ignored."""
+
+    def on_admitted(self, queue_s: float, prefill_s: float, num_prompt_tokens: int) -> None:
+        """A request got its first token after `queue_s` waiting and a `prefill_s` prefill."""
+
+    def on_token(self, ttft_s: float | None, itl_s: float | None) -> None:
+        """A token was streamed: `ttft_s` for a request's first token, else `itl_s` since its last."""
+
+    def on_finished(self, finish_reason: str, e2e_s: float) -> None:
+        """A request ended (`finish_reason`: stop, length, cancelled or error)."""
+
+    def on_step(self, batch_size: int) -> None:
+        """One engine step ran over `batch_size` requests."""
+
+    def on_engine_counters(self, evicted_tokens: int, image_tokens_in: int, image_tokens_kept: int) -> None:
+        """Increments of the engine's cumulative counters since the last call."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine reports about itself once started."""
+
+    model_name: str
+    family: str
+    device: str
+    dtype: str
+    default_acceleration: AccelerationConfig
+    max_context: int | None
+    eos_token_ids: tuple[int, ...] = ()
+    pid: int | None = None
+
+    @classmethod
+    def of(cls, info: dict) -> EngineInfo:
+        return cls(str(info["model_name"]), str(info.get("family", "unknown")), str(info.get("device", "cpu")),
+                   str(info.get("dtype", "unknown")), info.get("default_acceleration") or AccelerationConfig(),
+                   info.get("max_context"), tuple(info.get("eos_token_ids", ())), info.get("pid"))
+
+
+class RequestStream:
+    """The events of one submitted request, as an async iterator. Ends after done or error."""
+
+    def __init__(self, client: EngineClient, request_id: str, num_prompt_tokens: int = 0) -> None:
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self._client = client
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self.finished = False
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request (no-op once finished)."""
+        if not self.finished:
+            self._client.cancel(self.request_id)
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while not self.finished:
+            event = await self._queue.get()
+            if not isinstance(event, TokenEvent):
+                self.finished = True
+            yield event
+
+    async def collect(self) -> GenerationResult:
+        """Wait for the whole generation; raises RequestFailedError if it ended with an error."""
+        texts: list[str] = []
+        token_ids: list[int] = []
+        async for event in self:
+            if isinstance(event, TokenEvent):
+                texts.append(event.text)
+                token_ids.append(event.token_id)
+            elif isinstance(event, ErrorEvent):
+                raise RequestFailedError(event)
+            else:
+                return GenerationResult("".join(texts), token_ids, event.finish_reason, event.usage, event.timings)
+        raise RequestFailedError(ErrorEvent("internal_error", "stream ended without a done event"))
+
+
+class _Tracked:
+    """The client's state of one request: its stream, detokeniser, and metric timestamps."""
+
+    def __init__(self, request: GenerationRequest, stream: RequestStream, tokenizer: Any) -> None:
+        self.request = request
+        self.stream = stream
+        self.detok = IncrementalDetokenizer(tokenizer, request.sampling.stop)
+        self.accepted: asyncio.Future[int] = stream._loop.create_future()
+        self.settled = False  # accepted or rejected (set on the reader thread, unlike the future)
+        self.num_prompt_tokens = 0
+        self.num_tokens = 0
+        self.last_token_time: float | None = None
+        self.stopping = False  # a stop string matched: later tokens are dropped
+
+
+class EngineClient:
+    """submit / cancel / stats over an EngineCore running in a process or a thread."""
+
+    def __init__(self, config: SchedulerConfig, tokenizer: Any, observer: SchedulerObserver | None = None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.observer = observer or SchedulerObserver()
+        self.info: EngineInfo | None = None
+        self.on_death: Callable[[], None] | None = None
+        self._tracked: dict[str, _Tracked] = {}
+        self._lock = threading.Lock()  # _tracked, sends, _stats
+        self._stats = SchedulerStats()
+        self._counters = (0, 0, 0)
+        self._alive = False
+        self._closing = False
+        self._eos: frozenset[int] = frozenset()
+        self._conn_in: Any = None  # we send on it
+        self._conn_out: Any = None  # we receive on it
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._start_error: str | None = None
+
+    # --- starting ---------------------------------------------------------------------------------
+
+    @classmethod
+    def start_process(cls, build_runner: Callable[..., Any], kwargs: dict, config: SchedulerConfig,
+                      tokenizer: Any, observer: SchedulerObserver | None = None, warmup: bool = True,
+                      env: dict[str, str] | None = None) -> EngineClient:
+        """Spawn the engine process (`build_runner(**kwargs)` runs there) and wait until it is ready."""
+        client = cls(config, tokenizer, observer)
+        ctx = multiprocessing.get_context("spawn")
+        core_in, client._conn_in = ctx.Pipe(duplex=False)
+        client._conn_out, core_out = ctx.Pipe(duplex=False)
+        saved = {k: os.environ.get(k) for k in (env or {})}
+        os.environ.update(env or {})  # the child inherits the environment at spawn time
+        try:
+            client._process = ctx.Process(target=serve_core, name="lightvlm-engine", daemon=True,
+                                          args=(build_runner, kwargs, config, core_in, core_out, warmup))
+            client._process.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        core_in.close()  # only the child holds these now: its death closes our ends (EOF)
+        core_out.close()
+        client._start_reader()
+        return client._wait_ready()
+
+    @classmethod
+    def start_in_thread(cls, runner: Any, config: SchedulerConfig, tokenizer: Any,
+                        observer: SchedulerObserver | None = None, warmup: bool = False) -> EngineClient:
+        """Run the core in a thread of this process, over the same pipes (tests, the CLI)."""
+        client = cls(config, tokenizer, observer)
+        core_in, client._conn_in = multiprocessing.Pipe(duplex=False)
+        client._conn_out, core_out = multiprocessing.Pipe(duplex=False)
+
+        def run() -> None:
+            try:
+                serve_core(lambda: runner, {}, config, core_in, core_out, warmup)
+            finally:
+                core_out.close()
+                core_in.close()
+
+        client._thread = threading.Thread(target=run, name="lightvlm-engine-core", daemon=True)
+        client._thread.start()
+        client._start_reader()
+        return client._wait_ready()
+
+    @classmethod
+    def launch(cls, model: str | None, config: SchedulerConfig, observer: SchedulerObserver | None = None, *,
+               device: str = "auto", dtype: str = "auto", preset: str = "none", trust_remote_code: bool = False,
+               warmup: bool = True, own_process: bool = True, env: dict[str, str] | None = None) -> EngineClient:
+        """Load `model` (None: the bundled demo model) in an engine process (or a thread) and connect."""
+        kwargs = dict(model=model, device=device, dtype=dtype, preset=preset, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(model, trust_remote_code)
+        if own_process:
+            if env is None:
+                from lightvlm_core.runtime_env import runtime_env
+
+                env = runtime_env()
+            return cls.start_process(RUNNER_BUILDER, kwargs, config, tokenizer, observer, warmup, env)
+        runner = _import(RUNNER_BUILDER)(**kwargs)
+        return cls.start_in_thread(runner, config, tokenizer, observer, warmup)
+
+    def _wait_ready(self) -> EngineClient:
+        if not self._ready.wait(START_TIMEOUT_S) or self._start_error is not None:
+            self.shutdown()
+            raise errors_module.ModelLoadError(f"the engine failed to start: {self._start_error or 'time-out'}")
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's pid (None in thread mode)."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def is_running(self) -> bool:
+        return self._alive and not self._closing
+
+    # --- the API ----------------------------------------------------------------------------------
+
+    async def submit(self, request: GenerationRequest) -> RequestStream:
+        """Hand a request to the engine; returns its stream once accepted. Raises QueueFullError,
+        EngineClosedError, or the InvalidRequestError subclass the engine's prepare raised."""
+        stream = RequestStream(self, request.request_id)
+        tracked = _Tracked(request, stream, self.tokenizer)
+        with self._lock:
+            if not self.is_running:
+                raise EngineClosedError("the engine is not running")
+            if request.request_id in self._tracked:
+                raise errors_module.InvalidRequestError(f"request_id {request.request_id!r} is already in flight")
+            if len(self._tracked) >= self.config.max_in_flight:
+                raise QueueFullError(f"too many requests in flight ({len(self._tracked)}); retry later")
+            self._tracked[request.request_id] = tracked
+            try:
+                self._conn_in.send(("add", request))
+            except (OSError, ValueError) as exc:
+                del self._tracked[request.request_id]
+                raise EngineClosedError("the engine is not running") from exc
+        try:
+            stream.num_prompt_tokens = await asyncio.shield(tracked.accepted)
+        except asyncio.CancelledError:
+            self.cancel(request.request_id)
+            raise
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a waiting or running request (no-op if unknown or finished)."""
+        self._abort(request_id, RequestStatus.FINISHED_CANCELLED)
+
+    def stats(self) -> SchedulerStats:
+        with self._lock:
+            return self._stats
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the engine: requests in flight end with an error event."""
+        self._closing = True
+        with self._lock:
+            try:
+                if self._conn_in is not None:
+                    self._conn_in.send(("shutdown",))
+            except (OSError, ValueError):
+                pass
+        if self._process is not None:
+            self._process.join(timeout_s)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(timeout_s)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self._fail_all("not_ready", "the server is shutting down")
+
+    # --- the reader thread ------------------------------------------------------------------------
+
+    def _start_reader(self) -> None:
+        threading.Thread(target=self._read, name="lightvlm-client-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = self._conn_out.recv()
+                try:
+                    self._dispatch(message)
+                except Exception:
+                    log.exception("handling an engine message failed")
+        except (EOFError, OSError):
+            pass
+        was_alive, self._alive = self._alive, False
+        if not self._ready.is_set():
+            self._start_error = self._start_error or "the engine exited during start-up"
+            self._ready.set()
+        if self._closing:
+            self._fail_all("not_ready", "the server is shutting down")
+            return
+        log.error("the engine stopped unexpectedly; failing %d requests in flight", len(self._tracked))
+        self._fail_all("engine_failed", "the engine process died; the request was lost (retry it)")
+        if was_alive and self.on_death is not None:
+            self.on_death()
+
+    def _dispatch(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "step":
+            self._on_step(message[1])
+        elif kind == "accepted":
+            self._resolve(message[1], num_prompt_tokens=message[2])
+        elif kind == "rejected":
+            error_cls = getattr(errors_module, message[2], None)
+            if not (isinstance(error_cls, type) and issubclass(error_cls, LightVLMError)):
+                error_cls = QueueFullError if message[2] == "QueueFullError" else LightVLMError
+            self._resolve(message[1], error=error_cls(message[3]))
+        elif kind == "ready":
+            self.info = EngineInfo.of(message[1])
+            self._counters = tuple(message[1].get("counters", (0, 0, 0)))  # the warm-up's are not traffic
+            self._eos = frozenset(self.info.eos_token_ids)
+            self._alive = True
+            self._ready.set()
+        elif kind == "failed":
+            self._start_error = message[1]
+            self._ready.set()
+
+    def _resolve(self, request_id: str, num_prompt_tokens: int = 0, error: BaseException | None = None) -> None:
+        with self._lock:
+            tracked = self._tracked.get(request_id)
+            if tracked is not None and error is not None:
+                del self._tracked[request_id]
+        if tracked is None or tracked.settled:
+            return
+        tracked.settled = True
+        tracked.num_prompt_tokens = num_prompt_tokens
+
+        def settle() -> None:
+            if tracked.accepted.done():
+                return
+            if error is not None:
+                tracked.accepted.set_exception(error)
+            else:
+                tracked.accepted.set_result(num_prompt_tokens)
+
+        _call_soon(tracked.stream._loop, settle)
+
+    def _on_step(self, step: CoreStep) -> None:
+        deliveries: dict[Any, list[tuple[RequestStream, Event]]] = {}
+        for out in step.outputs:
+            with self._lock:
+                tracked = self._tracked.get(out.request_id)
+            if tracked is None:
+                continue
+            for event in self._events(tracked, out):
+                deliveries.setdefault(tracked.stream._loop, []).append((tracked.stream, event))
+        self._update_stats(step)
+        if step.batch_size:
+            self._observe("on_step", step.batch_size)
+        for loop, items in deliveries.items():
+            _call_soon(loop, _deliver_all, items)
+
+    def _events(self, tracked: _Tracked, out: RequestOutput) -> list[Event]:
+        events: list[Event] = []
+        if out.first_token is not None:
+            ttft_s, queue_s, prefill_s = out.first_token
+            self._observe("on_admitted", queue_s, prefill_s, tracked.num_prompt_tokens)
+        if out.finish_reason is not None and not tracked.settled:  # ended before it was accepted
+            error_type, message = out.error or ("cancelled", "the request was cancelled")
+            error = errors_module.LightVLMError(message)
+            error.error_type = error_type
+            self._resolve(out.request_id, error=error)
+            return []
+        for i, token_id in enumerate(out.new_token_ids):
+            if tracked.stopping:
+                break
+            events.append(self._token_event(tracked, token_id, out, i))
+        if out.finish_reason is None:
+            return events
+        with self._lock:
+            self._tracked.pop(out.request_id, None)
+        if out.finish_reason != "error" and events and isinstance(events[-1], TokenEvent):
+            events[-1].text += tracked.detok.finish()
+        reason = "stop" if tracked.stopping and out.finish_reason == "length" else out.finish_reason
+        self._observe("on_finished", reason, out.e2e_s or 0.0)
+        if reason == "error":
+            error_type, message = out.error or ("internal_error", "the request failed")
+            events.append(ErrorEvent(error_type, message))
+        else:
+            usage, timings = Usage(**(out.usage or {})), Timings(**(out.timings or {}))
+            if tracked.stopping:
+                usage.completion_tokens = tracked.num_tokens
+            events.append(DoneEvent(reason, usage, timings, kept_patches=out.kept_patches))
+        return events
+
+    def _token_event(self, tracked: _Tracked, token_id: int, out: RequestOutput, i: int) -> TokenEvent:
+        now = time.monotonic()
+        if tracked.num_tokens == 0 and out.first_token is not None:
+            self._observe("on_token", out.first_token[0], None)
+        else:
+            self._observe("on_token", None, now - (tracked.last_token_time or now))
+        tracked.last_token_time = now
+        index = tracked.num_tokens
+        tracked.num_tokens += 1
+        is_eos = token_id in self._eos and not tracked.request.sampling.ignore_eos
+        text = "" if is_eos else tracked.detok.add(token_id)
+        event = TokenEvent(index=index, token_id=token_id, text=text)
+        if out.new_logprobs:
+            lp = out.new_logprobs[i]
+            event.logprob = TokenLogprob(self._token_text(token_id), lp.logprob)
+            event.top_logprobs = [TokenLogprob(self._token_text(t), v) for t, v in lp.top]
+        if tracked.detok.stopped and not tracked.stopping:
+            tracked.stopping = True  # the engine ends it at this token; the done event follows
+            self._abort(tracked.request.request_id, RequestStatus.FINISHED_STOPPED, num_output_tokens=index + 1)
+        return event
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _abort(self, request_id: str, status: RequestStatus, num_output_tokens: int | None = None) -> None:
+        with self._lock:
+            if request_id not in self._tracked or not self._alive:
+                return
+            try:
+                self._conn_in.send(("abort", request_id, status, None, num_output_tokens))
+            except (OSError, ValueError):
+                pass
+
+    def _update_stats(self, step: CoreStep) -> None:
+        s = step.stats
+        with self._lock:
+            self._stats = SchedulerStats(s.num_running, s.num_waiting, s.kv_cache_bytes, s.kv_cache_tokens)
+            old, self._counters = self._counters, s.counters
+        deltas = tuple(new - before for new, before in zip(s.counters, old))
+        if any(deltas):
+            self._observe("on_engine_counters", *deltas)
+
+    def _fail_all(self, error_type: str, message: str) -> None:
+        with self._lock:
+            tracked, self._tracked = list(self._tracked.values()), {}
+            self._stats = SchedulerStats()
+        for t in tracked:
+            if not t.settled:
+                t.settled = True
+                error = EngineClosedError(message)
+                _call_soon(t.stream._loop, lambda t=t, e=error: t.accepted.done() or t.accepted.set_exception(e))
+                continue
+            self._observe("on_finished", "error", time.monotonic() - t.request.arrival_time)
+            _call_soon(t.stream._loop, _deliver_all, [(t.stream, ErrorEvent(error_type, message))])
+
+    def _observe(self, hook: str, *args: Any) -> None:
+        try:
+            getattr(self.observer, hook)(*args)
+        except Exception:
+            log.exception("engine observer %s failed (ignored)", hook)
+
+
+RUNNER_BUILDER = "lightvlm_core.runner:load_runner"
+
+
+def load_tokenizer(model: str | None, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, for detokenising in the API process."""
+    from transformers import AutoTokenizer  # heavy: only when an engine starts
+
+    from lightvlm_core.loading import default_model
+
+    return AutoTokenizer.from_pretrained(model or default_model(), trust_remote_code=trust_remote_code)
+
+
+def load_runner(model: str | None, **kwargs: Any) -> Any:
+    """A model runner in this process (for the engine-in-a-thread mode)."""
+    return _import(RUNNER_BUILDER)(model=model, **kwargs)
+
+
+def _import(path: str) -> Callable[..., Any]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _deliver_all(items: list[tuple[RequestStream, Event]]) -> None:
+    """Runs on the streams' event loop."""
+    for stream, event in items:
+        stream._queue.put_nowait(event)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # that loop is closed: nobody is listening any more
+        pass
+
+
+__all__ = [
+    "EngineClient",
+    "EngineClosedError",
+    "EngineInfo",
+    "QueueFullError",
+    "RequestFailedError",
+    "RequestStream",
+    "SchedulerClosedError",
+    "SchedulerConfig",
+    "SchedulerObserver",
+    "SchedulerStats",
+]

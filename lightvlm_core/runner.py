@@ -1,0 +1,309 @@
+"""The model runner: executes one SchedulerOutput on the model and returns sampled token ids.
+
+Running rows decode one token each (with KV compression where a budget is set), then new rows are
+prefilled (with token reduction) and join the batch. No stop logic and no events here: the
+scheduler decides what a token means. A failure is pinned on the rows it belongs to where that
+can be known: a failed batched prefill is retried row by row, a failed decode step is rolled back
+and each row probed alone on a copy of its cache, and the step reruns without the bad rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lightvlm_core import forward
+from lightvlm_core.errors import LightVLMError
+from lightvlm_core.inputs import InputProcessor, ModelInputs, eos_token_ids
+from lightvlm_core.kv.cache import BatchedKVCache
+from lightvlm_core.kv.compress import KVCompressor, mark_decode_scoring, needs_prefill_scores
+from lightvlm_core.loading import LoadedModel, load_model
+from lightvlm_core.reduction import build_prefill_hook, resolve_acceleration
+from lightvlm_core.request import Request
+from lightvlm_core.sampling import make_generator, sample, token_logprobs
+from lightvlm_core.scheduler import PrefillReport, RunnerOutput, SchedulerOutput
+from lightvlm_core.types import AccelerationConfig, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    """A request's row in the batch (same order as the cache's rows)."""
+
+    request: Request
+    generator: torch.Generator | None
+
+    @property
+    def inputs(self) -> ModelInputs:
+        return self.request.prompt
+
+    def next_input(self) -> tuple[int, int]:
+        """(token id, position id) fed to this step's decode: the last sampled token."""
+        n = self.request.num_output_tokens
+        return self.request.output_token_ids[-1], self.inputs.next_position + n - 1
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, default_acceleration: AccelerationConfig | None = None) -> None:
+        self.loaded = loaded
+        self.adapter = loaded.adapter
+        self.processor = loaded.processor
+        self.tokenizer = loaded.processor.tokenizer
+        self.device = loaded.device
+        self.default_acceleration = resolve_acceleration(default_acceleration or AccelerationConfig())
+        self.max_context = self.adapter.max_context
+        self.eos_token_ids = eos_token_ids(loaded.model, self.tokenizer)
+        self.inputs = InputProcessor(self.processor, self.adapter, self.eos_token_ids, self.default_acceleration)
+        a = self.adapter
+        self.cache = BatchedKVCache.empty(len(a.layers), a.num_kv_heads, a.head_dim, loaded.dtype, self.device)
+        self.compressor = KVCompressor()
+        self.rows: list[_Row] = []
+        self.image_tokens_in = 0
+        self.image_tokens_kept = 0
+        self.last_prefill_ms = {"vision_ms": 0.0, "llm_ms": 0.0}  # split of the latest prefill
+
+    # --- what the engine core reports ---------------------------------------------------------
+
+    def info(self) -> dict:
+        return {
+            "model_name": self.loaded.name,
+            "family": self.adapter.family,
+            "device": str(self.device),
+            "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "default_acceleration": self.default_acceleration,
+            "max_context": self.max_context,
+            "eos_token_ids": sorted(self.eos_token_ids),
+        }
+
+    def counters(self) -> tuple[int, int, int]:
+        """(KV entries evicted, image tokens in, image tokens kept) since start."""
+        return self.compressor.evicted_total, self.image_tokens_in, self.image_tokens_kept
+
+    def kv_cache_bytes(self) -> int:
+        return sum(self.cache.row_bytes()) if self.rows else 0
+
+    def kv_cache_tokens(self) -> int:
+        return sum(self.cache.row_tokens()) if self.rows else 0
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> Request:
+        return self.inputs.prepare(request)
+
+    def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        out = RunnerOutput()
+        if scheduled.finished_ids:
+            self.remove(scheduled.finished_ids)
+        if scheduled.decode:
+            self._decode(scheduled.decode, out)
+        if scheduled.prefill:
+            self._prefill(scheduled.prefill, out)
+        if self.rows:
+            for row, nbytes in zip(self.rows, self.cache.row_bytes()):
+                out.kv_cache_bytes[row.request.request_id] = nbytes
+        return out
+
+    def remove(self, request_ids: list[str]) -> None:
+        gone = set(request_ids)
+        keep = [i for i, r in enumerate(self.rows) if r.request.request_id not in gone]
+        if len(keep) != len(self.rows):
+            self._keep_rows(keep)
+
+    def remove_all(self) -> None:
+        self._keep_rows([])
+
+    # --- decode -----------------------------------------------------------------------------------
+
+    def _decode(self, requests: list[Request], out: RunnerOutput) -> None:
+        wanted = {r.request_id for r in requests}
+        self.remove([r.request.request_id for r in self.rows if r.request.request_id not in wanted])
+        lengths = self.cache.lengths.clone()
+        try:
+            self._decode_step(out)
+            return
+        except Exception as exc:
+            failure = _failure(exc, "decode step failed")
+        # Outside the except block, so the failed step's tensors are gone.
+        self.cache.lengths = lengths
+        if len(self.rows) == 1:
+            out.failed[self.rows[0].request.request_id] = failure
+            self._keep_rows([])
+            return
+        bad = [i for i in range(len(self.rows)) if not self._row_decodes_alone(i)]
+        if not bad or len(bad) == len(self.rows):  # not pinned on a row: the whole step failed
+            bad = list(range(len(self.rows)))
+        log.warning("decode step failed (%s); %d of %d rows fail", failure[1], len(bad), len(self.rows))
+        for i in bad:
+            out.failed[self.rows[i].request.request_id] = failure
+        self._keep_rows([i for i in range(len(self.rows)) if i not in bad])
+        if self.rows:
+            try:
+                self._decode_step(out)
+            except Exception as exc:
+                retry_failure = _failure(exc, "decode step failed")
+                for row in self.rows:
+                    out.failed[row.request.request_id] = retry_failure
+                self._keep_rows([])
+
+    def _decode_step(self, out: RunnerOutput) -> None:
+        inputs = [row.next_input() for row in self.rows]
+        last = torch.tensor([t for t, _ in inputs], device=self.device)
+        pos = torch.tensor([p for _, p in inputs], device=self.device)
+        if self.adapter.uses_mrope:
+            pos = pos.expand(3, -1)
+        logits = forward.decode(self.adapter, self.cache, last, pos)
+        self._sample(self.rows, logits, out)
+        accels = [row.request.acceleration for row in self.rows]
+        self.compressor.after_step(self.cache, [a.kv_budget for a in accels], [a.kv_policy for a in accels])
+
+    def _row_decodes_alone(self, i: int) -> bool:
+        """Probe one row of a failed step on a copy of its cache (the batch is left untouched)."""
+        row = self.rows[i]
+        cache = self.cache.copy_rows([i])
+        token, position = row.next_input()
+        pos = torch.tensor([position], device=self.device)
+        try:
+            forward.decode(self.adapter, cache, torch.tensor([token], device=self.device),
+                           pos.expand(3, -1) if self.adapter.uses_mrope else pos)
+            accel = row.request.acceleration
+            KVCompressor().after_step(cache, [accel.kv_budget], [accel.kv_policy])
+            return True
+        except Exception:
+            return False
+
+    # --- prefill ----------------------------------------------------------------------------------
+
+    def _prefill(self, requests: list[Request], out: RunnerOutput) -> None:
+        """Rows with the same acceleration prefill together; a failed group retries row by row."""
+        groups: dict[tuple, list[Request]] = {}
+        for r in requests:
+            groups.setdefault(_accel_key(r.acceleration), []).append(r)
+        for group in groups.values():
+            try:
+                self._prefill_group(group, out)
+                continue
+            except Exception as exc:
+                failure = _failure(exc, "prefill failed")
+            if len(group) == 1:
+                log.info("prefill of %s failed: %s", group[0].request_id, failure[1])
+                out.failed[group[0].request_id] = failure
+                continue
+            log.warning("batched prefill of %d requests failed (%s); retrying one by one", len(group), failure[1])
+            for request in group:
+                self._prefill([request], out)
+
+    def _prefill_group(self, group: list[Request], out: RunnerOutput) -> None:
+        start = time.monotonic()
+        a, dtype = self.adapter, self.loaded.dtype
+        embeds, carry = a.embed_with_carry([r.prompt.prompt for r in group], self.device, dtype)
+        self._sync()
+        vision_end = time.monotonic()
+        state = _pad_batch(group, embeds, a, self.device, carry)
+        hook = build_prefill_hook(group[0].acceleration, a, [r.num_image_tokens for r in group])
+        budgets, policies = [r.acceleration.kv_budget for r in group], [r.acceleration.kv_policy for r in group]
+        h_last, cache, layer_lengths = forward.prefill(a, state, hook,
+                                                       kv_scores=needs_prefill_scores(budgets, policies))
+        mark_decode_scoring(cache, budgets, policies)
+        logits = forward.logits_for(a, h_last)
+        rows = [_Row(r, make_generator(r.sampling, self.device)) for r in group]
+        self._sample(rows, logits, out)
+        self._sync()
+        self.last_prefill_ms = {"vision_ms": (vision_end - start) * 1e3, "llm_ms": (time.monotonic() - vision_end) * 1e3}
+        lengths = torch.stack(layer_lengths).tolist()  # (L, B)
+        for b, request in enumerate(group):
+            report = self._prefill_report(request, [layer[b] for layer in lengths], cache.bytes_per_entry())
+            if request.return_kept_patches and hook is not None and hasattr(hook, "kept_patches"):
+                report.kept_patches = hook.kept_patches(b)
+            out.prefill[request.request_id] = report
+        self.cache.extend(cache)  # only now: a failure above leaves the batch as it was
+        self.rows.extend(rows)
+
+    def _prefill_report(self, request: Request, layer_lengths: list[int], bytes_per_entry: int) -> PrefillReport:
+        n_img = request.num_image_tokens
+        n_text = request.num_prompt_tokens - n_img
+        kept = [n - n_text for n in layer_lengths]
+        self.image_tokens_in += n_img
+        self.image_tokens_kept += kept[-1]
+        return PrefillReport(
+            image_tokens_kept=kept[-1],
+            image_kept_fraction_layer_avg=sum(kept) / (len(kept) * n_img) if n_img else 1.0,
+            kv_cache_bytes=sum(layer_lengths) * bytes_per_entry,
+        )
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, out: RunnerOutput) -> None:
+        params = [row.request.sampling for row in rows]
+        tokens = sample(logits, params, [row.generator for row in rows])
+        for row, token in zip(rows, tokens):
+            out.sampled[row.request.request_id] = token
+        if any(p.logprobs for p in params):
+            for row, lp in zip(rows, token_logprobs(logits, tokens, params)):
+                if lp is not None:
+                    out.logprobs[row.request.request_id] = lp
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _keep_rows(self, rows: list[int]) -> None:
+        self.cache.select(rows)
+        self.rows = [self.rows[i] for i in rows]
+        if self.cache.scores is not None and not any(r.request.acceleration.kv_budget for r in self.rows):
+            self.cache.scores = None  # back to the fused attention path
+
+
+def load_runner(model: str | None = None, device: str = "auto", dtype: str = "auto", preset: str = "none",
+                trust_remote_code: bool = False) -> ModelRunner:
+    loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    return ModelRunner(loaded, AccelerationConfig(preset=preset))
+
+
+def _failure(exc: BaseException, what: str) -> tuple[str, str]:
+    """(error_type, message) for the requests whose prefill or decode raised `exc`."""
+    if isinstance(exc, LightVLMError):
+        return exc.error_type, str(exc)
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return "out_of_memory", f"{what}: out of memory on the device; retry later"
+    return "internal_error", f"{what}: {type(exc).__name__}: {exc}"
+
+
+def _pad_batch(group: list[Request], embeds: list[torch.Tensor], adapter, device: torch.device,
+               carry: list[dict[str, torch.Tensor]] | None = None) -> forward.PrefillState:
+    """Right-pad the prompts of a group into one PrefillState (with the adapter's per-token carry)."""
+    b, t, d = len(group), max(e.shape[0] for e in embeds), embeds[0].shape[-1]
+    h = embeds[0].new_zeros(b, t, d)
+    valid = torch.zeros(b, t, dtype=torch.bool, device=device)
+    pos = torch.zeros((3, b, t) if adapter.uses_mrope else (b, t), dtype=torch.long, device=device)
+    span = torch.full((b, t), -1, dtype=torch.long, device=device)
+    for row, (r, e) in enumerate(zip(group, embeds)):
+        n = e.shape[0]
+        h[row, :n] = e
+        valid[row, :n] = True
+        pos[..., row, :n] = r.prompt.positions.to(device)
+        for i, (s, end) in enumerate(adapter.image_spans(r.prompt.input_ids)):
+            span[row, s:end] = i
+    size = torch.ones(b, t, dtype=torch.float32, device=device)
+    return forward.PrefillState(h=h, valid=valid, pos=pos, span=span, size=size, carry=_pad_carry(carry, t))
+
+
+def _pad_carry(carry: list[dict[str, torch.Tensor]] | None, t: int) -> dict[str, torch.Tensor]:
+    """Per-row carry features {name: (T_i, ...)} -> {name: (B, t, ...)}, zero where a row has none."""
+    names = sorted({name for row in carry or [] for name in row})
+    padded = {}
+    for name in names:
+        like = next(row[name] for row in carry if name in row)
+        out = like.new_zeros(len(carry), t, *like.shape[1:])
+        for i, row in enumerate(carry):
+            if name in row:
+                out[i, : row[name].shape[0]] = row[name]
+        padded[name] = out
+    return padded
+
+
+def _accel_key(a: AccelerationConfig) -> tuple:
+    return (a.preset, a.keep_ratio, a.schedule)
