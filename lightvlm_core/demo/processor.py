@@ -8,7 +8,8 @@ from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizer
 from .scenes import COLOR_NAMES, MODEL_SIZE, NUMBERS, SHAPES
 
 PATCH_SIZE = 7
-IMAGE_SEQ_LEN = (MODEL_SIZE // PATCH_SIZE) ** 2  # 256
+GRID = MODEL_SIZE // PATCH_SIZE  # 16 patches a side
+IMAGE_SEQ_LEN = GRID**2  # 256
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>"]
 WORDS = (
