@@ -55,4 +55,7 @@ class KVPolicy:
         ranked = self.rank(scores, lengths).float()
         ranked = ranked.masked_fill(~(pos < n)[:, None], float("-inf"))
         ranked = ranked.masked_fill(protected[:, None], float("inf"))
-        return ranked.topk(keep, dim=-1).indices.sort(dim=-1).values
+        # ties (e.g. unscored entries) go to the more recent entry, whatever the buffer's capacity,
+        # so that a row keeps the same entries alone or in a batch
+        order = ranked.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :keep]
+        return (scores.shape[-1] - 1 - order).sort(dim=-1).values

@@ -1,4 +1,4 @@
-"""Pyramid token merging and the FastV / random baselines."""
+"""LightVLM pyramid merging: merge arithmetic, exact counts, schedules, validation, the overlay."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from PIL import Image
 from lightvlm_core.engine import Engine, load_engine
 from lightvlm_core.errors import InvalidRequestError
 from lightvlm_core.forward import PrefillState
+from lightvlm_core.reduction import method_for, resolve_acceleration
+from lightvlm_core.reduction.hook import ReductionHook
+from lightvlm_core.reduction.lightvlm import LightVLM
+from lightvlm_core.reduction.merger import merge_into
 from lightvlm_core.tiny import FAMILIES
-from lightvlm_core.reduction import plan_for, resolve_acceleration
-from lightvlm_core.reduction.merger import TokenMerger, merge_into
-from lightvlm_core.reduction.schedule import ReductionPlan
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
 # --- unit: merge arithmetic, selection, positions ---------------------------------------------------
@@ -49,7 +50,7 @@ def test_merge_into_is_a_size_and_importance_weighted_average():
 def test_cut_keeps_exact_counts_per_span_text_and_original_positions():
     spans = [[-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1, 1, 1, 1, 1, -1, -1], [-1, -1, 0, 0, 0, 0, 0, -1]]
     state = make_state(spans)
-    merger = TokenMerger(ReductionPlan("pyramid", ((1, 0.5), (2, 0.25))), scaling=1.0)
+    merger = ReductionHook(LightVLM(keep_ratio=0.25, schedule=((1, 0.5), (2, 0.25))), num_layers=4, scaling=1.0)
     merger.before_layer(0, state)  # records original span sizes
     merger.importance = torch.rand(state.valid.shape, generator=torch.Generator().manual_seed(1))
     total_size = state.size[state.valid].sum()
@@ -57,6 +58,8 @@ def test_cut_keeps_exact_counts_per_span_text_and_original_positions():
     # span sizes 10, 4 | 5  ->  keep round(0.5 * n) = 5, 2 | 2 (3 text in row 0, 3 text in row 1)
     assert out.valid.sum(dim=1).tolist() == [4 + 5 + 2, 3 + 2]
     assert merger.stage_counts == [[7, 2]]
+    kept_cells = (out.pos[1, out.valid[1] & (out.span[1] == 0)] // 10 - 2).tolist()  # span 0 starts at 2
+    assert [(p.stage, p.layer, p.grid, p.indices) for p in merger.kept_patches(1)] == [(1, 1, (1, 5), kept_cells)]
     for row in range(2):
         kept_pos = out.pos[row, out.valid[row]]
         assert torch.all(kept_pos[1:] > kept_pos[:-1])  # original order, original ids
@@ -67,20 +70,30 @@ def test_cut_keeps_exact_counts_per_span_text_and_original_positions():
     assert merger.stage_counts[-1] == [round(0.25 * 10) + round(0.25 * 4), 1]  # min 1 per span
 
 
+def stages_of(accel: AccelerationConfig, num_layers: int):
+    method = method_for(accel)
+    return None if method is None else method.stages(num_layers)
+
+
 def test_plans_and_validation():
-    assert plan_for(AccelerationConfig("none"), 32) is None
-    assert plan_for(AccelerationConfig("none", keep_ratio=1.0), 32) is None
-    aggressive = plan_for(AccelerationConfig("aggressive"), 32)
-    assert aggressive.final_keep == pytest.approx(0.03) and [layer for layer, _ in aggressive.stages] == [2, 4, 8]
-    scaled = plan_for(AccelerationConfig("light", keep_ratio=0.2), 32)
-    assert scaled.final_keep == pytest.approx(0.2)
-    assert plan_for(AccelerationConfig("fastv", keep_ratio=0.1), 32) == ReductionPlan("fastv", ((2, 0.1),))
-    custom = plan_for(AccelerationConfig(schedule=((2, 0.5), (0.5, 0.05))), 24)
-    assert custom.stages == ((2, 0.5), (12, 0.05))
+    assert method_for(AccelerationConfig("none")) is None
+    assert method_for(AccelerationConfig("none", keep_ratio=1.0)) is None
+    assert method_for(AccelerationConfig("cdpruner", keep_ratio=1.0)) is None
+    aggressive = stages_of(AccelerationConfig("aggressive"), 32)
+    assert aggressive[-1][1] == pytest.approx(0.03) and [layer for layer, _ in aggressive] == [2, 4, 8]
+    assert stages_of(AccelerationConfig("light", keep_ratio=0.2), 32)[-1][1] == pytest.approx(0.2)
+    assert stages_of(AccelerationConfig("fastv", keep_ratio=0.1), 32) == ((2, 0.1),)
+    pdrop = stages_of(AccelerationConfig("pdrop", keep_ratio=0.125), 32)
+    assert [layer for layer, _ in pdrop] == [8, 16, 24] and [k for _, k in pdrop] == pytest.approx([0.5, 0.25, 0.125])
+    assert stages_of(AccelerationConfig(schedule=((0.1, 0.5), (0.5, 0.05))), 24) == ((2, 0.5), (12, 0.05))
+    assert stages_of(AccelerationConfig("aggressive"), 2) == ((1, 0.03),)  # too shallow: one cut, same final keep
     for bad in [AccelerationConfig("none", keep_ratio=0), AccelerationConfig(schedule=((4, 0.5), (2, 0.1))),
-                AccelerationConfig(schedule=((2, 0.1), (4, 0.5))), AccelerationConfig("nope")]:
+                AccelerationConfig(schedule=((2, 0.1), (4, 0.5))), AccelerationConfig("nope"),
+                AccelerationConfig(kv_budget=64, kv_policy="nope")]:
         with pytest.raises(InvalidRequestError):
             resolve_acceleration(bad)
+    with pytest.raises(InvalidRequestError, match="cdpruner"):  # the message lists the valid names
+        resolve_acceleration(AccelerationConfig("nope"))
 
 
 # --- engine level: every family ---------------------------------------------------------------------
@@ -104,23 +117,6 @@ REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("preset", ["light", "aggressive", "fastv", "random"])
-def test_reduced_batches_equal_rows_alone_with_exact_counts(engine, preset):
-    accel = AccelerationConfig(preset=preset, keep_ratio=0.25 if preset in ("fastv", "random") else None)
-    requests = [GenerationRequest(p, imgs, SamplingParams(max_new_tokens=6, ignore_eos=True), accel)
-                for p, imgs in REQUESTS]
-    together = engine.generate(requests)
-    alone = [engine.generate([r])[0] for r in requests]
-    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
-    final = plan_for(accel, len(engine.adapter.layers)).final_keep
-    for request, result in zip(requests, together):
-        spans = engine.adapter.image_spans(engine.prepare(request).prompt.input_ids)
-        expected = sum(max(1, round(final * (e - s))) for s, e in spans)
-        assert result.usage.image_tokens == sum(e - s for s, e in spans)
-        assert result.usage.image_tokens_kept == expected
-        assert 0 < result.usage.image_kept_fraction_layer_avg < 1
-
-
 def test_each_image_span_keeps_its_own_budget(engine):
     request = GenerationRequest(*REQUESTS[1], SamplingParams(max_new_tokens=2), AccelerationConfig("balanced"))
     prepared = engine.prepare(request)
@@ -128,3 +124,22 @@ def test_each_image_span_keeps_its_own_budget(engine):
     assert len(spans) == 2  # one span per image, whatever the family's tiling
     result = engine.generate([request])[0]
     assert result.usage.image_tokens_kept == sum(max(1, round(0.1 * (e - s))) for s, e in spans)
+
+
+@pytest.mark.parametrize("preset", ["aggressive", "cdpruner"])
+def test_kept_patches_report_every_stage_of_every_image(engine, preset):
+    request = GenerationRequest(*REQUESTS[1], SamplingParams(max_new_tokens=2), AccelerationConfig(preset, 0.1))
+    request.return_kept_patches = True
+    spans = engine.adapter.image_spans(engine.prepare(request).prompt.input_ids)
+    done = [out.done for out in engine.stream(request) if out.done][0]
+    report = done.kept_patches
+    num_cuts = len(method_for(AccelerationConfig(preset, 0.1)).stages(len(engine.adapter.layers))) \
+        if preset != "cdpruner" else 0
+    stages = sorted({p.stage for p in report})
+    assert stages == ([0] if preset == "cdpruner" else list(range(1, num_cuts + 1)))
+    for patch in report:
+        n = spans[patch.image][1] - spans[patch.image][0]
+        assert patch.grid[0] * patch.grid[1] == n
+        assert patch.indices == sorted(set(patch.indices)) and all(0 <= i < n for i in patch.indices)
+    final = [p for p in report if p.stage == stages[-1]]
+    assert [len(p.indices) for p in final] == [max(1, round(0.1 * (e - s))) for s, e in spans]
