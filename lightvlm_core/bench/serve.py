@@ -94,12 +94,14 @@ class Target:
 
 def run(profile_name: str, quiet: bool = False, *, targets: list[Target] | tuple[Target, ...] = (),
         model_dir: str | None = None, workload: ServeWorkload | None = None, ours: bool = True,
-        ours_url: str | None = None, rounds: int | None = None, tuned: bool = True) -> dict:
-    """Run the serve bench on `profile_name`'s workload. `targets` are the peers; `model_dir`
-    and `workload` override the profile's; `ours=False` measures the peers only."""
+        ours_url: str | None = None, rounds: int | None = None, tuned: bool = True,
+        overrides: dict | None = None) -> dict:
+    """Run the serve bench on `profile_name`'s workload. `targets` are the peers; `model_dir`,
+    `workload` and `overrides` (ServeWorkload fields) override the profile's; `ours=False`
+    measures the peers only; `tuned=False` starts our service without `runtime_env`."""
     workload = workload or WORKLOADS.get(profile_name, ServeWorkload())
     workload = replace(workload, rounds=rounds or workload.rounds,
-                       model_dir=model_dir or workload.model_dir)
+                       model_dir=model_dir or workload.model_dir, **(overrides or {}))
     setup = _Setup(profile_name, workload)
     rows: list[dict] = []
     if ours and workload.compare and ours_url is None:
@@ -121,6 +123,7 @@ def run(profile_name: str, quiet: bool = False, *, targets: list[Target] | tuple
               "workload": dict(asdict(workload), image_size=list(setup.items()[0][0].size)),
               "runtime_env": service_proc.runtime_env.runtime_env() if tuned and ours and not ours_url else {},
               "peer": peers[0] if peers else None, "results": _finish(rows, peers[0] if peers else None)}
+    result["lightvlm_env"] = {k: v for k, v in os.environ.items() if k.startswith("LIGHTVLM_") and "KEY" not in k}
     result["markdown"] = markdown_table(result)
     return result
 

@@ -25,6 +25,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-ours", action="store_true", help="measure the --target servers only")
     g.add_argument("--no-runtime-env", action="store_true",
                    help="start our service without the tcmalloc / Intel OpenMP set-up (A/B)")
+    w = parser.add_argument_group("bench serve: workload overrides (default: the profile's)")
+    w.add_argument("--concurrency", type=int, nargs="+", default=None, help="closed-loop client counts")
+    w.add_argument("--rate", type=float, nargs="*", default=None, help="open-loop arrivals/s (none: no open loop)")
+    w.add_argument("--requests", type=int, default=None, help="requests per load point")
+    w.add_argument("--max-new-tokens", type=int, default=None, help="output tokens per request")
+    w.add_argument("--presets", nargs="+", default=None, help="our acceleration presets to measure")
+    w.add_argument("--no-compare", action="store_true", help="skip the in-process transformers/engine rows")
 
 
 def serve_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,5 +49,10 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
         model = args.target_model[i] if i < len(args.target_model) else default_model
         name = args.target_name[i] if i < len(args.target_name) else f"peer{i + 1}"
         targets.append(Target(name, url.rstrip("/"), model or ""))
-    return {"targets": targets, "rounds": args.rounds, "model_dir": args.serve_model, "ours": not args.no_ours,
+    overrides = {"concurrencies": tuple(args.concurrency) if args.concurrency else None,
+                 "rates": tuple(args.rate) if args.rate is not None else None, "requests_per_point": args.requests,
+                 "max_new_tokens": args.max_new_tokens, "presets": tuple(args.presets) if args.presets else None,
+                 "compare": False if args.no_compare else None}
+    return {"targets": targets, "rounds": args.rounds,
+            "overrides": {k: v for k, v in overrides.items() if v is not None}, "model_dir": args.serve_model, "ours": not args.no_ours,
             "ours_url": args.ours_url.rstrip("/") if args.ours_url else None, "tuned": not args.no_runtime_env}

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The GPU check, time-boxed to 8 minutes, for a CUDA machine with torch (and torchvision)
+# preinstalled and no internet:
+#   1. installs the other dependencies from a wheelhouse carried with the repo (a venv that sees
+#      the machine's torch: --system-site-packages);
+#   2. greedy parity with transformers on CUDA in bfloat16 for every tiny family
+#      (scripts/gpu_parity.py);
+#   3. `lightvlm bench prefill --profile gpu-8b` and `bench decode --profile gpu-8b` (model shapes
+#      of InternVL2.5-8B; decode lengths shortened to fit the time box: scripts/bench_short.py);
+#   4. `lightvlm bench serve --profile gpu-8b` with LIGHTVLM_COMPILE=0 and =1 (a shortened load:
+#      c=1 and 8, 16 requests of 64 tokens, presets none and aggressive).
+# Results (JSON + logs + summary.md) go to $OUT (default gpu-check-out/). Each step has its own
+# time limit and the script never runs past DEADLINE_S (480) in all; a failed step is reported and
+# the next one still runs. Exit status: 0 all steps passed, 1 otherwise.
+#
+#   scripts/gpu-check.sh                # on the CUDA machine
+#   scripts/gpu-check.sh --dry-run      # here: CPU, float32, tiny profiles, same steps (minutes)
+#
+# The wheelhouse (default .whl/gpu, git-ignored) is built on a machine with internet, for the GPU
+# machine's Python version (check it there: python3 -V):
+#   scripts/gpu-check.sh --build-wheelhouse            # PY_VERSIONS="3.10 3.11 3.12" for several
+# which runs, per Python version:
+#   pip download --dest .whl/gpu --only-binary=:all: --python-version 3.11 \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -r scripts/gpu-requirements.txt
+# (set TORCHVISION=torchvision==X.Y.Z to add a torchvision matching the GPU machine's torch, for
+# machines that have torch but not torchvision).
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+WHEELHOUSE="${WHEELHOUSE:-$REPO/.whl/gpu}"
+OUT="${OUT:-$REPO/gpu-check-out}"
+DEADLINE_S="${DEADLINE_S:-480}"
+PYTHON="${PYTHON:-python3}"
+DRY_RUN=0
+case "${1:-}" in
+    --dry-run) DRY_RUN=1 ;;
+    --build-wheelhouse)
+        mkdir -p "$WHEELHOUSE"
+        for v in ${PY_VERSIONS:-3.11}; do
+            "$PYTHON" -m pip download --dest "$WHEELHOUSE" --only-binary=:all: --python-version "$v" \
+                --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+                -r scripts/gpu-requirements.txt ${TORCHVISION:+"$TORCHVISION"} || exit 1
+        done
+        du -sh "$WHEELHOUSE"; exit 0 ;;
+    "") ;;
+    *) sed -n '2,28p' "$0" >&2; exit 2 ;;
+esac
+
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.md"
+START=$SECONDS
+FAILED=0
+: > "$SUMMARY"
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# step NAME LIMIT_S CMD...: run under the smaller of its limit and what is left of the deadline
+step() {
+    local name="$1" limit="$2"; shift 2
+    local left=$((DEADLINE_S - (SECONDS - START)))
+    (( limit > left )) && limit=$left
+    if (( limit < 10 )); then note "- $name: SKIPPED (time box spent)"; FAILED=1; return; fi
+    local t0=$SECONDS rc
+    echo "== $name (limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    tail -n 25 "$OUT/$name.log"
+    if (( rc == 0 )); then note "- $name: ok ($((SECONDS - t0)) s)"
+    else note "- $name: FAILED rc=$rc ($((SECONDS - t0)) s; $( ((rc == 124)) && echo 'timed out' || echo "see $name.log"))"; FAILED=1; fi
+}
+
+if (( DRY_RUN )); then
+    DEVICE=cpu; DTYPE=float32; PROFILE=ci-tiny; PARITY_TOKENS=4
+    PY="$REPO/.venv/bin/python"; [[ -x "$PY" ]] || PY="$PYTHON"
+    DECODE_ARGS=(--decode-lengths 8 --decode-batches 1 2 --decode-tokens 8)
+    SERVE_ARGS=(--concurrency 1 2 --requests 2 --max-new-tokens 4 --presets none aggressive --rate --no-compare)
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    note "# gpu-check DRY RUN (CPU, float32, tiny profiles): $(date -u +%FT%TZ)"
+    if [[ -d "$WHEELHOUSE" ]]; then
+        step install-dry-run 120 "$PY" -m pip install --dry-run --no-index --find-links "$WHEELHOUSE" \
+            -r scripts/gpu-requirements.txt
+    else
+        note "- install: skipped in a dry run (no $WHEELHOUSE; build it with --build-wheelhouse)"
+    fi
+else
+    DEVICE=cuda; DTYPE=bfloat16; PROFILE=gpu-8b; PARITY_TOKENS=12
+    DECODE_ARGS=(--decode-lengths 1024 --decode-batches 1 8 32 --decode-tokens 128)
+    SERVE_ARGS=(--concurrency 1 8 --requests 16 --max-new-tokens 64 --presets none aggressive --rate --no-compare)
+    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+        || { echo "no CUDA device visible to $PYTHON's torch (use --dry-run off-GPU)" >&2; exit 1; }
+    [[ -d "$WHEELHOUSE" ]] || { echo "no wheelhouse at $WHEELHOUSE (see --build-wheelhouse)" >&2; exit 1; }
+    VENV="$OUT/venv"
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+    PY="$VENV/bin/python"
+    note "# gpu-check: $(date -u +%FT%TZ), $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0), "torch", torch.__version__, "CUDA", torch.version.cuda)')"
+    step install 60 "$PY" -m pip install --no-index --find-links "$WHEELHOUSE" -r scripts/gpu-requirements.txt
+    "$PY" -c "import torchvision" 2>/dev/null \
+        || note "- warning: torchvision does not import; Qwen2-VL / InternVL processors need it (TORCHVISION=... --build-wheelhouse)"
+    export LIGHTVLM_BENCH_CACHE="${LIGHTVLM_BENCH_CACHE:-$OUT/bench-models}"  # gpu-8b saved once for both serve runs
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # run from the checkout; no package install needed
+
+step parity 75 "$PY" scripts/gpu_parity.py --device "$DEVICE" --dtype "$DTYPE" --tokens "$PARITY_TOKENS" \
+    --out "$OUT/parity.json"
+step bench-prefill 75 "$PY" scripts/bench_short.py prefill --profile "$PROFILE" --prefill-runs 3 -- \
+    --out "$OUT/prefill.json"
+step bench-decode 110 "$PY" scripts/bench_short.py decode --profile "$PROFILE" "${DECODE_ARGS[@]}" -- \
+    --out "$OUT/decode.json"
+for compile in 0 1; do
+    step "bench-serve-compile$compile" 80 env LIGHTVLM_COMPILE=$compile "$PY" -m lightvlm_core.cli bench serve \
+        --profile "$PROFILE" "${SERVE_ARGS[@]}" --out "$OUT/serve-compile$compile.json"
+done
+
+note "total: $((SECONDS - START)) s of ${DEADLINE_S} s; results in $OUT"
+exit $FAILED

@@ -1,0 +1,96 @@
+"""Greedy parity with plain transformers for every tiny family, on a given device and dtype.
+
+    python scripts/gpu_parity.py --device cuda --dtype bfloat16 [--tokens 12] [--out parity.json]
+
+For each family of `lightvlm_core.tiny` (random-weight tiny models of real architectures) and each
+case (an image, text only, two images) it compares the engine's greedy token ids with
+`model.generate(do_sample=False)` on the same model, device and dtype. Prints one line per case
+and exits 1 if any case differs (in bfloat16 a near-tie between two logits may flip the argmax
+where the two implementations round differently: the line shows the first differing position).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+import torch
+from PIL import Image
+
+from lightvlm_core.engine import Engine, load_engine
+from lightvlm_core.tiny import FAMILIES, make_tiny
+from lightvlm_core.types import GenerationRequest, SamplingParams
+
+
+def scene(w: int, h: int, color=(200, 30, 30)) -> Image.Image:
+    img = Image.new("RGB", (w, h), (240, 240, 240))
+    img.paste(color, (w // 4, h // 4, w // 2, h // 2))
+    return img
+
+
+CASES = {
+    "image": ("What is in the image?", [scene(64, 48)]),
+    "text-only": ("Tell me a story about a cat.", []),
+    "two-images": ("Compare the two pictures.", [scene(64, 48), scene(40, 96, (30, 30, 200))]),
+}
+
+
+def hf_greedy(engine: Engine, prompt: str, images: list[Image.Image], n: int) -> list[int]:
+    loaded = engine.loaded
+    processor, model = loaded.processor, loaded.model
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=images or None, text=[text], return_tensors="pt").to(loaded.device)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(loaded.dtype)
+    with torch.inference_mode():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=n)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tokens", type=int, default=12)
+    ap.add_argument("--families", nargs="*", default=list(FAMILIES))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    results, failed = [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families:
+            start = time.perf_counter()
+            engine = load_engine(str(make_tiny(family, f"{tmp}/{family}")), device=args.device, dtype=args.dtype)
+            for case, (prompt, images) in CASES.items():
+                ref = hf_greedy(engine, prompt, images, args.tokens)
+                ours = engine.generate([GenerationRequest(prompt, list(images),
+                                                          SamplingParams(max_new_tokens=args.tokens))])[0].token_ids
+                diff = first_difference(ours, ref)
+                failed += diff is not None
+                results.append({"family": family, "case": case, "match": diff is None, "first_difference": diff,
+                                "ours": ours, "transformers": ref})
+                print(f"{family:12s} {case:11s} {'MATCH' if diff is None else f'DIFFERS at token {diff}'}"
+                      f"  ({len(ours)} tokens, {args.device} {args.dtype})", flush=True)
+            print(f"{family:12s} done in {time.perf_counter() - start:.1f}s", flush=True)
+            del engine
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": args.device, "dtype": args.dtype, "results": results,
+                       "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}, f, indent=2)
+    print(f"parity: {len(results) - failed}/{len(results)} cases match")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
