@@ -28,6 +28,8 @@ _PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 # Open without the API key: the probes and the playground page (it sends the key itself).
 PUBLIC_PATHS = _PROBE_PATHS | {"/"}
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# The playground's files, sample scenes and config: the page must load to ask for the key.
+PUBLIC_PREFIXES = ("/static/", "/playground/")
 
 
 def generation_request_id() -> str:
@@ -118,6 +120,7 @@ class ApiKeyMiddleware:
             or self.api_key is None
             or scope.get("method") == "OPTIONS"
             or scope.get("path") in self.public
+            or str(scope.get("path", "")).startswith(PUBLIC_PREFIXES)
             or api_key_matches(_header(scope, b"authorization") or "", self.api_key)
         ):
             await self.app(scope, receive, send)
