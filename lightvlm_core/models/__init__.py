@@ -5,6 +5,7 @@ from torch import nn
 from lightvlm_core.errors import UnsupportedModelError
 from lightvlm_core.models.base import LayerSpec, ModelAdapter, PromptInputs
 from lightvlm_core.models.check import check_supported
+from lightvlm_core.models.gemma3 import Gemma3Adapter
 from lightvlm_core.models.internvl import InternVLAdapter
 from lightvlm_core.models.llava import LlavaAdapter
 from lightvlm_core.models.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
@@ -16,6 +17,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "qwen2_5_vl": Qwen25VLAdapter,
     "internvl": InternVLAdapter,
     "qwen3_vl": Qwen3VLAdapter,
+    "gemma3": Gemma3Adapter,
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightvlm_core.tiny.common import TinyFamily, generation_config, init_model
+from lightvlm_core.tiny.gemma3 import GEMMA3
 from lightvlm_core.tiny.internvl import INTERNVL
 from lightvlm_core.tiny.llava import LLAVA
 from lightvlm_core.tiny.qwen3_vl import QWEN3_VL
@@ -22,6 +23,7 @@ BUILDERS: dict[str, TinyFamily] = {
     "qwen2_5_vl": QWEN2_5_VL,
     "internvl": INTERNVL,
     "qwen3_vl": QWEN3_VL,
+    "gemma3": GEMMA3,
 }
 FAMILIES = tuple(BUILDERS)
 

@@ -20,7 +20,7 @@ from lightvlm_core.engine import load_engine
 from lightvlm_core.errors import UnsupportedModelError
 from lightvlm_core.forward import PrefillState
 from lightvlm_core.loading import load_model
-from lightvlm_core.models import ADAPTERS, check_supported
+from lightvlm_core.models import ADAPTERS, LayerSpec, check_supported
 from lightvlm_core.reduction.merger import merge_into
 from lightvlm_core.tiny import FAMILIES
 from lightvlm_core.types import GenerationRequest, SamplingParams
@@ -48,6 +48,8 @@ def test_every_tiny_family_has_an_adapter_and_a_cli_choice():
     ("qwen2_vl", {"use_sliding_window": True, "sliding_window": 8,
                   "layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 4}, "sliding-window"),
     ("llava", {"layer_types": ["full_attention"] * 5 + ["chunked_attention"]}, "chunked_attention"),
+    ("gemma3", {"attn_logit_softcapping": 50.0}, "attention logit soft-capping"),
+    ("gemma3", {"final_logit_softcapping": 30.0}, "final logit soft-capping"),
 ])
 def test_unsupported_config_is_refused_at_load(tiny_model_dir, tmp_path, family, changes, feature):
     path = modified_copy(tiny_model_dir(family), tmp_path / "m", **changes)
@@ -101,6 +103,31 @@ def test_deepstack_is_load_bearing(tiny_model_dir):
     finally:
         del engine.adapter.inject
     assert without != with_deepstack
+
+
+def test_gemma3_window_and_bidirectional_images_are_load_bearing(tiny_model_dir):
+    """Turning off the sliding window or the bidirectional image mask changes the answers, so the
+    parity tests really cover both (the tiny window, 16, is shorter than the test prompts)."""
+    engine = load_engine(str(tiny_model_dir("gemma3")), device="cpu")
+    adapter = engine.adapter
+    requests = [GenerationRequest("What is in the image?", [scene(64, 48)], SamplingParams(max_new_tokens=12)),
+                GenerationRequest("Compare the two pictures.", [scene(64, 48), scene(40, 96)],
+                                  SamplingParams(max_new_tokens=12))]
+
+    def answers():
+        return [r.token_ids for r in engine.generate(requests)]
+
+    base = answers()
+    specs = adapter.layer_specs
+    assert [s.attention for s in specs] == ["sliding"] * 5 + ["global"] and specs[0].window == 16
+    try:
+        adapter.bidirectional_images = False
+        assert answers() != base
+        adapter.bidirectional_images = True
+        adapter.layer_specs = [LayerSpec(rope=s.rope) for s in specs]
+        assert answers() != base
+    finally:
+        adapter.bidirectional_images, adapter.layer_specs = True, specs
 
 
 def test_carry_features_are_gathered_and_merged_with_their_tokens():

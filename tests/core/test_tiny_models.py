@@ -16,7 +16,10 @@ EXPECTED = {
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "<|im_end|>", "<|vision_start|><|image_pad|><|vision_end|>"),
     "internvl": ("InternVLForConditionalGeneration", "<|im_end|>", "<IMG_CONTEXT>"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "<|im_end|>", "<|vision_start|><|image_pad|><|vision_end|>"),
+    "gemma3": ("Gemma3ForConditionalGeneration", "<end_of_turn>", "<start_of_image>"),
 }
+# what the chat template's generation prompt ends with
+ANSWER_START = {"llava": "ASSISTANT:", "gemma3": "<start_of_turn>model\n"}
 # family: {(width, height): image tokens in input_ids}
 IMAGE_TOKENS = {
     "llava": {(56, 56): 64, (168, 112): 64},
@@ -24,6 +27,7 @@ IMAGE_TOKENS = {
     "qwen2_5_vl": {(56, 56): 4, (168, 112): 24, (224, 224): 64},
     "internvl": {(56, 56): 16, (168, 56): 64, (112, 168): 112},
     "qwen3_vl": {(56, 56): 4, (168, 112): 20, (256, 256): 64},  # 32 px per token
+    "gemma3": {(56, 56): 16, (168, 112): 16, (256, 256): 16},  # pooled to a fixed 4x4 per image
 }
 PROMPT = "What is in this image?"
 
@@ -71,7 +75,7 @@ def test_chat_template(tiny):
     prompt = _chat(processor, True)
     assert placeholder in prompt and prompt.index(placeholder) < prompt.index(PROMPT)
     assert placeholder not in _chat(processor, False)
-    end = "ASSISTANT:" if family == "llava" else "<|im_start|>assistant\n"
+    end = ANSWER_START.get(family, "<|im_start|>assistant\n")
     assert prompt.endswith(end)
 
 
@@ -96,6 +100,8 @@ def test_batched_generate_pads_left(tiny):
     family, processor, model = tiny
     texts = [_chat(processor, True), _chat(processor, True, "Describe the picture in a few words, please.")]
     images = [_image((56, 56)), _image((112, 168))]
+    if family == "gemma3":  # its processor wants the images of each prompt in their own list
+        images = [[image] for image in images]
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
     assert inputs["attention_mask"][:, -1].all()
     out = model.generate(**inputs, do_sample=False, max_new_tokens=4)
