@@ -18,7 +18,8 @@ def merge_into(state: PrefillState, row: int, src: torch.Tensor, dst: torch.Tens
 
     Each destination becomes the weighted average of itself and the tokens assigned to it, with
     weight = size x importance (so a token standing for many originals, or an important one,
-    dominates); its size becomes the sum of the sizes. Computed in float32.
+    dominates); its size becomes the sum of the sizes. Computed in float32. Per-token carry
+    features (Qwen3-VL DeepStack) are averaged with the same weights, so they stay with the tokens.
     """
     h = state.h[row]
     sim = F.normalize(h[src].float(), dim=-1) @ F.normalize(h[dst].float(), dim=-1).T
@@ -29,4 +30,8 @@ def merge_into(state: PrefillState, row: int, src: torch.Tensor, dst: torch.Tens
     total = w_dst.clone().index_add_(0, target, w_src)
     summed = (h[dst].float() * w_dst[:, None]).index_add_(0, target, h[src].float() * w_src[:, None])
     h[dst] = (summed / total[:, None]).to(h.dtype)
+    for feats in state.carry.values():
+        x = feats[row].flatten(1)  # (T, F) view of (T, ...)
+        merged = (x[dst].float() * w_dst[:, None]).index_add_(0, target, x[src].float() * w_src[:, None])
+        x[dst] = (merged / total[:, None]).to(x.dtype)
     size[dst] = size[dst].index_add(0, target, size[src])
