@@ -151,7 +151,7 @@ class Trainer:
         run, n_done = self.run, 0
         last_ckpt = time.time()
         self.meter = LossMeter()
-        while not (n_done >= self.bench if self.bench else run.trained_out()):
+        while not self.finished(n_done):
             n_done += 1
             phase1 = run.phase1  # the phase this step ran in
             out = train_step(run)
@@ -171,6 +171,10 @@ class Trainer:
                 self.log(dict(event="checkpoint", step=run.step, ckpt_s=round(time.time() - tc, 1)))
                 self.meter.t_log += time.time() - tc
         return n_done
+
+    def finished(self, n_done: int) -> bool:
+        """``--bench N``: after N steps; otherwise once phase 2 has run its step budget."""
+        return n_done >= self.bench if self.bench else self.run.trained_out()
 
     def after_step(self, out: StepOut, phase1: bool) -> None:
         """Log measured auxiliary accuracies; in phase 1, switch on the global targets and move to phase 2."""
