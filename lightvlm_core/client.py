@@ -193,7 +193,7 @@ class EngineClient:
     @classmethod
     def start_process(cls, build_runner: Callable[..., Any], kwargs: dict, config: SchedulerConfig,
                       tokenizer: Any, observer: SchedulerObserver | None = None, warmup: bool = True,
-                      env: dict[str, str] | None = None) -> EngineClient:
+                      env: dict[str, str] | None = None, wait: bool = True) -> EngineClient:
         """Spawn the engine process (`build_runner(**kwargs)` runs there) and wait until it is ready."""
         client = cls(config, tokenizer, observer)
         ctx = multiprocessing.get_context("spawn")
@@ -214,7 +214,7 @@ class EngineClient:
         core_in.close()  # only the child holds these now: its death closes our ends (EOF)
         core_out.close()
         client._start_reader()
-        return client._wait_ready()
+        return client._wait_ready() if wait else client
 
     @classmethod
     def start_in_thread(cls, runner: Any, config: SchedulerConfig, tokenizer: Any,
@@ -240,17 +240,23 @@ class EngineClient:
     def launch(cls, model: str | None, config: SchedulerConfig, observer: SchedulerObserver | None = None, *,
                device: str = "auto", dtype: str = "auto", preset: str = "none", trust_remote_code: bool = False,
                warmup: bool = True, own_process: bool = True, env: dict[str, str] | None = None) -> EngineClient:
-        """Load `model` (None: the bundled demo model) in an engine process (or a thread) and connect."""
+        """Load `model` (None: the bundled demo model) in an engine process (or a thread) and connect.
+        The tokenizer loads here while the engine process loads the model."""
         kwargs = dict(model=model, device=device, dtype=dtype, preset=preset, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(model, trust_remote_code)
-        if own_process:
-            if env is None:
-                from lightvlm_core.runtime_env import runtime_env
+        if not own_process:
+            runner = load_runner(**kwargs)
+            return cls.start_in_thread(runner, config, runner.tokenizer, observer, warmup)
+        if env is None:
+            from lightvlm_core.runtime_env import runtime_env
 
-                env = runtime_env()
-            return cls.start_process(RUNNER_BUILDER, kwargs, config, tokenizer, observer, warmup, env)
-        runner = _import(RUNNER_BUILDER)(**kwargs)
-        return cls.start_in_thread(runner, config, tokenizer, observer, warmup)
+            env = runtime_env()
+        client = cls.start_process(RUNNER_BUILDER, kwargs, config, None, observer, warmup, env, wait=False)
+        try:
+            client.tokenizer = load_tokenizer(model, trust_remote_code)
+        except BaseException:
+            client.shutdown()
+            raise
+        return client._wait_ready()
 
     def _wait_ready(self) -> EngineClient:
         if not self._ready.wait(START_TIMEOUT_S) or self._start_error is not None:
@@ -512,7 +518,7 @@ def load_tokenizer(model: str | None, trust_remote_code: bool = False) -> Any:
     return AutoTokenizer.from_pretrained(model or default_model(), trust_remote_code=trust_remote_code)
 
 
-def load_runner(model: str | None, **kwargs: Any) -> Any:
+def load_runner(model: str | None = None, **kwargs: Any) -> Any:
     """A model runner in this process (for the engine-in-a-thread mode)."""
     return _import(RUNNER_BUILDER)(model=model, **kwargs)
 

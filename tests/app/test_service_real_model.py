@@ -191,7 +191,7 @@ def test_metrics_after_traffic(server: str) -> None:
 def test_queue_bound_answers_429(model_dir: Path) -> None:
     settings = make_settings(model=str(model_dir), device="cpu", max_batch_size=1, max_queue=1, warmup=False)
     with live_server(create_app(settings)) as base_url:
-        wait_for(lambda: httpx.get(f"{base_url}/ready").status_code == 200, timeout=60)
+        wait_for(lambda: httpx.get(f"{base_url}/ready").status_code == 200, timeout=180)
 
         async def main() -> None:
             async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
