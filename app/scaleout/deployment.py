@@ -3,10 +3,12 @@ scheduler, routes, metrics), wrapped unchanged with `@serve.ingress`.
 
 Sizing: one GPU per replica when the cluster has GPUs and the device is not forced to CPU, else
 `cpus_per_replica` CPUs with the same number of torch/OpenMP threads. Admission: Ray sends a
-replica at most `max_batch_size + max_queue` requests at once (what the replica's own scheduler
-admits); beyond that requests wait in the proxy's bounded queue (`max_queued_requests`) and past
-it get 429 with Retry-After, as a single server's full queue does. Autoscaling follows ongoing
-requests per replica (`target_ongoing_requests`, default one full batch).
+replica at most `max_batch_size` requests at once (one full batch); the rest wait in the proxy's
+bounded queue (`max_queued_requests`, default `max_queue` per replica at the most replicas) for
+whichever replica frees a row first, and past it get 429 with Retry-After, as a single server's
+full queue does. (A deeper per-replica queue would also defeat balancing: Ray's proxy prefers
+replicas on its own node while they have room.) Autoscaling follows ongoing requests per replica
+(`target_ongoing_requests`, default one full batch).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def deployment_options(
     autoscaling: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Options for `serve.deployment(...)`: resources, admission bounds and autoscaling."""
+    max_replicas = max(replicas, max_replicas or replicas)
+    queue_bound = settings.max_queue * max_replicas
     if use_gpu is None:
         use_gpu = settings.device != "cpu" and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     threads = str(cpus_per_replica)
@@ -75,13 +79,12 @@ def deployment_options(
     options: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
         "ray_actor_options": actor,
-        "max_ongoing_requests": settings.max_batch_size + settings.max_queue,
-        "max_queued_requests": settings.max_queue if max_queued_requests is None else max_queued_requests,
+        "max_ongoing_requests": settings.max_batch_size,
+        "max_queued_requests": max_queued_requests if max_queued_requests is not None else queue_bound,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1),
         "graceful_shutdown_timeout_s": settings.shutdown_grace_s,
         "health_check_period_s": 5,
     }
-    max_replicas = max(replicas, max_replicas or replicas)
     if max_replicas > replicas or autoscaling:
         options["autoscaling_config"] = {
             "min_replicas": replicas,

@@ -26,8 +26,14 @@ def run_ray_serve(overrides: dict[str, Any], replicas: int | None = None, max_re
 
     settings = Settings(**overrides)
     address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # Our own cluster has one proxy, on this node: let it balance over every replica rather
+        # than prefer the ones beside it (Ray's default; set the same on `ray start` elsewhere).
+        os.environ.setdefault("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
     ray.init(address=address, namespace="serve", logging_level=logging.WARNING)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    # One proxy on the head node at host:port, the address this command prints (a multi-machine
+    # cluster behind a load balancer would rather use deploy/ray/serve.yaml with EveryNode).
+    serve.start(proxy_location="HeadOnly", http_options={"host": settings.host, "port": settings.port})
     application = build_app({"settings": overrides, "replicas": replicas or 1, "max_replicas": max_replicas,
                              "cpus_per_replica": cpus_per_replica})
     serve.run(application, name="lightvlm", route_prefix="/", blocking=False)
