@@ -13,6 +13,8 @@ computes the split so the README can quote it.
 - `gpu-8b`: InternVL2.5-8B shapes (InternViT-300M + InternLM2.5-7B-sized Llama decoder), bf16.
 - `gpu-26b`: InternVL2.5-26B shapes (InternViT-6B + InternLM2.5-20B-sized decoder), bf16.
 - `qwen2vl-7b`: Qwen2-VL-7B shapes, bf16.
+- `qwen3vl-8b`: Qwen3-VL-8B shapes (36-layer Qwen3 decoder, 27-layer ViT with DeepStack from
+  vision layers 8/16/24), bf16.
 """
 
 from __future__ import annotations
@@ -33,17 +35,21 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 from lightvlm_core.loading import LoadedModel, resolve_device, resolve_dtype
 from lightvlm_core.models import adapter_for
 from lightvlm_core.tiny import common, internvl, qwen_vl
+from lightvlm_core.tiny.qwen3_vl import QWEN3_CHAT_TEMPLATE
 
 
 @dataclass(frozen=True)
 class Profile:
     name: str
-    family: str  # "internvl" | "qwen2_vl"
+    family: str  # "internvl" | "qwen2_vl" | "qwen3_vl"
     text: dict  # decoder dims
     vision: dict  # vision tower dims
     tile: int  # InternVL tile size (px) / unused for Qwen
@@ -112,6 +118,16 @@ PROFILES: dict[str, Profile] = {
             decode_lengths=(1024,), decode_batches=(1, 8, 32), decode_tokens=512, kv_budget=1024,
             notes="Qwen2-VL-7B shapes, random bf16 weights",
         ),
+        Profile(
+            name="qwen3vl-8b", family="qwen3_vl",
+            text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128),
+            vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                        num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+            tile=0, patch=16, max_tiles=0, image_size=(1344, 1008), device="cuda", dtype="bfloat16",
+            decode_lengths=(1024,), decode_batches=(1, 8, 32), decode_tokens=512, kv_budget=1024,
+            notes="Qwen3-VL-8B shapes, random bf16 weights",
+        ),
     ]
 }
 
@@ -120,18 +136,22 @@ def build(profile: Profile) -> LoadedModel:
     """Random-weight model + processor for `profile`, on its device and dtype."""
     device = resolve_device(profile.device)
     dtype = resolve_dtype(profile.dtype, device)
-    if profile.family == "internvl":
-        tokenizer = internvl.internvl_tokenizer()
-        processor, config = _internvl(profile, tokenizer)
-    else:
-        tokenizer = qwen_vl.qwen_vl_tokenizer()
-        processor, config = _qwen2_vl(profile, tokenizer)
+    tokenizer, (processor, config) = processor_and_config(profile)
     with torch.device(device), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.generation_config = common.generation_config(tokenizer)
     model.eval()
     return LoadedModel(profile.name, model, processor, adapter_for(model), device, dtype)
+
+
+def processor_and_config(profile: Profile):
+    """(tokenizer, (processor, model config)) of a profile; the config can be built on the meta device."""
+    if profile.family == "internvl":
+        tokenizer = internvl.internvl_tokenizer()
+        return tokenizer, _internvl(profile, tokenizer)
+    tokenizer = qwen_vl.qwen_vl_tokenizer()
+    return tokenizer, (_qwen3_vl if profile.family == "qwen3_vl" else _qwen2_vl)(profile, tokenizer)
 
 
 def _text_config(profile: Profile, tokenizer) -> LlamaConfig:
@@ -167,6 +187,19 @@ def _qwen2_vl(profile: Profile, tokenizer):
                            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
                            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
                            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    return processor, config
+
+
+def _qwen3_vl(profile: Profile, tokenizer):
+    w, h = profile.image_size
+    size = {"shortest_edge": 64 * 64, "longest_edge": w * h}
+    kw = dict(size=size, patch_size=profile.patch, merge_size=2)
+    processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tokenizer,
+                                 video_processor=Qwen3VLVideoProcessor(**kw), chat_template=QWEN3_CHAT_TEMPLATE)
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20], "mrope_interleaved": True}
+    text = dict(profile.text, max_position_embeddings=32768, rope_parameters=rope, **common.token_ids(tokenizer))
+    config = Qwen3VLConfig(text_config=text, vision_config=dict(profile.vision, patch_size=profile.patch),
+                           tie_word_embeddings=False, **qwen_vl.qwen_ids(tokenizer))
     return processor, config
 
 
