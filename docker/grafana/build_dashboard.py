@@ -47,6 +47,23 @@ def gauge(name: str) -> str:
     return f"sum({name}{{{SEL}}})"
 
 
+# Per-replica view (Ray Serve replicas or Kubernetes pods; the `replica` label comes from the
+# scrape config: deploy/ray/prometheus.yml, deploy/k8s/podmonitor.yaml).
+REPLICA_SEL = SEL + ',replica=~"$replica"'
+
+
+def per_replica_rate(counter: str) -> str:
+    return f"sum by (replica) (rate({counter}{{{REPLICA_SEL}}}[{RATE}]))"
+
+
+def per_replica_gauge(name: str) -> str:
+    return f"sum by (replica) ({name}{{{REPLICA_SEL}}})"
+
+
+def per_replica_quantile(q: float, histogram: str) -> str:
+    return f"histogram_quantile({q}, sum by (le, replica) (rate({histogram}_bucket{{{REPLICA_SEL}}}[{RATE}])))"
+
+
 KEPT_RATIO = (
     rate("lightvlm_image_tokens_total", extra='stage="kept"')
     + " / "
@@ -257,6 +274,20 @@ def build() -> dict:
                  "visual tokens in (1 = no reduction).",
                  [target(KEPT_RATIO, "kept / input", "A")], "percentunit", max_value=1)
 
+    L.row("Replicas (scale-out)")
+    L.timeseries("Requests / s per replica", "Finished requests per second by replica: is the load "
+                 "balanced?",
+                 [target(per_replica_rate("lightvlm_requests_total"), "{{replica}}", "A")], "reqps")
+    L.timeseries("Generated tokens / s per replica", "Completion tokens per second by replica.",
+                 [target(per_replica_rate("lightvlm_generation_tokens_total"), "{{replica}}", "A")], "none")
+    L.timeseries("Running / waiting per replica", "Requests in each replica's batch and in its "
+                 "queue (the autoscaling signal on Kubernetes).",
+                 [target(per_replica_gauge("lightvlm_requests_running"), "{{replica}} running", "A"),
+                  target(per_replica_gauge("lightvlm_requests_waiting"), "{{replica}} waiting", "B")], "none")
+    L.timeseries("TTFT p95 per replica", "95th percentile time to first token by replica.",
+                 [target(per_replica_quantile(0.95, "lightvlm_time_to_first_token_seconds"), "{{replica}}",
+                         "A")], "s")
+
     return {
         "title": "LightVLM Serve",
         "uid": "lightvlm-serve",
@@ -315,6 +346,27 @@ def build() -> dict:
                     "includeAll": True,
                     "multi": True,
                     "allValue": ".*",
+                    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+                    "hide": 0,
+                    "regex": "",
+                    "sort": 1,
+                    "options": [],
+                },
+                {
+                    "name": "replica",
+                    "label": "Replica",
+                    "type": "query",
+                    "datasource": DS,
+                    "definition": "label_values(lightvlm_model_info, replica)",
+                    "query": {
+                        "qryType": 1,
+                        "query": "label_values(lightvlm_model_info, replica)",
+                        "refId": "PrometheusVariableQueryEditor-VariableQuery",
+                    },
+                    "refresh": 2,
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",  # also matches series without the label (a single server)
                     "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
                     "hide": 0,
                     "regex": "",

@@ -56,6 +56,7 @@ def exposed_series_names(contract: Mapping[str, str] = CONTRACT_METRICS) -> set[
 # Values for Grafana's variables when an expression goes to Prometheus directly.
 DEFAULT_SUBSTITUTIONS: dict[str, str] = {
     "model": ".*",
+    "replica": ".*",  # the per-replica row (scale-out)
     "__rate_interval": "1m",
     "__interval": "1m",
     "__range": "1m",
