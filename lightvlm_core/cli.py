@@ -12,8 +12,9 @@ import logging
 import sys
 
 from lightvlm_core import cli_checks as checks
-from lightvlm_core.reduction.schedule import PRESETS
-from lightvlm_core.types import MIN_KV_BUDGET
+from lightvlm_core.types import MIN_KV_BUDGET, kv_policy_names, preset_names
+
+PRESETS = preset_names()  # the reduction registry's names (LightVLM presets, then every method)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="override the preset's final fraction of image tokens kept, in (0, 1]")
     gen.add_argument("--kv-budget", type=checks.kv_budget(MIN_KV_BUDGET), default=None,
                      help="KV entries kept per layer during decode: 0 = off, else >= 16")
+    gen.add_argument("--kv-policy", default=None, choices=kv_policy_names(),
+                     help="KV eviction policy used with --kv-budget (default: heavy_hitter)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -187,7 +190,7 @@ def _generate(args: argparse.Namespace) -> int:
                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
                                     ignore_eos=args.ignore_eos),
             acceleration=AccelerationConfig(preset=args.preset, keep_ratio=args.keep_ratio,
-                                            kv_budget=args.kv_budget),
+                                            kv_budget=args.kv_budget, kv_policy=args.kv_policy),
         )
         if args.json:
             result = engine.generate([request])[0]
