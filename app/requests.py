@@ -10,6 +10,7 @@ base64 and image decoding) runs in worker threads, never on the event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -221,6 +222,8 @@ async def build_request(intake: Intake, service: Service, budget: PixelBudget, a
     try:
         acc = intake.acceleration
         acceleration = None if acc is None else service.acceleration_for(acc.preset, acc.keep_ratio, acc.kv_budget)
+        if acceleration is not None and acc.kv_policy is not None:
+            acceleration = dataclasses.replace(acceleration, kv_policy=acc.kv_policy)
         request_id = generation_request_id()
         choices = [
             GenerationRequest(

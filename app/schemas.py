@@ -6,9 +6,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from lightvlm_core.types import MAX_TOP_LOGPROBS, MIN_KV_BUDGET, MIN_TEMPERATURE, MIN_TOP_P
+from lightvlm_core.types import (
+    MAX_TOP_LOGPROBS,
+    MIN_KV_BUDGET,
+    MIN_TEMPERATURE,
+    MIN_TOP_P,
+    kv_policy_names,
+    preset_names,
+)
 
-PresetName = Literal["none", "light", "balanced", "aggressive", "fastv", "random"]
+# the registries' names (lightvlm_core.reduction / kv registries): an unknown name is a 422 listing them
+PresetName = Literal[preset_names()]
+KVPolicyName = Literal[kv_policy_names()]
 
 # Caps that hold on every route (a field unbounded on one route is a way around the other's cap).
 MAX_STOP_STRINGS = 16  # every stop string is scanned on every generated token
@@ -57,6 +66,7 @@ class AccelerationOverride(BaseModel):
 
     preset: PresetName | None = None
     keep_ratio: float | None = Field(None, gt=0, le=1)
+    kv_policy: KVPolicyName | None = Field(None, description="KV eviction policy used with kv_budget")
     kv_budget: int | None = Field(
         None, ge=0, le=MAX_TOKEN_COUNT, description=f"0: off, else >= {MIN_KV_BUDGET} and <= the model's context"
     )

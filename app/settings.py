@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lightvlm_core.client import SchedulerConfig
+from lightvlm_core.types import preset_names
 
 MiB = 1024 * 1024
 # lightvlm_core.loading.DEMO_MODEL_DIR's name (app/ does not import the torch side for a constant).
@@ -35,7 +36,7 @@ class Settings(BaseSettings):
     """HF hub id or local directory; unset: the bundled demo model."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    preset: Literal["none", "light", "balanced", "aggressive", "fastv", "random"] = "none"
+    preset: Literal[preset_names()] = "none"
     """Default acceleration preset; requests may override it."""
     trust_remote_code: bool = False
     served_model_name: str | None = None

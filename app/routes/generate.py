@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # only in annotations
     from app.service import Service
     from lightvlm_core.client import RequestStream
 
-_ACCELERATION_FORM_FIELDS = ("preset", "keep_ratio", "kv_budget")
+_ACCELERATION_FORM_FIELDS = ("preset", "keep_ratio", "kv_budget", "kv_policy")
 
 # The API key is checked by app.middleware.ApiKeyMiddleware, before the body is read.
 router = APIRouter(tags=["generate"])

@@ -15,7 +15,7 @@ import torch
 from lightvlm_core.bench.common import hardware, median, progress, sync
 from lightvlm_core.bench.profiles import PROFILES, bench_image, build, describe
 from lightvlm_core.engine import Engine
-from lightvlm_core.reduction.schedule import PYRAMIDS
+from lightvlm_core.reduction.registry import PRESET_STAGES as PYRAMIDS
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
 PROMPT = "Describe this image in detail, then list every object you can see."
