@@ -11,24 +11,19 @@
 # tests/deploy/test_static.py checks the pins, the pip commands and the runtime contract below.
 
 ARG VARIANT=gpu
-# CUDA 13.0 to match the cu13 libraries that PyPI's torch 2.14.1 wheel depends on
-# (host driver >= 580 needed). The wheel brings its own cuBLAS/cuDNN; this base supplies the
-# NVIDIA container runtime environment and the CUDA runtime.
-ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
-ARG CPU_IMAGE=python:3.12.12-slim-bookworm
+# Python 3.11, the version everything is tested on, for both variants. The GPU variant needs no
+# CUDA base image: PyPI's torch 2.14.1 wheel brings the CUDA 13 runtime, cuBLAS and cuDNN as
+# nvidia-* wheels, and the NVIDIA container toolkit mounts the host driver (>= 580) into any
+# image that asks for it through the two NVIDIA_* variables below.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---- operating-system layers, one per variant ---------------------------------------------------
-FROM ${CUDA_IMAGE} AS os-gpu
-ENV DEBIAN_FRONTEND=noninteractive \
+FROM ${PYTHON_IMAGE} AS os-gpu
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     LIGHTVLM_DEVICE=auto
-# Ubuntu 24.04's python3 is 3.12 (pyproject needs >= 3.11); python3-venv brings ensurepip.
-# The base image tag pins the distribution; exact apt versions would break on every archive update.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
- && rm -rf /var/lib/apt/lists/*
 
-FROM ${CPU_IMAGE} AS os-cpu
+FROM ${PYTHON_IMAGE} AS os-cpu
 ENV LIGHTVLM_DEVICE=cpu
 
 # ---- builder: a self-contained virtual environment in /opt/venv ---------------------------------
@@ -60,6 +55,12 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # hadolint ignore=DL3006
 FROM os-${VARIANT} AS runtime
 ARG UID=10001
+# tcmalloc for the engine process: lightvlm_core/runtime_env.py preloads it where it is installed
+# (PyTorch's many small CPU allocations; see README, "Runtime environment").
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libtcmalloc-minimal4 \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid "${UID}" lightvlm \
  && useradd --system --uid "${UID}" --gid lightvlm --create-home --home-dir /home/lightvlm \
         --shell /usr/sbin/nologin lightvlm \
@@ -84,9 +85,10 @@ VOLUME ["/cache/huggingface"]
 USER ${UID}:${UID}
 EXPOSE 8000
 
-# Liveness only (/health is cheap and answers while the model loads); readiness is /ready.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+# Healthy = ready: /ready answers 503 until the model is loaded and warmed up (a first start that
+# downloads a hub model takes minutes: failures during the start period do not count).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=900s --retries=3 \
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
 
 ENTRYPOINT ["lightvlm"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

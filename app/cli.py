@@ -60,8 +60,13 @@ def serve(argv: list[str]) -> int:
     if args.replicas is not None or args.max_replicas is not None:
         print("error: --replicas and --max-replicas need --ray", file=sys.stderr)
         return 2
+    from app.hub_notice import log_download_notice
+    from app.logs import configure_logging
     from app.main import run_server
 
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level)
+    log_download_notice(settings.model)  # a first start of a hub model: say what it downloads
     run_server(**overrides)
     return 0
 

@@ -7,7 +7,8 @@ thread (prometheus_client is thread-safe); gauges read the scheduler's stats at 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +23,7 @@ from prometheus_client import (
 )
 
 from lightvlm_core.client import SchedulerObserver, SchedulerStats
+from lightvlm_core.types import DoneEvent, Event, GenerationResult, Usage
 
 # No `*_created` series (process-wide switch; vLLM does the same): they only double the output.
 disable_created_metrics()
@@ -205,6 +207,9 @@ class ServiceMetrics(SchedulerObserver):
         if image_tokens > 0:
             self.kept_ratio.labels(self.model).observe(image_tokens_kept / image_tokens)
 
+    def observe_usage(self, usage: Usage) -> None:
+        self.observe_kept_ratio(usage.image_tokens, usage.image_tokens_kept)
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -233,3 +238,25 @@ class ServiceMetrics(SchedulerObserver):
         self.evicted.labels(self.model).inc(evicted_tokens)
         self.image_tokens.labels(self.model, "input").inc(image_tokens_in)
         self.image_tokens.labels(self.model, "kept").inc(image_tokens_kept)
+
+
+class UsageReportingStream:
+    """A request's stream that hands its final usage to `on_usage` (for the per-request
+    histograms) as the done event passes, however the route consumes it."""
+
+    def __init__(self, stream: Any, on_usage: Callable[[Usage], None]) -> None:
+        self._stream, self._on_usage = stream, on_usage
+
+    def __getattr__(self, name: str) -> Any:  # request_id, cancel, ...
+        return getattr(self._stream, name)
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        async for event in self._stream:
+            if isinstance(event, DoneEvent):
+                self._on_usage(event.usage)
+            yield event
+
+    async def collect(self) -> GenerationResult:
+        result = await self._stream.collect()
+        self._on_usage(result.usage)
+        return result

@@ -24,10 +24,11 @@ from pydantic import BaseModel, ValidationError
 
 from app.errors import ServiceError
 from app.images import NO_PIXELS, PixelBudget, PixelLease, ProbedImage, image_string_to_bytes, load_image, probe_image
+from app.metrics import UsageReportingStream
 from app.middleware import generation_request_id
 from app.schemas import MAX_SEED, AccelerationOverride, ChatCompletionRequest, ChatMessage, ImagePart
 from app.settings import Settings
-from lightvlm_core.types import GenerationRequest, SamplingParams
+from lightvlm_core.types import GenerationRequest, SamplingParams, Usage
 
 if TYPE_CHECKING:  # only in annotations
     from app.service import Service
@@ -315,12 +316,16 @@ def probe_images(sources: list[str | bytes], settings: Settings) -> list[ProbedI
     return probed
 
 
-async def submit_all(scheduler: Any, built: BuiltRequest) -> list[RequestStream]:
-    """Submit every choice; if one is refused (queue full, bad prompt), none stays submitted."""
+async def submit_all(
+    scheduler: Any, built: BuiltRequest, on_usage: Callable[[Usage], None] | None = None
+) -> list[RequestStream]:
+    """Submit every choice; if one is refused (queue full, bad prompt), none stays submitted.
+    With `on_usage`, each stream reports its final usage to it (the per-request metrics)."""
     streams: list[RequestStream] = []
     try:
         for choice in built.choices:
-            streams.append(await scheduler.submit(choice))
+            stream = await scheduler.submit(choice)
+            streams.append(stream if on_usage is None else UsageReportingStream(stream, on_usage))
     except BaseException:
         for stream in streams:
             stream.cancel()

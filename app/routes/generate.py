@@ -63,7 +63,7 @@ async def generate(request: Request, service: ServiceDep, budget: PixelBudgetDep
     arrival = request_start()
     body, image_bytes = await read_body(request, service)
     built = await build_request(intake_of(body, image_bytes), service, budget, arrival)
-    (stream,) = await submit_all(scheduler, built)
+    (stream,) = await submit_all(scheduler, built, service.metrics.observe_usage)
     if body.stream:
 
         def on_close() -> None:

@@ -60,7 +60,7 @@ async def chat_completions(request: Request, service: ServiceDep, budget: PixelB
     if body.model is not None and body.model not in service.model_names():
         raise ServiceError(404, "model_not_found", f"model {body.model!r} is not served here; see /v1/models")
     built = await build_request(chat_intake(body), service, budget, arrival)
-    streams = await submit_all(scheduler, built)
+    streams = await submit_all(scheduler, built, service.metrics.observe_usage)
     header = ChunkHeader(f"chatcmpl-{built.request_id}", int(time.time()), service.model_name)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

@@ -3,11 +3,12 @@ traffic, and the model served under a public name (hub id or directory name, nev
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import make_settings
+from service_helpers import image_bytes, make_settings
 
 from app.main import create_app
 from app.metrics import FINISH_REASONS, REJECT_REASONS
@@ -58,3 +59,36 @@ def test_served_name_is_never_a_path(model: str | None, name: str) -> None:
     settings = make_settings(model=model).with_default_served_name()
     assert settings.served_model_name == name
     assert make_settings(model=model, served_model_name="mine").with_default_served_name().served_model_name == "mine"
+
+
+def test_hub_download_notice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub model missing from the cache is announced (offline here: size unknown); a cached one,
+    a local directory and the bundled model are not."""
+    import huggingface_hub.constants
+
+    from app.hub_notice import download_notice
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    message = download_notice("Qwen/Qwen2.5-VL-3B-Instruct")
+    assert message is not None and message.startswith("Qwen/Qwen2.5-VL-3B-Instruct is not in the local")
+    assert "size unknown" in message  # the tests run with HF_HUB_OFFLINE=1
+    snapshot = tmp_path / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "refs").mkdir()
+    (tmp_path / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "refs" / "main").write_text("abc123")
+    assert download_notice("Qwen/Qwen2.5-VL-3B-Instruct") is None
+    assert download_notice(None) is None and download_notice(str(ROOT / "models" / "shapes-demo")) is None
+
+
+def test_kept_ratio_and_preprocess_are_observed_per_request(make_client) -> None:  # noqa: ANN001
+    client, _ = make_client()
+    image = "data:image/png;base64," + base64.b64encode(image_bytes()).decode()
+    for stream in (False, True):
+        response = client.post("/generate", json={"prompt": "x", "image": image, "stream": stream,
+                                                  "max_new_tokens": 2})  # fmt: skip
+        assert response.status_code == 200
+    client.post("/generate", json={"prompt": "text only", "stream": False, "max_new_tokens": 2})
+    text = client.get("/metrics").text
+    assert 'lightvlm_image_tokens_kept_ratio_count{model="fake-vlm"} 2.0' in text  # text-only: not counted
+    assert 'lightvlm_image_preprocess_seconds_count{model="fake-vlm"} 2.0' in text
