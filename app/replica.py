@@ -19,7 +19,9 @@ def replica_name() -> str:
 
 
 class ReplicaHeaderMiddleware:
-    """Pure ASGI (no BaseHTTPMiddleware buffering), so SSE streams keep streaming."""
+    """Pure ASGI (no BaseHTTPMiddleware buffering), so SSE streams keep streaming. Inside a FastAPI
+    app, a 500 from an unhandled exception is sent by Starlette's outermost error middleware,
+    around this one: wrap the whole app too (the Ray deployment does) to name the replica there."""
 
     def __init__(self, app: ASGIApp, name: str | None = None) -> None:
         self.app = app
@@ -36,7 +38,9 @@ class ReplicaHeaderMiddleware:
 
         async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), header]}
+                headers = list(message.get("headers", []))
+                if not any(name == header[0] for name, _ in headers):  # idempotent when stacked
+                    message = {**message, "headers": [*headers, header]}
             await send(message)
 
         await self.app(scope, receive, send_with_header)

@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from app.main import create_app
-from app.replica import REPLICA_NAME_ENV
+from app.replica import REPLICA_NAME_ENV, ReplicaHeaderMiddleware
 from app.scaleout.ready_gate import ReadyGate
 from app.scaleout.targets import MetricsTargets
 from app.settings import Settings
@@ -48,7 +48,7 @@ class LightVLMReplica:
         self._targets = MetricsTargets(context.replica_id.unique_id, service.metrics.registry)
         self._targets.start()
         self._app.add_api_route("/-/replicas", self._targets.http_sd, methods=["GET"], include_in_schema=False)
-        return ReadyGate(self._app, service)
+        return ReplicaHeaderMiddleware(ReadyGate(self._app, service))  # outside everything: 500s too
 
     def check_health(self) -> None:
         """Ray restarts a replica whose model failed or whose engine stopped for good."""

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[dev]' installs it)")
 
@@ -143,6 +146,36 @@ def test_64_concurrent_openai_requests_match_a_single_server(ray_server: Server,
     assert all(text for text, _ in alone)
     served_by = Counter(replica for _, replica in through_ray)
     assert set(served_by) == set(live_replicas(ray_server.url)), served_by  # both replicas served some
+
+
+def test_prometheus_discovers_and_scrapes_every_replica(ray_server: Server, tmp_path: Path) -> None:
+    """deploy/ray/prometheus.yml as shipped (address and intervals shortened) with a real Prometheus."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus not installed (apt-get install prometheus; .ci/run installs it)")
+    config = yaml.safe_load((ROOT / "deploy" / "ray" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "scrape_timeout": "900ms"}
+    (sd,) = config["scrape_configs"][0]["http_sd_configs"]
+    sd.update(url=f"{ray_server.url}/-/replicas", refresh_interval="1s")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        found: set[str] = set()
+        deadline = time.monotonic() + 90
+        while len(found) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+            with contextlib.suppress(httpx.HTTPError, KeyError):
+                result = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", timeout=5,
+                                   params={"query": "lightvlm_requests_waiting"}).json()["data"]["result"]
+                found = {series["metric"].get("replica", "") for series in result}
+        assert found == set(live_replicas(ray_server.url)), (found, (tmp_path / "prometheus.log").read_text()[-2000:])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def replica_metric(address: str, name: str) -> float:
