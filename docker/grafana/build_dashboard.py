@@ -273,6 +273,12 @@ def build() -> dict:
     L.timeseries("Image tokens kept ratio", "Visual tokens kept after pyramid merging divided by "
                  "visual tokens in (1 = no reduction).",
                  [target(KEPT_RATIO, "kept / input", "A")], "percentunit", max_value=1)
+    L.timeseries("Image tokens kept per request", "Distribution over requests of the fraction of "
+                 "their image tokens kept after reduction (lightvlm_image_tokens_kept_ratio).",
+                 latency_targets("lightvlm_image_tokens_kept_ratio"), "percentunit", max_value=1)
+    L.timeseries("Image preprocessing time", "Decoding and checking one request image in the API "
+                 "process (lightvlm_image_preprocess_seconds).",
+                 latency_targets("lightvlm_image_preprocess_seconds"), "s")
 
     L.row("Replicas (scale-out)")
     L.timeseries("Requests / s per replica", "Finished requests per second by replica: is the load "

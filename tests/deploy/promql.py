@@ -45,6 +45,13 @@ CONTRACT_METRICS: dict[str, str] = {
     "lightvlm_model_info": "gauge",
 }
 
+# Beyond ARCHITECTURE.md's table (issue 18): on the dashboard, exported at 0 from the start.
+EXTRA_METRICS: dict[str, str] = {
+    "lightvlm_image_preprocess_seconds": "histogram",
+    "lightvlm_image_tokens_kept_ratio": "histogram",
+}
+DASHBOARD_METRICS: dict[str, str] = {**CONTRACT_METRICS, **EXTRA_METRICS}
+
 _SERIES_SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",), "gauge": ("",)}
 
 

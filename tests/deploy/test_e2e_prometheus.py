@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from promql import CONTRACT_METRICS, REPO_ROOT, dashboard_queries, exposed_series_names  # noqa: E402
+from promql import DASHBOARD_METRICS, REPO_ROOT, dashboard_queries, exposed_series_names  # noqa: E402
 from tools import free_port, require_tool, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
@@ -179,18 +179,49 @@ def traffic(service: str, prometheus: str) -> str:
     return prometheus
 
 
+# ---- before any traffic (these run first: the `traffic` fixture is not yet created) ------------
+
+
+def test_metrics_right_after_start_show_every_dashboard_series_at_zero(service: str):
+    """A new dashboard shows zeros, not "No data", before the first request (and before the
+    first rejection: counters with known labels exist from the start)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{service}/metrics", timeout=10).text
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    names = {s.name for s in samples}
+    assert exposed_series_names(DASHBOARD_METRICS) <= names, exposed_series_names(DASHBOARD_METRICS) - names
+    for sample in samples:
+        if sample.name.startswith("lightvlm_") and sample.name != "lightvlm_model_info":
+            assert sample.value == 0, (sample.name, sample.labels, sample.value)
+    rejected = {s.labels["reason"] for s in samples if s.name == "lightvlm_requests_rejected_total"}
+    assert {"invalid_request", "queue_full", "unauthorized", "not_ready"} <= rejected
+
+
+@pytest.mark.parametrize("query", dashboard_queries(), ids=[f"{q.panel}:{q.ref_id}" for q in dashboard_queries()])
+def test_dashboard_expression_has_series_before_traffic(service: str, prometheus: str, query):
+    # rate() needs two samples inside its window: wait for a few scrapes of the idle service.
+    wait_until(lambda: _instant(prometheus, 'count_over_time(up{job="lightvlm"}[1m]) >= 3'), 30,
+               "three scrapes of the idle service")
+    result = _instant(prometheus, query.expr)
+    assert result, f"no series (Grafana: 'No data') for {query.panel} / {query.legend}: {query.expr}"
+
+
+# ---- with traffic --------------------------------------------------------------------------------
+
+
 def test_metrics_endpoint_exposes_the_contract(service: str, traffic: str):
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{service}/metrics", timeout=10).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name, kind in CONTRACT_METRICS.items():
+    for name, kind in DASHBOARD_METRICS.items():
         assert name in families, f"/metrics lacks {name}"
         assert families[name].type == kind, (name, families[name].type, kind)
         labels = {k for s in families[name].samples for k in s.labels}
         assert "model" in labels, f"{name} has no `model` label"
     series = {s.name for f in families.values() for s in f.samples}
-    assert exposed_series_names() <= series, exposed_series_names() - series
+    assert exposed_series_names(DASHBOARD_METRICS) <= series, exposed_series_names(DASHBOARD_METRICS) - series
 
 
 QUERIES = dashboard_queries()
