@@ -7,6 +7,8 @@ import argparse
 import sys
 import typing
 
+from pydantic import ValidationError
+
 from app.settings import Settings
 from lightvlm_core.cli_checks import OneLineParser, UsageError, check_model, fail, port_number
 
@@ -64,7 +66,12 @@ def serve(argv: list[str]) -> int:
     from app.logs import configure_logging
     from app.main import run_server
 
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # a bad LIGHTVLM_* variable: one line, before anything loads
+        first = exc.errors()[0]
+        where = "LIGHTVLM_" + str(first["loc"][0]).upper() if first.get("loc") else "settings"
+        return fail("lightvlm serve", UsageError(f"{where}: {first['msg']}"))
     configure_logging(settings.log_level)
     log_download_notice(settings.model)  # a first start of a hub model: say what it downloads
     run_server(**overrides)

@@ -96,6 +96,17 @@ def test_serve_user_error_is_one_line(argv: list[str], message: str, capsys: pyt
     assert err.count("\n") == 1 and err.startswith("lightvlm serve: error:") and message in err, err
 
 
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("LIGHTVLM_MAX_BATCH_SIZE", "0", "LIGHTVLM_MAX_BATCH_SIZE: Input should be greater than or equal to 1"),
+    ("LIGHTVLM_DEVICE", "tpu", "LIGHTVLM_DEVICE: Input should be 'auto', 'cpu' or 'cuda'"),
+])
+def test_serve_bad_environment_is_one_line(variable: str, value: str, message: str,
+                                           monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(variable, value)
+    code, err = run(app_main, ["serve"], capsys)
+    assert code == 2 and err == f"lightvlm serve: error: {message}\n"
+
+
 def test_every_flag_has_help() -> None:
     from app.cli import serve_parser
 
