@@ -6,13 +6,15 @@ bundled demo model (one thread each) in one run, and what Ray's HTTP proxy costs
 A local Ray cluster (head + one worker node, 1 CPU each, as in tests/scale) is started and stopped
 by PID. Workload: /v1/chat/completions with a 96x96 image, greedy, `ignore_eos`, max_tokens
 tokens each. Proxy cost: sequential requests through the proxy to a 1-replica deployment against
-the same requests to a plain `lightvlm serve` (same code, same settings) on this machine.
+the same requests to a plain `lightvlm serve` (same code, same settings) on this machine,
+alternating. Throughput rounds alternate 1 and 2 replicas (--rounds each); medians are reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import subprocess
@@ -77,16 +79,28 @@ async def throughput(url: str, requests: int, concurrency: int, max_tokens: int)
             "p50_latency_s": round(statistics.median(latencies), 3), "served_by": dict(replicas)}
 
 
-def sequential_ms(url: str, count: int, request: Any) -> float:
-    """Median ms of `count` sequential requests (after 5 warm-up ones)."""
-    times = []
+def interleaved_ms(direct_url: str, proxied_url: str, count: int, request: Any) -> tuple[float, float]:
+    """Median ms of `count` requests to each server, alternating between them (after 5 warm-up
+    pairs), so that load from elsewhere on the machine hits both sides alike."""
+    direct, proxied = [], []
     with httpx.Client(timeout=120) as client:
         for i in range(count + 5):
-            started = time.perf_counter()
-            request(client, url).raise_for_status()
-            if i >= 5:
-                times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+            for url, times in ((direct_url, direct), (proxied_url, proxied)):
+                started = time.perf_counter()
+                request(client, url).raise_for_status()
+                if i >= 5:
+                    times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(direct), statistics.median(proxied)
+
+
+def wait_for_replicas(url: str, count: int, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if len(httpx.get(f"{url}/-/replicas", timeout=5).json()) == count:
+                return
+        time.sleep(1)
+    raise TimeoutError(f"{count} replicas")
 
 
 def health(client: httpx.Client, url: str) -> httpx.Response:
@@ -124,33 +138,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
         settings = {"device": "cpu", "model": DEMO_MODEL, "max_batch_size": args.batch}
-        result: dict[str, Any] = {"machine_note": "2-core machine shared with other engineers' jobs"}
-        for replicas in (1, 2):
+        result: dict[str, Any] = {"machine_note": "2-core machine shared with other engineers' jobs",
+                                  "rounds": []}
+        # 1, 2, 1, 2, ... replicas: only the replica count changes (Ray adds or stops one replica,
+        # the other keeps running), so rounds alternate and drift on the machine hits both alike.
+        for replicas in [1, 2] * args.rounds:
             serve.run(build_app({"settings": settings, "replicas": replicas}), name="lightvlm", route_prefix="/")
             wait_ready(url)
-            result[f"replicas_{replicas}"] = asyncio.run(
-                throughput(url, args.requests, args.concurrency, args.max_tokens))
-            print(json.dumps({f"replicas_{replicas}": result[f"replicas_{replicas}"]}), flush=True)
-            if replicas == 1:
-                plain_port = free_port()
-                plain = subprocess.Popen(
-                    [sys.executable, "-m", "app.cli", "serve", "--device", "cpu", "--model", DEMO_MODEL,
-                     "--port", str(plain_port)], env={**cluster.env, "LIGHTVLM_MAX_BATCH_SIZE": str(args.batch)},
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-                plain_url = f"http://127.0.0.1:{plain_port}"
-                wait_ready(plain_url)
-                result["proxy_cost_ms"] = {
-                    kind: {"direct": round(direct, 2), "through_ray": round(proxied, 2),
-                           "proxy": round(proxied - direct, 2)}
-                    for kind, fn in (("GET /health", health), ("1-token chat completion", one_token))
-                    for direct, proxied in [(sequential_ms(plain_url, args.sequential, fn),
-                                             sequential_ms(url, args.sequential, fn))]
-                }
-                print(json.dumps({"proxy_cost_ms": result["proxy_cost_ms"]}), flush=True)
-                plain.terminate()
-                plain.wait(60)
-        one, two = result["replicas_1"], result["replicas_2"]
-        result["speedup_2_vs_1"] = round(two["tokens_per_s"] / one["tokens_per_s"], 2)
+            wait_for_replicas(url, replicas)
+            row = {"replicas": replicas, **asyncio.run(throughput(url, args.requests, args.concurrency,
+                                                                 args.max_tokens))}
+            result["rounds"].append(row)
+            print(json.dumps(row), flush=True)
+        for replicas in (1, 2):
+            rates = [r["tokens_per_s"] for r in result["rounds"] if r["replicas"] == replicas]
+            result[f"replicas_{replicas}_tokens_per_s_median"] = statistics.median(rates)
+        result["speedup_2_vs_1"] = round(result["replicas_2_tokens_per_s_median"]
+                                         / result["replicas_1_tokens_per_s_median"], 2)
+        serve.run(build_app({"settings": settings, "replicas": 1}), name="lightvlm", route_prefix="/")
+        wait_for_replicas(url, 1)
+        plain_port = free_port()
+        plain = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--device", "cpu", "--model", DEMO_MODEL,
+             "--port", str(plain_port)], env={**cluster.env, "LIGHTVLM_MAX_BATCH_SIZE": str(args.batch)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        plain_url = f"http://127.0.0.1:{plain_port}"
+        wait_ready(plain_url)
+        result["proxy_cost_ms"] = {}
+        for kind, fn in (("GET /health", health), ("1-token chat completion", one_token)):
+            direct, proxied = interleaved_ms(plain_url, url, args.sequential, fn)
+            result["proxy_cost_ms"][kind] = {"direct": round(direct, 2), "through_ray": round(proxied, 2),
+                                             "proxy": round(proxied - direct, 2)}
+        print(json.dumps({"proxy_cost_ms": result["proxy_cost_ms"]}), flush=True)
         return result
     finally:
         if plain is not None and plain.poll() is None:
@@ -166,6 +185,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="max_batch_size of every server")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of 1 then 2 replicas")
     parser.add_argument("--sequential", type=int, default=40, help="requests per proxy-cost measurement")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -38,7 +38,10 @@ def test_every_builtin_resource_validates_strictly() -> None:
     for path, doc in resources():
         if doc["kind"] in CRD_KINDS:
             continue
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path.relative_to(ROOT)}: {doc['kind']}: {exc}")
         checked += 1
     assert checked >= 5, checked
 
