@@ -36,7 +36,7 @@ def methods(presets: list[str] | None = None, keeps: tuple[float, ...] = KEEP_RA
     preset's final ratio are that preset."""
     by_final = {stages[-1][1]: name for name, stages in PRESET_STAGES.items()}
     out = {"none": AccelerationConfig("none")}
-    for keep in keeps:
+    for keep in sorted(keeps):  # the smallest fractions first: they separate the methods most
         for method in method_names():
             if method == "lightvlm" and keep in by_final:
                 name, accel = by_final[keep], AccelerationConfig(by_final[keep])
@@ -170,3 +170,41 @@ def run_eval(model: str | None, presets: list[str] | None, num_questions: int, a
     if plot_path:
         plot(result, plot_path)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lightvlm_core.eval.accuracy --part methods|kv`: one half of `lightvlm eval` (so the
+    two halves can run as two single-threaded processes); `--merge A B` joins them and plots."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lightvlm_core.eval.accuracy")
+    p.add_argument("--part", choices=["methods", "kv"])
+    p.add_argument("--merge", nargs=2, metavar=("METHODS_JSON", "KV_JSON"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--num-questions", type=int, default=1000)
+    p.add_argument("--out", required=True)
+    p.add_argument("--plot", default=None)
+    args = p.parse_args(argv)
+    if args.merge:
+        with open(args.merge[0]) as f, open(args.merge[1]) as g:
+            result = {**json.load(f), "kv_results": json.load(g)["kv_results"]}
+    else:
+        from lightvlm_core.eval.kv_table import kv_rows
+
+        engine = load_engine(args.model, device="auto")
+        if args.part == "methods":
+            result = evaluate(engine, args.num_questions, kv_budgets=(), checkpoint=f"{args.out}.partial")
+        else:
+            result = {"model": engine.model_name, "hardware": hardware(), "heldout_seed": HELDOUT_SEED,
+                      "kv_results": kv_rows(engine, args.num_questions, HELDOUT_SEED, False, None,
+                                            lambda kv: _save(f"{args.out}.partial", {"kv_results": kv}))}
+    _save(args.out, result)
+    if args.plot:
+        from lightvlm_core.eval.plots import plot
+
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
