@@ -305,8 +305,12 @@ class EngineClient:
         self._abort(request_id, RequestStatus.FINISHED_CANCELLED)
 
     def stats(self) -> SchedulerStats:
+        """Running / waiting from this side's live view (a request is running from its first token
+        on); KV sizes from the core's latest report."""
         with self._lock:
-            return self._stats
+            running = sum(1 for t in self._tracked.values() if t.num_tokens)
+            return SchedulerStats(running, len(self._tracked) - running, self._stats.kv_cache_bytes,
+                                  self._stats.kv_cache_tokens)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the engine: requests in flight end with an error event."""

@@ -93,6 +93,7 @@ class EngineCore:
         self.send = send
         self.inbox: queue.Queue[tuple] = queue.Queue()
         self._pool = ThreadPoolExecutor(prepare_workers, thread_name_prefix="lightvlm-prepare")
+        self._lock = threading.Lock()  # _preparing: the inbox reader adds, the loop removes
         self._preparing: set[str] = set()
         self._cancelled_while_preparing: set[str] = set()
         self._closed = False
@@ -144,12 +145,21 @@ class EngineCore:
             except queue.Empty:
                 return
 
+    def receive(self, message: tuple) -> None:
+        """From the inbox reader thread: new requests start preparing at once (even while a long
+        step runs), everything else waits for the loop."""
+        if message[0] == "add":
+            request: GenerationRequest = message[1]
+            with self._lock:
+                self._preparing.add(request.request_id)
+            self._pool.submit(self._prepare, request)
+        else:
+            self.inbox.put(message)
+
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "add":
-            request: GenerationRequest = message[1]
-            self._preparing.add(request.request_id)
-            self._pool.submit(self._prepare, request)
+            self.receive(message)
         elif kind == "prepared":
             self._admit(message[1], message[2])
         elif kind == "abort":
@@ -161,31 +171,37 @@ class EngineCore:
         try:
             result: Request | BaseException = self.runner.prepare(request)
         except Exception as exc:
+            if not isinstance(exc, LightVLMError):
+                log.error("preparing %s failed: %s: %s", request.request_id, type(exc).__name__, exc)
+                exc = LightVLMError(f"could not prepare the request: {type(exc).__name__}: {exc}")
             result = exc
+        # Answer the client now (it is waiting to start its HTTP response), join the queue later.
+        if isinstance(result, Request):
+            self.send(("accepted", request.request_id, result.num_prompt_tokens))
+        else:
+            self.send(("rejected", request.request_id, type(result).__name__, str(result)))
         self.inbox.put(("prepared", request.request_id, result))
 
     def _admit(self, request_id: str, result: Request | BaseException) -> None:
-        self._preparing.discard(request_id)
+        with self._lock:
+            self._preparing.discard(request_id)
+        if isinstance(result, BaseException):
+            self._cancelled_while_preparing.discard(request_id)
+            return
         if request_id in self._cancelled_while_preparing:
             self._cancelled_while_preparing.discard(request_id)
             self._send_step([RequestOutput(request_id, [], finish_reason="cancelled")])
             return
-        if isinstance(result, Request):
-            try:
-                self.scheduler.add_request(result)
-            except QueueFullError as exc:
-                result = exc
-        if isinstance(result, BaseException):
-            if not isinstance(result, LightVLMError):
-                log.error("preparing %s failed: %s: %s", request_id, type(result).__name__, result)
-                result = LightVLMError(f"could not prepare the request: {type(result).__name__}: {result}")
-            self.send(("rejected", request_id, type(result).__name__, str(result)))
-            return
-        self.send(("accepted", request_id, result.num_prompt_tokens))
+        try:
+            self.scheduler.add_request(result)
+        except QueueFullError as exc:  # the client bounds requests in flight: only a misbehaving one
+            self._send_step([RequestOutput(request_id, [], finish_reason="error", error=(exc.error_type, str(exc)))])
 
     def _abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_CANCELLED,
                error: tuple[str, str] | None = None, num_output_tokens: int | None = None) -> None:
-        if request_id in self._preparing:
+        with self._lock:
+            preparing = request_id in self._preparing
+        if preparing:
             self._cancelled_while_preparing.add(request_id)
             return
         request = self.scheduler.finish_request(request_id, status, time.monotonic(), error, num_output_tokens)
@@ -205,8 +221,9 @@ class EngineCore:
         for request in [*self.scheduler.running, *self.scheduler.waiting]:
             self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR, now, (error_type, message))
             outputs.append(self._output(RequestUpdate(request, finished=True)))
-        outputs += [RequestOutput(rid, [], finish_reason="error", error=(error_type, message))
-                    for rid in self._preparing]
+        with self._lock:
+            preparing = list(self._preparing)
+        outputs += [RequestOutput(rid, [], finish_reason="error", error=(error_type, message)) for rid in preparing]
         self._reset_runner()
         try:
             self._send_step(outputs)
@@ -255,7 +272,9 @@ class EngineCore:
             log.exception("reading the runner's stats failed")
             kv_bytes = kv_tokens = 0
             counters = (0, 0, 0)
-        return CoreStats(self.scheduler.num_running, self.scheduler.num_waiting + len(self._preparing),
+        with self._lock:
+            num_preparing = len(self._preparing)
+        return CoreStats(self.scheduler.num_running, self.scheduler.num_waiting + num_preparing,
                          kv_bytes, kv_tokens, counters)
 
 
@@ -304,7 +323,7 @@ def serve_core(build_runner: Callable[..., Runner] | str, kwargs: dict[str, Any]
     def read_inbox() -> None:
         try:
             while True:
-                core.inbox.put(inbox_conn.recv())
+                core.receive(inbox_conn.recv())
         except (EOFError, OSError):  # the client is gone: stop
             core.inbox.put(("shutdown",))
 

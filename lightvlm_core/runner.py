@@ -9,6 +9,7 @@ and each row probed alone on a copy of its cache, and the step reruns without th
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ class ModelRunner:
         except Exception as exc:
             failure = _failure(exc, "decode step failed")
         # Outside the except block, so the failed step's tensors are gone.
+        release_device_memory()
         self.cache.lengths = lengths
         if len(self.rows) == 1:
             out.failed[self.rows[0].request.request_id] = failure
@@ -188,6 +190,7 @@ class ModelRunner:
                 continue
             except Exception as exc:
                 failure = _failure(exc, "prefill failed")
+            release_device_memory()
             if len(group) == 1:
                 log.info("prefill of %s failed: %s", group[0].request_id, failure[1])
                 out.failed[group[0].request_id] = failure
@@ -261,6 +264,14 @@ def load_runner(model: str | None = None, device: str = "auto", dtype: str = "au
                 trust_remote_code: bool = False) -> ModelRunner:
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return ModelRunner(loaded, AccelerationConfig(preset=preset))
+
+
+def release_device_memory() -> None:
+    """After a failed step: free what it left behind (tensors caught in reference cycles with the
+    exception's frames) and hand cached GPU blocks back, so the next step starts clean."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _failure(exc: BaseException, what: str) -> tuple[str, str]:

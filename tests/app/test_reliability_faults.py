@@ -97,21 +97,21 @@ def token_ids(events: list[Any]) -> list[int]:
 
 
 class StepGate:
-    """Wraps engine.step: while held, the engine thread parks inside step (the batch is frozen,
-    so requests that arrive meanwhile queue up and are admitted together on release)."""
+    """Wraps the runner's execute: while held, the engine core parks inside a step (the batch is
+    frozen, so requests that arrive meanwhile queue up and are admitted together on release)."""
 
     def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
         self.hold, self.parked, self.release = threading.Event(), threading.Event(), threading.Event()
-        real_step = engine.step
+        real_execute = engine.runner.execute
 
-        def step() -> Any:
+        def execute(scheduled: Any) -> Any:
             if self.hold.is_set():
                 self.parked.set()
                 self.release.wait(30)
                 self.hold.clear()
-            return real_step()
+            return real_execute(scheduled)
 
-        monkeypatch.setattr(engine, "step", step)
+        monkeypatch.setattr(engine.runner, "execute", execute)
 
 
 def test_out_of_memory_in_a_decode_step(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,8 +172,10 @@ def test_failures_in_a_batched_prefill_stay_with_their_request(
     of memory, so they are retried one by one; the one whose own prefill raises fails alone, a
     client that disconnects is cancelled, and the rest (and the running stream) are exact."""
     gate = StepGate(engine, monkeypatch)
-    real_prefill, real_add = forward.prefill, engine.add
+    runner = engine.runner
+    real_prefill, real_prefill_group, real_prepare = forward.prefill, runner._prefill_group, runner.prepare
     batch_sizes: list[int] = []
+    boom_ids: set[str] = set()
 
     def prefill(adapter: Any, state: forward.PrefillState, *args: Any, **kwargs: Any) -> Any:
         batch_sizes.append(state.h.shape[0])
@@ -181,13 +183,19 @@ def test_failures_in_a_batched_prefill_stay_with_their_request(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
         return real_prefill(adapter, state, *args, **kwargs)
 
-    def add(prepared: list[Any]) -> Any:
-        if len(prepared) == 1 and "[boom]" in prepared[0].request.prompt:
+    def prepare(request: Any) -> Any:
+        if "[boom]" in request.prompt:
+            boom_ids.add(request.request_id)
+        return real_prepare(request)
+
+    def prefill_group(group: list[Any], out: Any) -> Any:
+        if len(group) == 1 and group[0].request_id in boom_ids:
             raise RuntimeError("boom: this request's prefill broke")
-        return real_add(prepared)
+        return real_prefill_group(group, out)
 
     monkeypatch.setattr(forward, "prefill", prefill)
-    monkeypatch.setattr(engine, "add", add)
+    monkeypatch.setattr(runner, "prepare", prepare)
+    monkeypatch.setattr(runner, "_prefill_group", prefill_group)
     running = body(9, 400)
     neighbours = [body(10), body(11, prompt="[boom] what is shown?"), body(12), body(13, 2000)]
 
