@@ -6,6 +6,7 @@ from lightvlm_core.errors import UnsupportedModelError
 from lightvlm_core.models.base import LayerSpec, ModelAdapter, PromptInputs
 from lightvlm_core.models.check import check_supported
 from lightvlm_core.models.gemma3 import Gemma3Adapter
+from lightvlm_core.models.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from lightvlm_core.models.internvl import InternVLAdapter
 from lightvlm_core.models.llava import LlavaAdapter
 from lightvlm_core.models.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
@@ -18,6 +19,8 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "internvl": InternVLAdapter,
     "qwen3_vl": Qwen3VLAdapter,
     "gemma3": Gemma3Adapter,
+    "idefics3": Idefics3Adapter,
+    "smolvlm": SmolVLMAdapter,
 }
 
 

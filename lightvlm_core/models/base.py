@@ -71,12 +71,13 @@ class ModelAdapter:
     norm_layout: str = "pre"
     bidirectional_images: bool = False  # image tokens attend to their whole image in prefill
     supports_sliding_window: bool = False
+    text_model_attr: str = "language_model"  # where the text decoder sits under `model.model`
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
         self.text_config = model.config.get_text_config()
-        self.text_model = model.model.language_model
+        self.text_model = getattr(model.model, self.text_model_attr)
         self.layers: nn.ModuleList = self.text_model.layers
         self.norm: nn.Module = self.text_model.norm
         self.rotary_emb: nn.Module = self.text_model.rotary_emb
@@ -129,7 +130,7 @@ class ModelAdapter:
         if not with_images:
             return embeds, carry
         keys = [k for k in self.vision_keys if k in prompts[with_images[0]].vision]
-        vision = {k: torch.cat([prompts[i].vision[k] for i in with_images]).to(device) for k in keys}
+        vision = {k: self.stack_vision([prompts[i].vision[k] for i in with_images]).to(device) for k in keys}
         if "pixel_values" in vision:
             vision["pixel_values"] = vision["pixel_values"].to(dtype)
         feats, extra = self.image_features_with_carry(vision)
@@ -147,6 +148,10 @@ class ModelAdapter:
                 carry[i][name] = full
         return embeds, carry
 
+    def stack_vision(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One processor tensor of the batch from the prompts' own (images/tiles/patches along dim 0)."""
+        return torch.cat(tensors)
+
     def image_features_with_carry(self, vision: dict[str, torch.Tensor]
                                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Image features (N, d) and per-image-token extras {name: (N, ...)} (none by default)."""
@@ -160,7 +165,8 @@ class ModelAdapter:
         return torch.arange(n), n
 
     def image_spans(self, input_ids: torch.Tensor) -> list[tuple[int, int]]:
-        """[start, end) of every contiguous run of image tokens (one per image or tile group)."""
+        """[start, end) of every contiguous run of image tokens: one per image, or one per tile where
+        the processor separates tiles with layout tokens (Idefics3 / SmolVLM)."""
         is_img = (input_ids == self.image_token_id).tolist()
         spans, start = [], None
         for i, flag in enumerate(is_img + [False]):

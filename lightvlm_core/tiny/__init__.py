@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lightvlm_core.tiny.common import TinyFamily, generation_config, init_model
 from lightvlm_core.tiny.gemma3 import GEMMA3
+from lightvlm_core.tiny.idefics3 import IDEFICS3, SMOLVLM
 from lightvlm_core.tiny.internvl import INTERNVL
 from lightvlm_core.tiny.llava import LLAVA
 from lightvlm_core.tiny.qwen3_vl import QWEN3_VL
@@ -24,6 +25,8 @@ BUILDERS: dict[str, TinyFamily] = {
     "internvl": INTERNVL,
     "qwen3_vl": QWEN3_VL,
     "gemma3": GEMMA3,
+    "idefics3": IDEFICS3,
+    "smolvlm": SMOLVLM,
 }
 FAMILIES = tuple(BUILDERS)
 

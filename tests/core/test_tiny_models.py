@@ -17,9 +17,12 @@ EXPECTED = {
     "internvl": ("InternVLForConditionalGeneration", "<|im_end|>", "<IMG_CONTEXT>"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "<|im_end|>", "<|vision_start|><|image_pad|><|vision_end|>"),
     "gemma3": ("Gemma3ForConditionalGeneration", "<end_of_turn>", "<start_of_image>"),
+    "idefics3": ("Idefics3ForConditionalGeneration", "<end_of_utterance>", "<image>"),
+    "smolvlm": ("SmolVLMForConditionalGeneration", "<end_of_utterance>", "<image>"),
 }
 # what the chat template's generation prompt ends with
-ANSWER_START = {"llava": "ASSISTANT:", "gemma3": "<start_of_turn>model\n"}
+ANSWER_START = {"llava": "ASSISTANT:", "gemma3": "<start_of_turn>model\n", "idefics3": "Assistant:",
+                "smolvlm": "Assistant:"}
 # family: {(width, height): image tokens in input_ids}
 IMAGE_TOKENS = {
     "llava": {(56, 56): 64, (168, 112): 64},
@@ -28,6 +31,9 @@ IMAGE_TOKENS = {
     "internvl": {(56, 56): 16, (168, 56): 64, (112, 168): 112},
     "qwen3_vl": {(56, 56): 4, (168, 112): 20, (256, 256): 64},  # 32 px per token
     "gemma3": {(56, 56): 16, (168, 112): 16, (256, 256): 16},  # pooled to a fixed 4x4 per image
+    # 16 per tile: 2x2 tiles + a global view, or 1x2 + global for a tall image
+    "idefics3": {(56, 56): 80, (168, 112): 80, (56, 168): 48},
+    "smolvlm": {(56, 56): 80, (168, 112): 80, (56, 168): 48},
 }
 PROMPT = "What is in this image?"
 
@@ -100,7 +106,7 @@ def test_batched_generate_pads_left(tiny):
     family, processor, model = tiny
     texts = [_chat(processor, True), _chat(processor, True, "Describe the picture in a few words, please.")]
     images = [_image((56, 56)), _image((112, 168))]
-    if family == "gemma3":  # its processor wants the images of each prompt in their own list
+    if family in ("gemma3", "idefics3", "smolvlm"):  # these processors want each prompt's images in a list
         images = [[image] for image in images]
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
     assert inputs["attention_mask"][:, -1].all()
