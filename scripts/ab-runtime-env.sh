@@ -6,6 +6,7 @@
 #
 #   scripts/ab-runtime-env.sh [ROUNDS] [PROFILE]      # default 3 cpu-small
 #   DECODE_ARGS="--decode-lengths 128 --decode-batches 1 8 --decode-tokens 64" scripts/ab-runtime-env.sh
+# (default: --decode-lengths 32 --decode-batches 8 --decode-tokens 32 --decode-presets none)
 #
 # Writes $OUT/{with,without}-N.json and prints medians per case (decode tokens/s) and the ratio.
 set -euo pipefail
@@ -16,7 +17,7 @@ PROFILE="${2:-cpu-small}"
 PY="${PY:-$REPO/.venv/bin/python}"
 OUT="${OUT:-$REPO/bench_results/ab-runtime-env}"
 THREADS="${THREADS:-$(nproc)}"
-read -r -a DECODE <<< "${DECODE_ARGS:---decode-lengths 128 --decode-batches 1 8 --decode-tokens 64}"
+read -r -a DECODE <<< "${DECODE_ARGS:---decode-lengths 32 --decode-batches 8 --decode-tokens 32 --decode-presets none}"
 mkdir -p "$OUT"
 TUNED="$(env -u OMP_NUM_THREADS OMP_NUM_THREADS="$THREADS" "$PY" -m lightvlm_core.runtime_env)"
 echo "with = $(echo "$TUNED" | tr '\n' ' ')"

@@ -27,12 +27,20 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--decode-batches", type=int, nargs="+", default=None)
     ap.add_argument("--decode-tokens", type=int, default=None)
     ap.add_argument("--prefill-runs", type=int, default=None)
+    ap.add_argument("--decode-presets", nargs="+", default=None,
+                    help="restrict `bench decode` to these of its cases (none, kv, aggressive, aggressive+kv)")
     args = ap.parse_args(argv)
     changes = {"decode_lengths": tuple(args.decode_lengths) if args.decode_lengths else None,
                "decode_batches": tuple(args.decode_batches) if args.decode_batches else None,
                "decode_tokens": args.decode_tokens, "prefill_runs": args.prefill_runs}
     changes = {k: v for k, v in changes.items() if v is not None}
     profiles.PROFILES[args.profile] = dataclasses.replace(profiles.PROFILES[args.profile], **changes)
+    if args.decode_presets:
+        from lightvlm_core.bench import decode
+
+        every = decode.configs
+        decode.configs = lambda profile: {k: v for k, v in every(profile).items() if k in args.decode_presets}
+        changes["decode_presets"] = args.decode_presets
     print(f"{args.kind} {args.profile}: workload changes {changes or 'none'}", file=sys.stderr)
     return cli_main(["bench", args.kind, "--profile", args.profile, *rest])
 

@@ -5,8 +5,9 @@
     .venv/bin/python scripts/profile_engine.py --profile cpu-small --batches 1 4 8 \
         --out bench_results/profile-cpu-small.md
 
-For each case it times the step without any profiler (median wall time), then runs it under the
-torch profiler with Python stacks and attributes every ATen op's self time twice:
+For each case it runs the steps under the torch profiler without stack tracing (op self times
+and the wall time: the profiler adds ~1 us per op), then a few more with Python stacks to learn
+where each op name is issued from, and attributes the ops' time twice:
 
 - by kind: matmul (mm/addmm/bmm/linear), attention (SDPA, and ops under the attention code),
   sampling (ops under lightvlm_core/sampling.py or the engine's token choice), cache copies
@@ -15,9 +16,8 @@ torch profiler with Python stacks and attributes every ATen op's self time twice
   ops' self time (interpreter, module calls, dispatch, allocation between ops);
 - by place: the innermost lightvlm_core (else transformers/torch.nn) frame that issued the op.
 
-Percentages are of the unprofiled median step time (the profiler's own overhead inflates the
-profiled run; op self times are measured inside the ops and barely move). Uses the engine API
-`Engine.prepare/add/step/remove_all` (lightvlm_core/engine.py).
+Percentages are of the step's wall time in the stack-free run. Uses the engine API
+`Engine.prepare/add/step` (lightvlm_core/engine.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import subprocess
 import time
 from collections import defaultdict
@@ -50,83 +49,103 @@ def requests(engine: Engine, batch: int, image, question: str, max_new: int, pre
     return [engine.prepare(req) for _ in range(batch)]
 
 
-def time_prefill(engine: Engine, batch: int, image, question: str, preset: str, runs: int) -> float:
-    walls = []
-    for _ in range(runs):
-        prepared = requests(engine, batch, image, question, 2, preset)
+def profiled(fn, stack: bool) -> tuple[list, float]:
+    """ATen events of `fn()` and its wall time. Without stacks the profiler costs ~1 us per op, so
+    the wall time is close to an unprofiled run; with stacks every Python call is traced (slow),
+    which is only used to tell where ops come from."""
+    with profile(activities=[ProfilerActivity.CPU], with_stack=stack, record_shapes=False) as prof:
         start = time.perf_counter()
-        engine.add(prepared)
-        walls.append(time.perf_counter() - start)
-        engine.remove_all()
-    return statistics.median(walls)
-
-
-def time_decode(engine: Engine, batch: int, image, question: str, preset: str, steps: int) -> float:
-    engine.add(requests(engine, batch, image, question, steps + 8, preset))
-    for _ in range(3):
-        engine.step()
-    walls = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.step()
-        walls.append(time.perf_counter() - start)
-    engine.remove_all()
-    return statistics.median(walls)
-
-
-def profiled(fn) -> list:
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True, record_shapes=False) as prof:
         fn()
-    return [e for e in prof.events() if e.name.startswith("aten::")]
+        wall = time.perf_counter() - start
+    return [e for e in prof.events() if e.name.startswith("aten::")], wall
 
 
-def place_of(stack: list[str]) -> str:
-    """The innermost project frame (else a transformers / torch.nn module frame) of an op's stack."""
+def drain(engine: Engine) -> None:
+    """Finish every running row (the offline engine has no remove-all; the old one had)."""
+    if hasattr(engine, "remove_all"):
+        engine.remove_all()
+    while engine.num_running:
+        engine.step()
+
+
+def decode_steps(engine: Engine, batch: int, image, question: str, preset: str, steps: int):
+    """A function running `steps` decode steps on `batch` fresh rows (prefilled and warmed first)."""
+    def run() -> None:
+        for _ in range(steps):
+            engine.step()
+
+    drain(engine)
+    engine.add(requests(engine, batch, image, question, steps + 4, preset))
+    for _ in range(2):
+        engine.step()
+    return run
+
+
+def place_of(event) -> str:
+    """The innermost project frame (else a transformers / torch.nn frame) above an op: the Python
+    function events the profiler records with `with_stack=True` are the op's ancestors."""
     fallback = None
-    for frame in stack:
-        m = FRAME.search(frame)
-        if not m:
-            continue
-        path = m["file"]
-        if "lightvlm_core/" in path:
-            return f"{path[path.index('lightvlm_core/'):]}:{m['func']}"
-        if fallback is None and ("transformers/" in path or "torch/nn/" in path):
-            fallback = f"{path[path.rindex('/') + 1:]}:{m['func']}"
+    node = event.cpu_parent
+    while node is not None:
+        m = FRAME.search(node.name)
+        if m:
+            path = m["file"]
+            if "lightvlm_core/" in path:
+                return f"{path[path.index('lightvlm_core/'):]}:{m['func']}"
+            if fallback is None and ("transformers/" in path or "torch/nn/" in path):
+                fallback = f"{path[path.rindex('/') + 1:]}:{m['func']}"
+        node = node.cpu_parent
     return fallback or "(no Python frame)"
 
 
 def kind_of(name: str, place: str) -> str:
-    if "sampling.py" in place or place.endswith((":_choose", ":_sample", ":sample")):
+    if "sampling.py" in place:
         return "sampling"
     if name in MATMUL:
         return "matmul"
     if SDPA.search(name) or "attention" in place or "_attend" in place:
         return "attention (non-matmul)"
-    if COPY.search(name) and ("kv/" in place or "cache" in place or "engine.py" in place or "sequence" in place):
-        return "cache / batch copies"
-    return "other ops (norm, rotary, elementwise, embedding)"
+    if "kv/" in place or (COPY.search(name) and ("engine.py" in place or "sequence" in place)):
+        return "KV cache / batch bookkeeping"
+    return "other ops (norm, rotary, activation, residual, embedding)"
 
 
-def breakdown(events: list, reps: int, wall_s: float) -> tuple[dict, dict]:
-    """Per-step self seconds by kind and by place; `python + framework` = wall - all ops."""
+def breakdown(plain: list, plain_wall: float, stacked: list, reps: int) -> tuple[dict, dict, dict, float]:
+    """Per-step seconds by kind, by place and by op. Op times and the wall time come from the
+    stack-free run; each op name's split across kinds and places comes from the stacked run.
+    `python + framework` = wall - all ops' self time. Returns also top-level ops per step."""
+    split: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
+    for e in stacked:
+        place = place_of(e)
+        split[e.name][(kind_of(e.name, place), place)] += e.self_cpu_time_total
     kinds: dict[str, float] = defaultdict(float)
     places: dict[str, float] = defaultdict(float)
-    for e in events:
-        self_s = e.self_cpu_time_total / 1e6 / reps
-        place = place_of(e.stack or [])
-        kinds[kind_of(e.name, place)] += self_s
-        places[place] += self_s
-    kinds["python + framework (between ops)"] = max(0.0, wall_s - sum(kinds.values()))
-    return dict(kinds), dict(places)
+    ops: dict[str, float] = defaultdict(float)
+    for e in plain:
+        ops[e.name] += e.self_cpu_time_total / 1e6 / reps
+    for name, t in ops.items():
+        parts = split.get(name) or {(kind_of(name, ""), "(not seen with stacks)"): 1.0}
+        total = sum(parts.values())
+        for (kind, place), share in parts.items():
+            kinds[kind] += t * share / total
+            places[place] += t * share / total
+    wall = plain_wall / reps
+    kinds["python + framework (between ops)"] = max(0.0, wall - sum(ops.values()))
+    top_level = sum(1 for e in plain if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")) / reps
+    return dict(kinds), dict(places), dict(ops), top_level
 
 
-def table(kinds: dict, places: dict, wall_s: float, top: int = 8) -> list[str]:
-    lines = [f"step wall time (median, no profiler): **{wall_s * 1e3:.2f} ms**", "",
+def table(kinds: dict, places: dict, ops: dict, top_level: float, wall_s: float, top: int = 8) -> list[str]:
+    lines = [f"step wall time (mean over the profiled steps, no stack tracing): **{wall_s * 1e3:.2f} ms**; "
+             f"{top_level:.0f} ATen calls from Python per step", "",
              "| where the time goes | ms / step | % of step |", "|---|---|---|"]
     for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {k} | {v * 1e3:.2f} | {100 * v / wall_s:.1f}% |")
     lines += ["", "| issued from (innermost project frame) | op ms / step | % of step |", "|---|---|---|"]
     for k, v in sorted(places.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| `{k}` | {v * 1e3:.2f} | {100 * v / wall_s:.1f}% |")
+    lines += ["", "| ATen op (self time) | ms / step | % of step |", "|---|---|---|"]
+    for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"| `{k}` | {v * 1e3:.2f} | {100 * v / wall_s:.1f}% |")
     return lines
 
@@ -155,7 +174,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write the Markdown report here")
     args = ap.parse_args()
     engine, image, question, name = build_engine(args)
-    time_prefill(engine, 1, image, question, args.preset, 1)  # warm-up
+    engine.add(requests(engine, 1, image, question, 1, args.preset))  # warm-up
+    drain(engine)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = [f"# Engine step profile: {name}, preset `{args.preset}`", "",
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_NUM_THREADS="
@@ -164,27 +184,30 @@ def main() -> int:
               f"{'--profile ' + args.profile if args.profile else '--model ' + args.model} --batches "
               f"{' '.join(map(str, args.batches))} --preset {args.preset}`", ""]
     for batch in args.batches:
-        wall = time_decode(engine, batch, image, question, args.preset, args.decode_steps)
-        engine.add(requests(engine, batch, image, question, 40, args.preset))
-        for _ in range(3):
-            engine.step()
-        reps = 5
-        events = profiled(lambda: [engine.step() for _ in range(reps)])
-        engine.remove_all()
-        report += [f"## decode step, batch {batch}", "", *table(*breakdown(events, reps, wall), wall), ""]
-        print("\n".join(report[-20:]), flush=True)
+        plain, wall = profiled(decode_steps(engine, batch, image, question, args.preset, args.decode_steps), False)
+        stacked, _ = profiled(decode_steps(engine, batch, image, question, args.preset, 3), True)
+        kinds, places, ops, top_level = breakdown(plain, wall, stacked, args.decode_steps)
+        drain(engine)
+        report += [f"## decode step, batch {batch}", "", *table(kinds, places, ops, top_level, wall / args.decode_steps), ""]
+        print("\n".join(report[-24:]), flush=True)
     for batch in args.batches:
-        wall = time_prefill(engine, batch, image, question, args.preset, args.prefill_runs)
         start = time.perf_counter()
-        prepared = requests(engine, batch, image, question, 2, args.preset)
-        prepare_ms = (time.perf_counter() - start) * 1e3 / batch
-        events = profiled(lambda p=prepared: engine.add(p))
-        engine.remove_all()
+        prepared = [requests(engine, batch, image, question, 1, args.preset) for _ in range(args.prefill_runs + 1)]
+        prepare_ms = (time.perf_counter() - start) * 1e3 / batch / (args.prefill_runs + 1)
+
+        def prefill(runs=prepared[:-1]) -> None:
+            for p in runs:
+                engine.add(p)
+                drain(engine)
+
+        plain, wall = profiled(prefill, False)
+        stacked, _ = profiled(lambda p=prepared[-1]: (engine.add(p), drain(engine)), True)
+        kinds, places, ops, top_level = breakdown(plain, wall, stacked, args.prefill_runs)
         report += [f"## prefill (engine.add: vision + LLM prefill + first token), batch {batch}", "",
                    f"(before it, engine.prepare: chat template + tokenizer + image processor, "
                    f"{prepare_ms:.1f} ms per request, not included below)", "",
-                   *table(*breakdown(events, 1, wall), wall), ""]
-        print("\n".join(report[-20:]), flush=True)
+                   *table(kinds, places, ops, top_level, wall / args.prefill_runs), ""]
+        print("\n".join(report[-24:]), flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(report) + "\n")
     return 0

@@ -14,9 +14,10 @@ Two load shapes drive a target:
 
 What is measured, from the stream: TTFT = first chunk with non-empty `content` after the request
 was sent; ITL = gaps between such chunks; output tokens = the final `usage.completion_tokens`
-(`stream_options.include_usage`), or the number of content chunks where a server sends no usage.
-A server may send a token without text (a partial UTF-8 character) in no chunk at all or merge
-tokens into one: `chunks` is reported beside the tokens so that shows.
+(`stream_options.include_usage`), or the number of content chunks where a server sends no usage;
+TPOT = (e2e - TTFT) / (output tokens - 1) per request. A server sends no chunk for a token without
+text (a special token, a partial UTF-8 character) and may merge tokens into one chunk: then ITL
+spans several tokens and TPOT is the per-token figure; `chunks` is reported beside the tokens.
 
 `summarize(result)` turns the records into percentiles and throughput over the run's wall time.
 
@@ -77,6 +78,14 @@ class RequestRecord:
     @property
     def e2e_s(self) -> float:
         return self.end - self.start
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first: (e2e - TTFT) / (tokens - 1), from usage token
+        counts, so tokens a server streams without text (or merges) are counted all the same."""
+        if self.ttft_s is None or self.num_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.num_tokens - 1)
 
 
 Send = Callable[[int], Awaitable[RequestRecord]]
@@ -220,6 +229,7 @@ def summarize(result: LoadResult) -> dict[str, Any]:
     ok = [r for r in result.records if r.error is None]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     itl = [gap for r in ok for gap in r.itl_s]
+    tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
     e2e = [r.e2e_s for r in ok]
     tokens = sum(r.num_tokens for r in ok)
     wall = max(result.wall_s, 1e-9)
@@ -241,6 +251,7 @@ def summarize(result: LoadResult) -> dict[str, Any]:
         "requests_per_s": round(len(ok) / wall, 3),
         "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99),
         "itl_ms_p50": ms(itl, 50), "itl_ms_p99": ms(itl, 99),
+        "tpot_ms_p50": ms(tpot, 50), "tpot_ms_p99": ms(tpot, 99),
         "e2e_ms_p50": ms(e2e, 50), "e2e_ms_p99": ms(e2e, 99),
     }
 

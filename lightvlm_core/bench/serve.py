@@ -297,7 +297,7 @@ def _row(result: loadgen.LoadResult, mode: str, system: str, preset: str, concur
 
 
 _MEDIANS = ("output_tokens_per_s", "requests_per_s", "wall_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50",
-            "itl_ms_p99", "e2e_ms_p50", "e2e_ms_p99")
+            "itl_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "e2e_ms_p50", "e2e_ms_p99")
 
 
 def _finish(rows: list[dict], peer: str | None) -> list[dict]:
@@ -345,22 +345,24 @@ def _ratio(row: dict, ref: dict | None) -> float | None:
 
 
 COLUMNS = ["mode", "load", "system", "preset", "output_tokens_per_s", "vs_peer", "speedup_vs_none", "ttft_ms_p50",
-           "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50", "runs", "errors"]
+           "ttft_ms_p99", "tpot_ms_p50", "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50", "runs", "errors"]
 
 
 def markdown_table(result: dict) -> str:
     """The side-by-side table (closed and open loop), grouped by load, as Markdown."""
     peer = result.get("peer")
-    head = ["mode", "load", "server", "tok/s", f"x {peer}" if peer else "x none", "TTFT p50 ms", "ITL p50 ms",
-            "ITL p99 ms", "rounds", "errors"]
+    head = ["mode", "load", "server", "tok/s", f"x {peer}" if peer else "x none", "TTFT p50 ms", "TPOT p50 ms",
+            "ITL p50 ms", "ITL p99 ms", "chunks/token", "rounds", "errors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["results"]:
         if row["mode"] == "compare":
             continue
         server = row["system"] if row["preset"] == "-" else f"{row['system']} `{row['preset']}`"
         ratio = row.get("vs_peer") if peer else row.get("speedup_vs_none")
+        chunks = round(row["chunks"] / row["output_tokens"], 2) if row["output_tokens"] else ""
         cells = [row["mode"], row["load"], server, row["output_tokens_per_s"], "" if ratio is None else f"{ratio}x",
-                 row["ttft_ms_p50"], row["itl_ms_p50"], row["itl_ms_p99"], row.get("runs", 1), row["errors"]]
+                 row["ttft_ms_p50"], row["tpot_ms_p50"], row["itl_ms_p50"], row["itl_ms_p99"], chunks,
+                 row.get("runs", 1), row["errors"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

@@ -54,6 +54,8 @@ def service_env(served_name: str, max_batch_size: int, max_new_tokens: int, tune
     })
     if tuned:
         env.update(runtime_env.runtime_env(base=env))
+    else:  # the A/B's other arm: nothing preloaded here, nor by the engine process it starts
+        env["LIGHTVLM_RUNTIME_ENV"] = "0"
     return env
 
 

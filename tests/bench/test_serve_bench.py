@@ -49,7 +49,7 @@ def test_every_target_preset_and_load_is_measured_cleanly(result: dict) -> None:
         assert row["runs"] == WORKLOAD.rounds and len(row["runs_output_tokens_per_s"]) == WORKLOAD.rounds
         assert row["tokens_per_request"] == [WORKLOAD.max_new_tokens], row  # usage == max_tokens (ignore_eos)
         assert row["output_tokens"] == row["requests"] * WORKLOAD.max_new_tokens
-        assert row["ttft_ms_p50"] > 0 and row["output_tokens_per_s"] > 0
+        assert row["ttft_ms_p50"] > 0 and row["tpot_ms_p50"] > 0 and row["output_tokens_per_s"] > 0
         lo, hi = row["prompt_tokens"]
         assert 0 < lo <= hi  # every target sees the same scenes and questions
 
@@ -63,7 +63,7 @@ def test_ratios_and_the_side_by_side_table(result: dict) -> None:
         if row["system"] == "ours" and row["preset"] == "none":
             assert row["speedup_vs_none"] == 1.0
     table = result["markdown"].splitlines()
-    assert table[0].startswith("| mode | load | server | tok/s | x peer |")
+    assert table[0].startswith("| mode | load | server | tok/s | x peer | TTFT p50 ms | TPOT p50 ms |")
     assert sum("| peer |" in line for line in table) == len(WORKLOAD.concurrencies) + len(WORKLOAD.rates)
 
 
@@ -143,6 +143,8 @@ def test_stream_parsing_counts_content_chunks_and_reads_usage() -> None:
     assert record.token_times == [1.0, 2.0, 3.0]  # the role-only chunk is not a token
     assert record.finish_reason == "length" and record.usage_tokens == 24 and record.prompt_tokens == 263
     assert record.num_tokens == 24 and record.num_chunks == 3  # usage wins for throughput
+    record.end = 24.0
+    assert record.ttft_s == 1.0 and record.tpot_s == 1.0  # (24 - 1) s over 23 tokens after the first
     spaced = loadgen.RequestRecord(1, 0.0)
     loadgen.on_chunk(spaced, b'{"choices": [{"delta": {"content": "x"}, "finish_reason": null}]}', 1.0)
     loadgen.on_chunk(spaced, b'{"choices": [{"delta": {"content": null}, "finish_reason": null}]}', 2.0)
@@ -162,7 +164,7 @@ def test_rounds_merge_to_medians_and_ratios() -> None:
         return {"mode": "closed", "system": system, "preset": preset, "load": "c=8", "errors": 0, "first_error": None,
                 "tokens_per_request": [24], "output_tokens_per_s": tps, "requests_per_s": 1.0, "wall_s": 1.0,
                 "ttft_ms_p50": 1.0, "ttft_ms_p99": 1.0, "itl_ms_p50": itl, "itl_ms_p99": itl, "e2e_ms_p50": 1.0,
-                "e2e_ms_p99": 1.0}
+                "e2e_ms_p99": 1.0, "tpot_ms_p50": itl, "tpot_ms_p99": itl}
 
     rows = [row("ours", "none", 100, 5), row("ours", "aggressive", 150, 4), row("vllm", "-", 200, 6),
             row("ours", "none", 90, 7), row("ours", "aggressive", 180, 3), row("vllm", "-", 180, 6),
