@@ -26,17 +26,19 @@ from lightvlm_core import __version__
 
 
 def create_app(settings: Settings | None = None, engine: Any | None = None) -> FastAPI:
-    """Build the service. With `engine` given, it is used as is (ready once startup completes);
-    otherwise the model of `settings` is loaded in the background and /ready says when it is up."""
+    """Build the service. With `engine` given as an object (a runner or an offline Engine), it runs
+    in a thread of this process (ready once startup completes); otherwise the model of `settings`
+    is loaded in the background in an engine process (`engine` may name its runner builder as
+    "module:function") and /ready says when it is up."""
     settings = settings or get_settings()
-    if engine is None:  # the app loads the model itself: name it after the hub id or directory
+    if engine is None or isinstance(engine, str):  # the app loads the model: name it after hub id or directory
         settings = settings.with_default_served_name()
     service = Service(settings, engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         startup: asyncio.Task[None] | None = None
-        if engine is not None:
+        if engine is not None and not isinstance(engine, str):
             await service.start()
         else:
             startup = asyncio.create_task(service.start())

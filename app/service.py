@@ -25,8 +25,9 @@ RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # between failed engine restart
 class Service:
     """Owns the EngineClient (and through it the engine process) for one app instance.
 
-    With `engine` given (tests: a runner, or an offline `lightvlm_core.engine.Engine`), the core
-    runs in a thread of this process; otherwise the model is loaded in an engine process, which is
+    With `engine` given as an object (tests: a runner, or an offline `lightvlm_core.engine.Engine`),
+    the core runs in a thread of this process; otherwise the model is loaded in an engine process
+    (by the runner builder `engine` names as "module:function", default the model runner), which is
     started again whenever it dies (`lightvlm_engine_restarts_total`)."""
 
     def __init__(self, settings: Settings, engine: Any | None = None) -> None:
@@ -38,7 +39,8 @@ class Service:
         self.scheduler: EngineClient | None = None  # the name routes use; it is the engine client
         self.info: EngineInfo | None = None
         self.on_failure: Callable[[BaseException], None] | None = None
-        self._engine = getattr(engine, "runner", engine)
+        self._builder = engine if isinstance(engine, str) else ""
+        self._engine = None if isinstance(engine, str) else getattr(engine, "runner", engine)
         self._cut_off_timer: threading.Timer | None = None
 
     @property
@@ -151,7 +153,7 @@ class Service:
                                                 "dtype": s.dtype, "engine_process": s.engine_process})
             client = EngineClient.launch(s.model, config, self.metrics, device=s.device, dtype=s.dtype,
                                          preset=s.preset, trust_remote_code=s.trust_remote_code, warmup=s.warmup,
-                                         own_process=s.engine_process)
+                                         own_process=s.engine_process, builder=self._builder)
             logger.info("engine started in %.1fs", time.monotonic() - started)
         client.on_death = self._on_engine_death
         return client

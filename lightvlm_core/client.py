@@ -239,18 +239,21 @@ class EngineClient:
     @classmethod
     def launch(cls, model: str | None, config: SchedulerConfig, observer: SchedulerObserver | None = None, *,
                device: str = "auto", dtype: str = "auto", preset: str = "none", trust_remote_code: bool = False,
-               warmup: bool = True, own_process: bool = True, env: dict[str, str] | None = None) -> EngineClient:
+               warmup: bool = True, own_process: bool = True, env: dict[str, str] | None = None,
+               builder: str = "") -> EngineClient:
         """Load `model` (None: the bundled demo model) in an engine process (or a thread) and connect.
-        The tokenizer loads here while the engine process loads the model."""
+        The tokenizer loads here while the engine process loads the model. `builder` ("module:function",
+        default the model runner) builds the runner from these keyword arguments."""
+        builder = builder or RUNNER_BUILDER
         kwargs = dict(model=model, device=device, dtype=dtype, preset=preset, trust_remote_code=trust_remote_code)
         if not own_process:
-            runner = load_runner(**kwargs)
+            runner = _import(builder)(**kwargs)
             return cls.start_in_thread(runner, config, runner.tokenizer, observer, warmup)
         if env is None:
             from lightvlm_core.runtime_env import runtime_env
 
             env = runtime_env()
-        client = cls.start_process(RUNNER_BUILDER, kwargs, config, None, observer, warmup, env, wait=False)
+        client = cls.start_process(builder, kwargs, config, None, observer, warmup, env, wait=False)
         try:
             client.tokenizer = load_tokenizer(model, trust_remote_code)
         except BaseException:
