@@ -15,6 +15,7 @@ from lightvlm_core.tiny.gemma3 import GEMMA3
 from lightvlm_core.tiny.idefics3 import IDEFICS3, SMOLVLM
 from lightvlm_core.tiny.internvl import INTERNVL
 from lightvlm_core.tiny.llava import LLAVA
+from lightvlm_core.tiny.llava_onevision import LLAVA_ONEVISION
 from lightvlm_core.tiny.qwen3_vl import QWEN3_VL
 from lightvlm_core.tiny.qwen_vl import QWEN2_5_VL, QWEN2_VL
 
@@ -27,6 +28,7 @@ BUILDERS: dict[str, TinyFamily] = {
     "gemma3": GEMMA3,
     "idefics3": IDEFICS3,
     "smolvlm": SMOLVLM,
+    "llava_onevision": LLAVA_ONEVISION,
 }
 FAMILIES = tuple(BUILDERS)
 

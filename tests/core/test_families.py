@@ -130,6 +130,18 @@ def test_gemma3_window_and_bidirectional_images_are_load_bearing(tiny_model_dir)
         adapter.bidirectional_images, adapter.layer_specs = True, specs
 
 
+def test_llava_onevision_rows_with_different_tile_counts_batch_like_alone(tiny_model_dir):
+    engine = load_engine(str(tiny_model_dir("llava_onevision")), device="cpu")
+    images = [scene(64, 48), scene(40, 96), scene(28, 28)]
+    tiles = [engine.processor.image_processor(images=[im], return_tensors="pt")["pixel_values"].shape[1]
+             for im in images]
+    assert len(set(tiles)) == 3  # 5, 3 and 2 tiles (base view included)
+    requests = [GenerationRequest("What is in the image?", [im], SamplingParams(max_new_tokens=6, ignore_eos=True))
+                for im in images]
+    together = [r.token_ids for r in engine.generate(requests)]
+    assert together == [engine.generate([r])[0].token_ids for r in requests]
+
+
 def test_carry_features_are_gathered_and_merged_with_their_tokens():
     b, t, d = 1, 5, 4
     deepstack = torch.arange(b * t * 2 * d, dtype=torch.float32).view(b, t, 2, d)

@@ -19,6 +19,7 @@ EXPECTED = {
     "gemma3": ("Gemma3ForConditionalGeneration", "<end_of_turn>", "<start_of_image>"),
     "idefics3": ("Idefics3ForConditionalGeneration", "<end_of_utterance>", "<image>"),
     "smolvlm": ("SmolVLMForConditionalGeneration", "<end_of_utterance>", "<image>"),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "<|im_end|>", "<image>"),
 }
 # what the chat template's generation prompt ends with
 ANSWER_START = {"llava": "ASSISTANT:", "gemma3": "<start_of_turn>model\n", "idefics3": "Assistant:",
@@ -34,6 +35,8 @@ IMAGE_TOKENS = {
     # 16 per tile: 2x2 tiles + a global view, or 1x2 + global for a tall image
     "idefics3": {(56, 56): 80, (168, 112): 80, (56, 168): 48},
     "smolvlm": {(56, 56): 80, (168, 112): 80, (56, 168): 48},
+    # base view 16 + unpadded grid of 28 px tiles + one newline per grid row
+    "llava_onevision": {(28, 28): 36, (56, 56): 88, (168, 112): 70},
 }
 PROMPT = "What is in this image?"
 
