@@ -133,7 +133,8 @@ def test_bad_image_shows_an_error(page, api_key: str, tmp_path: Path) -> None:  
     file_input = page.find_element(By.ID, "file")
     page.execute_script("arguments[0].hidden = false;", file_input)
     file_input.send_keys(str(bad))
-    wait_for(page, lambda d: (d.find_element(By.ID, "preview").get_attribute("src") or "").startswith("data:"), "loaded")
+    preview = page.find_element(By.ID, "preview")
+    wait_for(page, lambda d: (preview.get_attribute("src") or "").startswith("data:"), "image loaded")
     send(page)
     error = wait_for(page, lambda d: d.find_element(By.ID, "error").text, "error shown")
     assert error.startswith("400 invalid_image"), error
