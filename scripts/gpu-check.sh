@@ -10,8 +10,9 @@
 #   4. `lightvlm bench serve --profile gpu-8b` with LIGHTVLM_COMPILE=0 and =1 (a shortened load:
 #      c=1 and 8, 16 requests of 64 tokens, presets none and aggressive).
 # Results (JSON + logs + summary.md) go to $OUT (default gpu-check-out/). Each step has its own
-# time limit and the script never runs past DEADLINE_S (480) in all; a failed step is reported and
-# the next one still runs. Exit status: 0 all steps passed, 1 otherwise.
+# time limit (times LIMIT_SCALE: 1 on the GPU, 4 in a dry run) and the script never runs past
+# DEADLINE_S (480) in all; a failed step is reported and the next one still runs.
+# Exit status: 0 all steps passed, 1 otherwise.
 #
 #   scripts/gpu-check.sh                # on the CUDA machine
 #   scripts/gpu-check.sh --dry-run      # here: CPU, float32, tiny profiles, same steps (minutes)
@@ -58,7 +59,7 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 
 # step NAME LIMIT_S CMD...: run under the smaller of its limit and what is left of the deadline
 step() {
-    local name="$1" limit="$2"; shift 2
+    local name="$1" limit="$(( $2 * ${LIMIT_SCALE:-1} ))"; shift 2
     local left=$((DEADLINE_S - (SECONDS - START)))
     (( limit > left )) && limit=$left
     if (( limit < 10 )); then note "- $name: SKIPPED (time box spent)"; FAILED=1; return; fi
@@ -77,9 +78,12 @@ if (( DRY_RUN )); then
     DECODE_ARGS=(--decode-lengths 8 --decode-batches 1 2 --decode-tokens 8)
     SERVE_ARGS=(--concurrency 1 2 --requests 2 --max-new-tokens 4 --presets none aggressive --rate --no-compare)
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    LIMIT_SCALE="${LIMIT_SCALE:-4}"  # CPU steps are slower than the GPU ones they stand for
     note "# gpu-check DRY RUN (CPU, float32, tiny profiles): $(date -u +%FT%TZ)"
     if [[ -d "$WHEELHOUSE" ]]; then
-        step install-dry-run 120 "$PY" -m pip install --dry-run --no-index --find-links "$WHEELHOUSE" \
+        # a fresh venv, so only the wheelhouse can satisfy the requirements
+        "$PYTHON" -m venv "$OUT/venv-check"
+        step install-dry-run 120 "$OUT/venv-check/bin/pip" install --dry-run --no-index --find-links "$WHEELHOUSE" \
             -r scripts/gpu-requirements.txt
     else
         note "- install: skipped in a dry run (no $WHEELHOUSE; build it with --build-wheelhouse)"

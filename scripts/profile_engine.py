@@ -36,7 +36,8 @@ from torch.profiler import ProfilerActivity, profile
 from lightvlm_core.engine import Engine, load_engine
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
-MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::_addmm_activation"}
+MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+          "aten::_addmm_activation"}
 SDPA = re.compile(r"scaled_dot_product|flash_attention|_efficient_attention|aten::_softmax|aten::softmax")
 COPY = re.compile(r"aten::(cat|copy_|index_copy|index_select|index_put|clone|stack|contiguous|narrow_copy|"
                   r"_to_copy|empty|empty_strided|resize_|zeros|fill_|masked_scatter|scatter|gather|slice_scatter)")
@@ -68,16 +69,11 @@ def drain(engine: Engine) -> None:
         engine.step()
 
 
-def decode_steps(engine: Engine, batch: int, image, question: str, preset: str, steps: int):
-    """A function running `steps` decode steps on `batch` fresh rows (prefilled and warmed first)."""
+def steps(engine: Engine, n: int):
+    """A function running `n` decode steps of the rows already running."""
     def run() -> None:
-        for _ in range(steps):
+        for _ in range(n):
             engine.step()
-
-    drain(engine)
-    engine.add(requests(engine, batch, image, question, steps + 4, preset))
-    for _ in range(2):
-        engine.step()
     return run
 
 
@@ -183,12 +179,16 @@ def main() -> int:
               f"git {commit or '?'}; command: `python scripts/profile_engine.py "
               f"{'--profile ' + args.profile if args.profile else '--model ' + args.model} --batches "
               f"{' '.join(map(str, args.batches))} --preset {args.preset}`", ""]
-    for batch in args.batches:
-        plain, wall = profiled(decode_steps(engine, batch, image, question, args.preset, args.decode_steps), False)
-        stacked, _ = profiled(decode_steps(engine, batch, image, question, args.preset, 3), True)
+    for batch in args.batches:  # one prefill per row, then plain steps and a few stacked ones
+        drain(engine)
+        engine.add(requests(engine, batch, image, question, args.decode_steps + 8, args.preset))
+        steps(engine, 2)()  # warm-up
+        plain, wall = profiled(steps(engine, args.decode_steps), False)
+        stacked, _ = profiled(steps(engine, 3), True)
         kinds, places, ops, top_level = breakdown(plain, wall, stacked, args.decode_steps)
         drain(engine)
-        report += [f"## decode step, batch {batch}", "", *table(kinds, places, ops, top_level, wall / args.decode_steps), ""]
+        per_step = wall / args.decode_steps
+        report += [f"## decode step, batch {batch}", "", *table(kinds, places, ops, top_level, per_step), ""]
         print("\n".join(report[-24:]), flush=True)
     for batch in args.batches:
         start = time.perf_counter()
@@ -201,7 +201,8 @@ def main() -> int:
                 drain(engine)
 
         plain, wall = profiled(prefill, False)
-        stacked, _ = profiled(lambda p=prepared[-1]: (engine.add(p), drain(engine)), True)
+        # the split of each op name by kind and place, from one stacked batch-1 prefill
+        stacked, _ = profiled(lambda p=prepared[-1][:1]: (engine.add(p), drain(engine)), True)
         kinds, places, ops, top_level = breakdown(plain, wall, stacked, args.prefill_runs)
         report += [f"## prefill (engine.add: vision + LLM prefill + first token), batch {batch}", "",
                    f"(before it, engine.prepare: chat template + tokenizer + image processor, "

@@ -54,5 +54,7 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
                  "max_new_tokens": args.max_new_tokens, "presets": tuple(args.presets) if args.presets else None,
                  "compare": False if args.no_compare else None}
     return {"targets": targets, "rounds": args.rounds,
-            "overrides": {k: v for k, v in overrides.items() if v is not None}, "model_dir": args.serve_model, "ours": not args.no_ours,
-            "ours_url": args.ours_url.rstrip("/") if args.ours_url else None, "tuned": not args.no_runtime_env}
+            "overrides": {k: v for k, v in overrides.items() if v is not None},
+            "model_dir": args.serve_model, "ours": not args.no_ours,
+            "ours_url": args.ours_url.rstrip("/") if args.ours_url else None,
+            "tuned": not args.no_runtime_env}
