@@ -50,9 +50,15 @@ class BatchedKVCache:
     # --- decode-time writes -----------------------------------------------------------------
 
     def reserve(self, extra: int = 1) -> None:
-        """Make room for `extra` more entries in every row of every layer."""
+        """Make room for `extra` more entries in every row of every layer, and prepare this step's
+        appends (one read of the lengths per step, not one per layer)."""
+        longest = self.lengths.max(dim=1).values.tolist() if self.batch_size else [0] * self.num_layers
+        self._spans = [n + 1 for n in longest]  # each layer's longest row after one append
+        device = self.lengths.device
+        self._rows = torch.arange(self.batch_size, device=device)
+        self._positions = torch.arange(max(self._spans), device=device)
         for layer in range(self.num_layers):
-            need = int(self.lengths[layer].max()) + extra if self.batch_size else 0
+            need = longest[layer] + extra if self.batch_size else 0
             cap = self.keys[layer].shape[2]
             if need > cap:
                 new_cap = need + max(SLACK, cap // 4)
@@ -65,16 +71,16 @@ class BatchedKVCache:
         """Write one new entry per row (k, v: (B, H_kv, D)) and return the layer's live view.
 
         Returns keys, values (B, H_kv, S, D) and the key mask (B, S), S = longest row.
+        `reserve(1)` must have run this step (it precomputes the row index and every layer's S).
         """
-        rows = torch.arange(self.batch_size, device=k.device)
+        rows, span = self._rows, self._spans[layer]
         pos = self.lengths[layer]
         self.keys[layer][rows, :, pos] = k
         self.values[layer][rows, :, pos] = v
         if self.scores is not None:
             self.scores[layer][rows, :, pos] = 0.0
         self.lengths[layer] = pos + 1
-        span = int(self.lengths[layer].max())
-        mask = torch.arange(span, device=k.device)[None, :] < self.lengths[layer][:, None]
+        mask = self._positions[None, :span] < self.lengths[layer][:, None]
         return self.keys[layer][:, :, :span], self.values[layer][:, :, :span], mask
 
     # --- rows joining and leaving -------------------------------------------------------------
