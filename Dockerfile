@@ -70,6 +70,7 @@ RUN groupadd --system --gid "${UID}" lightvlm \
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /opt/lightvlm
 COPY models/shapes-demo ./models/shapes-demo
+COPY examples ./examples
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

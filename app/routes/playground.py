@@ -4,7 +4,7 @@ key (the page asks for it and sends it with every generation request)."""
 
 from __future__ import annotations
 
-import io
+import json
 import typing
 from functools import lru_cache
 from pathlib import Path
@@ -16,7 +16,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from app.deps import ServiceDep
 from app.errors import ServiceError
 from app.schemas import PresetName
-from lightvlm_core.demo.scenes import describe, sample_scene
 
 router = APIRouter(include_in_schema=False)
 
@@ -28,7 +27,11 @@ _MEDIA_TYPES = {
     ".png": "image/png",
     ".svg": "image/svg+xml",
 }
-SAMPLE_SEEDS = (1, 2, 3, 4)  # the same scenes as examples/scene-<seed>.png (lightvlm make-scene)
+# examples/: scene-<seed>.png (lightvlm make-scene --seed N) and questions.json; read from the
+# files, so the API process needs nothing of the engine's demo code
+# (a checkout, else the working directory: the Docker image's /opt/lightvlm/examples)
+EXAMPLES_DIR = next((d for d in (Path(__file__).resolve().parents[2] / "examples", Path.cwd() / "examples")
+                     if d.is_dir()), Path.cwd() / "examples")
 # The five question patterns the demo model was trained on (lightvlm_core/demo/scenes.py).
 QUESTION_PATTERNS = (
     "What color is the circle?",
@@ -73,26 +76,26 @@ def playground_config(service: ServiceDep) -> JSONResponse:
 
 @router.get("/playground/samples")
 def playground_samples() -> list[dict[str, Any]]:
-    return [_sample(seed)[0] for seed in SAMPLE_SEEDS]
+    return list(_samples().values())
 
 
 @router.get("/playground/samples/{name}.png")
 def playground_sample_image(name: str) -> Response:
-    seed = name.removeprefix("scene-")
-    if not seed.isdigit() or int(seed) not in SAMPLE_SEEDS:
+    if name not in _samples():
         raise ServiceError(404, "not_found", f"no sample {name!r}")
-    return Response(_sample(int(seed))[1], media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+    return Response((EXAMPLES_DIR / f"{name}.png").read_bytes(), media_type="image/png",
+                    headers={"Cache-Control": "max-age=3600"})
 
 
-@lru_cache(maxsize=len(SAMPLE_SEEDS))
-def _sample(seed: int) -> tuple[dict[str, Any], bytes]:
-    image, objects, questions = sample_scene(seed)
-    png = io.BytesIO()
-    image.save(png, format="PNG")
-    info = {
-        "name": f"scene-{seed}",
-        "url": f"/playground/samples/scene-{seed}.png",
-        "objects": describe(objects),
-        "questions": [{"question": q, "answer": a} for q, a in questions],
-    }
-    return info, png.getvalue()
+@lru_cache(maxsize=1)
+def _samples() -> dict[str, dict[str, Any]]:
+    """name -> {name, url, objects, questions} of every example scene (none if examples/ is absent)."""
+    path = EXAMPLES_DIR / "questions.json"
+    if not path.is_file():
+        return {}
+    samples = {}
+    for entry in json.loads(path.read_text()):
+        name = Path(entry["image"]).stem
+        samples[name] = {"name": name, "url": f"/playground/samples/{name}.png", "objects": entry["objects"],
+                         "questions": entry["questions"]}
+    return samples
