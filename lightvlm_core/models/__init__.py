@@ -10,6 +10,7 @@ from lightvlm_core.models.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from lightvlm_core.models.internvl import InternVLAdapter
 from lightvlm_core.models.llava import LlavaAdapter
 from lightvlm_core.models.llava_onevision import LlavaOnevisionAdapter
+from lightvlm_core.models.mistral3 import Mistral3Adapter
 from lightvlm_core.models.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from lightvlm_core.models.qwen3_vl import Qwen3VLAdapter
 
@@ -23,6 +24,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "idefics3": Idefics3Adapter,
     "smolvlm": SmolVLMAdapter,
     "llava_onevision": LlavaOnevisionAdapter,
+    "mistral3": Mistral3Adapter,
 }
 
 

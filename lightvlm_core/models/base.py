@@ -93,9 +93,11 @@ class ModelAdapter:
         self.layer_specs: list[LayerSpec] = self._layer_specs()
 
     def _layer_specs(self) -> list[LayerSpec]:
-        """One LayerSpec per decoder layer, from the text config's `layer_types`."""
-        kinds = getattr(self.text_config, "layer_types", None) or ["full_attention"] * len(self.layers)
+        """One LayerSpec per decoder layer, from the text config's `layer_types` / `sliding_window`."""
         window = getattr(self.text_config, "sliding_window", None)
+        # without layer_types, a set sliding_window applies to every layer (Mistral)
+        kinds = getattr(self.text_config, "layer_types", None) or (
+            ["sliding_attention" if window else "full_attention"] * len(self.layers))
         return [LayerSpec("sliding", window) if k == "sliding_attention" else LayerSpec() for k in kinds]
 
     # --- images -> embeddings ---------------------------------------------------------------

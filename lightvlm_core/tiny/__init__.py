@@ -16,6 +16,7 @@ from lightvlm_core.tiny.idefics3 import IDEFICS3, SMOLVLM
 from lightvlm_core.tiny.internvl import INTERNVL
 from lightvlm_core.tiny.llava import LLAVA
 from lightvlm_core.tiny.llava_onevision import LLAVA_ONEVISION
+from lightvlm_core.tiny.mistral3 import MISTRAL3
 from lightvlm_core.tiny.qwen3_vl import QWEN3_VL
 from lightvlm_core.tiny.qwen_vl import QWEN2_5_VL, QWEN2_VL
 
@@ -29,6 +30,7 @@ BUILDERS: dict[str, TinyFamily] = {
     "idefics3": IDEFICS3,
     "smolvlm": SMOLVLM,
     "llava_onevision": LLAVA_ONEVISION,
+    "mistral3": MISTRAL3,
 }
 FAMILIES = tuple(BUILDERS)
 

@@ -142,6 +142,18 @@ def test_llava_onevision_rows_with_different_tile_counts_batch_like_alone(tiny_m
     assert together == [engine.generate([r])[0].token_ids for r in requests]
 
 
+def test_mistral_sliding_window_on_every_layer_matches_transformers(tiny_model_dir, tmp_path):
+    """Mistral applies `sliding_window` to every layer (no layer_types); a window of 8, shorter
+    than the prompts, still gives HF's tokens, with and without an image."""
+    from test_engine import hf_greedy, run
+
+    path = modified_copy(tiny_model_dir("mistral3"), tmp_path / "m", sliding_window=8)
+    engine = load_engine(str(path), device="cpu")
+    assert {(s.attention, s.window) for s in engine.adapter.layer_specs} == {("sliding", 8)}
+    for prompt, images in [("What is in the image?", [scene(64, 48)]), ("Tell me a story about a cat.", [])]:
+        assert run(engine, prompt, images, 12).token_ids == hf_greedy(engine, prompt, images, 12)
+
+
 def test_carry_features_are_gathered_and_merged_with_their_tokens():
     b, t, d = 1, 5, 4
     deepstack = torch.arange(b * t * 2 * d, dtype=torch.float32).view(b, t, 2, d)

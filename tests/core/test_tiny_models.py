@@ -20,9 +20,10 @@ EXPECTED = {
     "idefics3": ("Idefics3ForConditionalGeneration", "<end_of_utterance>", "<image>"),
     "smolvlm": ("SmolVLMForConditionalGeneration", "<end_of_utterance>", "<image>"),
     "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "<|im_end|>", "<image>"),
+    "mistral3": ("Mistral3ForConditionalGeneration", "</s>", "[IMG]"),
 }
 # what the chat template's generation prompt ends with
-ANSWER_START = {"llava": "ASSISTANT:", "gemma3": "<start_of_turn>model\n", "idefics3": "Assistant:",
+ANSWER_START = {"llava": "ASSISTANT:", "mistral3": "[/INST]", "gemma3": "<start_of_turn>model\n", "idefics3": "Assistant:",
                 "smolvlm": "Assistant:"}
 # family: {(width, height): image tokens in input_ids}
 IMAGE_TOKENS = {
@@ -37,6 +38,8 @@ IMAGE_TOKENS = {
     "smolvlm": {(56, 56): 80, (168, 112): 80, (56, 168): 48},
     # base view 16 + unpadded grid of 28 px tiles + one newline per grid row
     "llava_onevision": {(28, 28): 36, (56, 56): 88, (168, 112): 70},
+    # one token per 14x14 px cell at native aspect ratio (longest edge <= 112 px)
+    "mistral3": {(28, 28): 4, (56, 56): 16, (168, 112): 48},
 }
 PROMPT = "What is in this image?"
 
