@@ -15,7 +15,14 @@ from transformers import (
     TokenizersBackend,
 )
 
-from lightvlm_core.tiny.common import INIT_RANGE, TEXT_DIMS, TinyFamily, byte_pre_tokenizer, train_byte_bpe, with_specials
+from lightvlm_core.tiny.common import (
+    INIT_RANGE,
+    TEXT_DIMS,
+    TinyFamily,
+    byte_pre_tokenizer,
+    train_byte_bpe,
+    with_specials,
+)
 
 GEMMA_IMAGE_SIZE, GEMMA_PATCH, GEMMA_IMAGE_TOKENS = 56, 7, 16
 GEMMA_WINDOW = 16  # small, so that test prompts cross it

@@ -23,8 +23,8 @@ EXPECTED = {
     "mistral3": ("Mistral3ForConditionalGeneration", "</s>", "[IMG]"),
 }
 # what the chat template's generation prompt ends with
-ANSWER_START = {"llava": "ASSISTANT:", "mistral3": "[/INST]", "gemma3": "<start_of_turn>model\n", "idefics3": "Assistant:",
-                "smolvlm": "Assistant:"}
+ANSWER_START = {"llava": "ASSISTANT:", "mistral3": "[/INST]", "gemma3": "<start_of_turn>model\n",
+                "idefics3": "Assistant:", "smolvlm": "Assistant:"}
 # family: {(width, height): image tokens in input_ids}
 IMAGE_TOKENS = {
     "llava": {(56, 56): 64, (168, 112): 64},
