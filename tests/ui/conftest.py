@@ -4,6 +4,7 @@ chromium-driver); the tests are skipped, saying so, where they are missing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -29,14 +31,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The demo model served with LIGHTVLM_API_KEY set; stopped by its PID afterwards."""
+@dataclass
+class LiveServer:
+    url: str
+    log: Path  # the server's stdout and stderr
+
+
+@contextlib.contextmanager
+def live_server(log_path: Path, extra_env: dict[str, str]) -> Iterator[LiveServer]:
+    """`lightvlm serve` (the bundled demo model, CPU) on a free port; stopped by its PID afterwards."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("ui-server") / "serve.log"
-    env = {**os.environ, "LIGHTVLM_API_KEY": API_KEY, "LIGHTVLM_DEVICE": "cpu",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
-    env.pop("LIGHTVLM_MODEL", None)
+    env = {**os.environ, "LIGHTVLM_DEVICE": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           **extra_env}  # fmt: skip
+    for name in ("LIGHTVLM_MODEL", "LIGHTVLM_SERVED_MODEL_NAME", "LIGHTVLM_API_KEY"):
+        if name not in extra_env:
+            env.pop(name, None)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=ROOT,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
@@ -52,7 +61,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not become ready:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield base
+        yield LiveServer(base, log_path)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
@@ -61,6 +70,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The demo model served with LIGHTVLM_API_KEY set (the playground tests)."""
+    log_path = tmp_path_factory.mktemp("ui-server") / "serve.log"
+    with live_server(log_path, {"LIGHTVLM_API_KEY": API_KEY}) as live:
+        yield live.url
+
+
+@pytest.fixture(scope="session")
+def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The demo model served as `make serve` serves it: no API key, default name."""
+    log_path = tmp_path_factory.mktemp("open-server") / "serve.log"
+    with live_server(log_path, {}) as live:
+        yield live
 
 
 @pytest.fixture(scope="session")
