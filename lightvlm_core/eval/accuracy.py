@@ -27,15 +27,15 @@ MAX_NEW_TOKENS = 24
 KEEP_RATIOS = (0.35, 0.1, 0.05, 0.03)
 HELDOUT_SEED = 777  # the test split: never tuned on
 VALIDATION_SEED = 4242  # the split method choices were made on
-TIMING_QUESTIONS = 16  # prefill timed one request at a time on the first questions
+TIMING_QUESTIONS = 8  # prefill timed one request at a time on the first questions
 
 
-def methods(presets: list[str] | None = None, keeps: tuple[float, ...] = KEEP_RATIOS
+def methods(presets: list[str] | None = None, keeps: tuple[float, ...] = KEEP_RATIOS, with_none: bool = True
             ) -> dict[str, AccelerationConfig]:
     """`none`, then every method (or those in `presets`) at every keep ratio; LightVLM rows at a
     preset's final ratio are that preset."""
     by_final = {stages[-1][1]: name for name, stages in PRESET_STAGES.items()}
-    out = {"none": AccelerationConfig("none")}
+    out = {"none": AccelerationConfig("none")} if with_none else {}
     for keep in sorted(keeps):  # the smallest fractions first: they separate the methods most
         for method in method_names():
             if method == "lightvlm" and keep in by_final:
@@ -103,7 +103,8 @@ def row(name: str, accel: AccelerationConfig, questions: list[tuple], correct: l
 
 def evaluate(engine: Engine, num_questions: int, presets: list[str] | None = None, quiet: bool = False,
              seed: int = HELDOUT_SEED, kv_budgets: tuple[int, ...] | None = None,
-             timing_questions: int = TIMING_QUESTIONS, checkpoint: str | None = None) -> dict:
+             timing_questions: int = TIMING_QUESTIONS, checkpoint: str | None = None,
+             keeps: tuple[float, ...] = KEEP_RATIOS, with_none: bool = True) -> dict:
     """The method table (and, unless kv_budgets == (), the KV table) on `num_questions` questions.
 
     With `checkpoint`, the rows measured so far are written there (JSON) after every row, so a
@@ -112,12 +113,12 @@ def evaluate(engine: Engine, num_questions: int, presets: list[str] | None = Non
 
     questions = list(heldout_questions(num_questions, seed=seed))
     rows = []
-    for name, accel in methods(presets).items():
+    for name, accel in methods(presets, keeps, with_none).items():
         correct, usages = answer_all(engine, questions, accel, quiet, name)
         rows.append(row(name, accel, questions, correct, usages))
         rows[-1]["prefill_ms"] = prefill_ms(engine, questions, accel, timing_questions)
         _save(checkpoint, {"partial": True, "heldout_seed": seed, "results": rows})
-    base = rows[0]["accuracy"]
+    base = rows[0]["accuracy"] if with_none else None
     for r in rows:
         r["relative_to_none"] = round(r["accuracy"] / base, 4) if base else None
     result = {"model": engine.model_name, "hardware": hardware(), "heldout_seed": seed,
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--num-questions", type=int, default=1000)
     p.add_argument("--out", required=True)
+    p.add_argument("--keep", type=float, action="append", default=None, help="only these keep ratios, no `none`")
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
     if args.merge:
@@ -193,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
 
         engine = load_engine(args.model, device="auto")
         if args.part == "methods":
-            result = evaluate(engine, args.num_questions, kv_budgets=(), checkpoint=f"{args.out}.partial")
+            keeps = tuple(args.keep) if args.keep else KEEP_RATIOS
+            result = evaluate(engine, args.num_questions, kv_budgets=(), checkpoint=f"{args.out}.partial",
+                              keeps=keeps, with_none=not args.keep)
         else:
             result = {"model": engine.model_name, "hardware": hardware(), "heldout_seed": HELDOUT_SEED,
                       "kv_results": kv_rows(engine, args.num_questions, HELDOUT_SEED, False, None,
