@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightvlm_core import errors as errors_module
-from lightvlm_core.core import CoreStep, RequestOutput, serve_core
+from lightvlm_core.core import CoreStep, RequestOutput, run_engine_process, serve_core
 from lightvlm_core.detok import IncrementalDetokenizer
 from lightvlm_core.errors import LightVLMError
 from lightvlm_core.request import RequestStatus
@@ -202,7 +202,7 @@ class EngineClient:
         saved = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})  # the child inherits the environment at spawn time
         try:
-            client._process = ctx.Process(target=serve_core, name="lightvlm-engine", daemon=True,
+            client._process = ctx.Process(target=run_engine_process, name="lightvlm-engine", daemon=True,
                                           args=(build_runner, kwargs, config, core_in, core_out, warmup))
             client._process.start()
         finally:
@@ -356,9 +356,12 @@ class EngineClient:
             self._fail_all("not_ready", "the server is shutting down")
             return
         log.error("the engine stopped unexpectedly; failing %d requests in flight", len(self._tracked))
+        if was_alive and self.on_death is not None:  # first, so /ready is 503 before clients hear of it
+            try:
+                self.on_death()
+            except Exception:
+                log.exception("on_death failed")
         self._fail_all("engine_failed", "the engine process died; the request was lost (retry it)")
-        if was_alive and self.on_death is not None:
-            self.on_death()
 
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]

@@ -12,6 +12,7 @@ loop; the loop sends only token ids: text, stop strings and SSE live in the API 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import queue
@@ -330,3 +331,30 @@ def serve_core(build_runner: Callable[..., Runner] | str, kwargs: dict[str, Any]
     threading.Thread(target=read_inbox, name="lightvlm-core-inbox", daemon=True).start()
     core.run()
     outbox_conn.close()
+
+
+class _JsonLines(logging.Formatter):
+    """The engine process logs as the API process does: one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname.lower(), "logger": record.name,
+                 "process": "engine", "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def run_engine_process(*args: Any, **kwargs: Any) -> None:
+    """The engine process's entry point (spawned): JSON logs on stderr, then serve_core."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonLines())
+    logging.basicConfig(level=os.environ.get("LIGHTVLM_LOG_LEVEL", "info").upper(), handlers=[handler], force=True)
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:  # no progress bars: they are not JSON lines
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    serve_core(*args, **kwargs)
