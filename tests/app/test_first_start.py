@@ -23,15 +23,16 @@ def _series(text: str) -> set[str]:
 
 def test_known_series_are_exported_before_the_model_loads() -> None:
     app = create_app(make_settings(model=str(ROOT / "models" / "shapes-demo")))
-    with TestClient(app) as client:  # the lifespan starts loading; /metrics answers meanwhile
-        series = _series(client.get("/metrics").text)
-        for reason in REJECT_REASONS:
-            assert f'lightvlm_requests_rejected_total{{model="shapes-demo",reason="{reason}"}}' in series
-        for reason in FINISH_REASONS:
-            assert f'lightvlm_requests_total{{finish_reason="{reason}",model="shapes-demo"}}' in series
-        for name in ("image_preprocess_seconds", "image_tokens_kept_ratio", "prefill_seconds"):
-            assert f'lightvlm_{name}_count{{model="shapes-demo"}}' in series
-        assert not any("/" in s.split("model=")[-1] for s in series if "model=" in s), "a path leaked"
+    client = TestClient(app)  # no lifespan: the model never starts loading, as in the first seconds
+    assert client.get("/ready").status_code == 503
+    series = _series(client.get("/metrics").text)
+    for reason in REJECT_REASONS:
+        assert f'lightvlm_requests_rejected_total{{model="shapes-demo",reason="{reason}"}}' in series
+    for reason in FINISH_REASONS:
+        assert f'lightvlm_requests_total{{finish_reason="{reason}",model="shapes-demo"}}' in series
+    for name in ("image_preprocess_seconds", "image_tokens_kept_ratio", "prefill_seconds"):
+        assert f'lightvlm_{name}_count{{model="shapes-demo"}}' in series
+    assert not any("/" in s.split("model=")[-1] for s in series if "model=" in s), "a path leaked"
 
 
 def test_fake_engine_rename_leaves_no_provisional_series(make_client) -> None:  # noqa: ANN001
