@@ -8,7 +8,7 @@
 #   3. `lightvlm bench prefill --profile gpu-8b` and `bench decode --profile gpu-8b` (model shapes
 #      of InternVL2.5-8B; decode lengths shortened to fit the time box: scripts/bench_short.py);
 #   4. `lightvlm bench serve --profile gpu-8b` with LIGHTVLM_COMPILE=0 and =1 (a shortened load:
-#      c=1 and 8, 16 requests of 64 tokens, presets none and aggressive).
+#      c=1 and 8, 8 requests of 32 tokens per point, presets none and aggressive).
 # Results (JSON + logs + summary.md) go to $OUT (default gpu-check-out/). Each step has its own
 # time limit (times LIMIT_SCALE: 1 on the GPU, 4 in a dry run) and the script never runs past
 # DEADLINE_S (480) in all; a failed step is reported and the next one still runs.
@@ -90,8 +90,8 @@ if (( DRY_RUN )); then
     fi
 else
     DEVICE=cuda; DTYPE=bfloat16; PROFILE=gpu-8b; PARITY_TOKENS=12
-    DECODE_ARGS=(--decode-lengths 1024 --decode-batches 1 8 32 --decode-tokens 128)
-    SERVE_ARGS=(--concurrency 1 8 --requests 16 --max-new-tokens 64 --presets none aggressive --rate --no-compare)
+    DECODE_ARGS=(--decode-lengths 256 --decode-batches 1 8 32 --decode-tokens 64)
+    SERVE_ARGS=(--concurrency 1 8 --requests 8 --max-new-tokens 32 --presets none aggressive --rate --no-compare)
     "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
         || { echo "no CUDA device visible to $PYTHON's torch (use --dry-run off-GPU)" >&2; exit 1; }
     [[ -d "$WHEELHOUSE" ]] || { echo "no wheelhouse at $WHEELHOUSE (see --build-wheelhouse)" >&2; exit 1; }
@@ -99,22 +99,24 @@ else
     "$PYTHON" -m venv --system-site-packages "$VENV"
     PY="$VENV/bin/python"
     note "# gpu-check: $(date -u +%FT%TZ), $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0), "torch", torch.__version__, "CUDA", torch.version.cuda)')"
-    step install 60 "$PY" -m pip install --no-index --find-links "$WHEELHOUSE" -r scripts/gpu-requirements.txt
+    step install 45 "$PY" -m pip install --no-index --find-links "$WHEELHOUSE" -r scripts/gpu-requirements.txt
     "$PY" -c "import torchvision" 2>/dev/null \
         || note "- warning: torchvision does not import; Qwen2-VL / InternVL processors need it (TORCHVISION=... --build-wheelhouse)"
     export LIGHTVLM_BENCH_CACHE="${LIGHTVLM_BENCH_CACHE:-$OUT/bench-models}"  # gpu-8b saved once for both serve runs
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # run from the checkout; no package install needed
 
-step parity 75 "$PY" scripts/gpu_parity.py --device "$DEVICE" --dtype "$DTYPE" --tokens "$PARITY_TOKENS" \
+step parity 100 "$PY" scripts/gpu_parity.py --device "$DEVICE" --dtype "$DTYPE" --tokens "$PARITY_TOKENS" \
     --out "$OUT/parity.json"
-step bench-prefill 75 "$PY" scripts/bench_short.py prefill --profile "$PROFILE" --prefill-runs 3 -- \
+step bench-prefill 55 "$PY" scripts/bench_short.py prefill --profile "$PROFILE" --prefill-runs 3 -- \
     --out "$OUT/prefill.json"
-step bench-decode 110 "$PY" scripts/bench_short.py decode --profile "$PROFILE" "${DECODE_ARGS[@]}" -- \
+step bench-decode 75 "$PY" scripts/bench_short.py decode --profile "$PROFILE" "${DECODE_ARGS[@]}" -- \
     --out "$OUT/decode.json"
+# compile off first: that run also saves the random gpu-8b weights our service loads (cached for
+# the second); compile on gets more time for its warm-up compilation
 for compile in 0 1; do
-    step "bench-serve-compile$compile" 80 env LIGHTVLM_COMPILE=$compile "$PY" -m lightvlm_core.cli bench serve \
-        --profile "$PROFILE" "${SERVE_ARGS[@]}" --out "$OUT/serve-compile$compile.json"
+    step "bench-serve-compile$compile" "$((compile ? 110 : 95))" env LIGHTVLM_COMPILE=$compile "$PY" -m lightvlm_core.cli \
+        bench serve --profile "$PROFILE" "${SERVE_ARGS[@]}" --out "$OUT/serve-compile$compile.json"
 done
 
 note "total: $((SECONDS - START)) s of ${DEADLINE_S} s; results in $OUT"
