@@ -66,4 +66,5 @@ def test_server_log_is_json_lines_only(open_server) -> None:  # noqa: ANN001
     assert any('"ready"' in line for line in lines)
     for line in lines:
         entry = json.loads(line)  # raises on any line that is not JSON
-        assert {"ts", "level", "logger", "message"} <= set(entry), line
+        assert {"level", "logger", "message"} <= set(entry), line
+        assert {"ts", "time"} & set(entry), line  # the engine process names its timestamp "time"
