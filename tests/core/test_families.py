@@ -20,7 +20,7 @@ from lightvlm_core.engine import load_engine
 from lightvlm_core.errors import UnsupportedModelError
 from lightvlm_core.forward import PrefillState
 from lightvlm_core.loading import load_model
-from lightvlm_core.models import ADAPTERS, LayerSpec, check_supported
+from lightvlm_core.models import ADAPTERS, LayerSpec, adapter_for, check_supported
 from lightvlm_core.reduction.merger import merge_into
 from lightvlm_core.tiny import FAMILIES
 from lightvlm_core.types import GenerationRequest, SamplingParams
@@ -55,6 +55,21 @@ def test_unsupported_config_is_refused_at_load(tiny_model_dir, tmp_path, family,
     path = modified_copy(tiny_model_dir(family), tmp_path / "m", **changes)
     with pytest.raises(UnsupportedModelError, match=f"^{family}: .*{feature}"):
         load_model(str(path), device="cpu")
+
+
+def test_real_size_default_configs_pass_the_check():
+    """transformers' default config of each family (the real model's shapes) builds on the meta
+    device and passes the load-time check: the check refuses features, not real models."""
+    import transformers
+
+    names = ["LlavaConfig", "Qwen2VLConfig", "Qwen2_5_VLConfig", "InternVLConfig", "Qwen3VLConfig", "Gemma3Config",
+             "Idefics3Config", "SmolVLMConfig", "LlavaOnevisionConfig", "Mistral3Config"]
+    families = []
+    for name in names:
+        with torch.device("meta"):
+            model = transformers.AutoModelForImageTextToText.from_config(getattr(transformers, name)())
+        families.append(adapter_for(model).family)
+    assert sorted(families) == sorted(FAMILIES)
 
 
 @pytest.fixture(scope="module")
