@@ -56,9 +56,10 @@ class PromptInputs:
 
 
 class ModelAdapter:
-    """Generic adapter: image features from `get_image_features`, 1-D positions.
+    """Generic adapter: image features from `get_image_features`, 1-D positions, Llama-style layers.
 
-    Subclasses override `vision_kwargs` and `position_ids` where their family differs.
+    A family overrides the class attributes below and, where it differs, `stack_vision`,
+    `image_features_with_carry`, `position_ids`, `rotary`, the residual parts or `inject`.
     """
 
     family: str = "generic"
@@ -120,10 +121,11 @@ class ModelAdapter:
     @torch.no_grad()
     def embed_with_carry(self, prompts: list[PromptInputs], device: torch.device, dtype: torch.dtype
                          ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-        """Input embeddings (T_i, d) per prompt, image features in the image-token slots.
+        """Input embeddings (T_i, d) per prompt, image features in the image-token slots, and each
+        prompt's carry {name: (T_i, ...)} (per-token extras such as DeepStack, zero on text).
 
-        The vision tower runs once for all images of the batch: every family's processor output
-        concatenates along dim 0 (images, tiles or patches), and features come back in order.
+        The vision tower runs once for all images of the batch: `stack_vision` joins the prompts'
+        processor tensors (images, tiles or patches), and features come back in order.
         """
         ids = [p.input_ids.to(device) for p in prompts]
         embeds = [self.embed_tokens(i) for i in ids]
