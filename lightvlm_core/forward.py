@@ -16,6 +16,7 @@ from torch import nn
 
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import LayerSpec, ModelAdapter
+from lightvlm_core.ops import rms_norm
 
 SNAPKV_WINDOW = 8  # prompt tokens whose attention seeds the KV heavy-hitter scores
 
@@ -86,12 +87,13 @@ def _project_qkv(adapter: ModelAdapter, attn: nn.Module, x: torch.Tensor, cos: t
     k = attn.k_proj(x).view(b, t, -1, adapter.head_dim)
     v = attn.v_proj(x).view(b, t, -1, adapter.head_dim).transpose(1, 2)
     if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
+    # RoPE on q and k together: the same elementwise ops, half as many calls
+    qk = torch.cat([q, k], dim=2).transpose(1, 2)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    return q, k, v
+    qk = qk * cos + _rotate_half(qk) * sin
+    q, k = qk.split([q.shape[2], k.shape[2]], dim=1)
+    return q, k.contiguous(), v  # k may be kept (prefill cache): not a view holding q too
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +158,7 @@ def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None
             state = hook.before_layer(i, state)
         spec = adapter.layer_specs[i]
         cos, sin = adapter.rotary(state.h, state.pos, spec.rope)
-        x = layer.input_layernorm(state.h)
+        x = rms_norm(layer.input_layernorm, state.h)
         q, k, v = _project_qkv(adapter, layer.self_attn, x, cos, sin)
         mask = prefill_mask(adapter, spec, state)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=adapter.scaling,
@@ -178,7 +180,7 @@ def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None
     cache = BatchedKVCache(keys, values, torch.stack(layer_lengths))
     if kv_scores:
         cache.scores = scores
-    return adapter.norm(h_last[:, None])[:, 0], cache, layer_lengths
+    return rms_norm(adapter.norm, h_last[:, None])[:, 0], cache, layer_lengths
 
 
 @torch.no_grad()
@@ -197,7 +199,7 @@ def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor
     scoring = cache.scores is not None and (cache.score_rows is None or bool(cache.score_rows.any()))
     for i, layer in enumerate(adapter.layers):
         spec = adapter.layer_specs[i]
-        x = layer.input_layernorm(h)
+        x = rms_norm(layer.input_layernorm, h)
         q, k, v = _project_qkv(adapter, layer.self_attn, x, *ropes[spec.rope])
         keys, values, mask = cache.append(i, k[:, :, 0], v[:, :, 0])
         if spec.attention == "sliding":
@@ -210,7 +212,7 @@ def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor
                                     cache.score_rows)
         out = out.transpose(1, 2).reshape(h.shape[0], 1, -1)
         h = adapter.mlp_residual(layer, adapter.attn_residual(layer, h, layer.self_attn.o_proj(out)))
-    return adapter.lm_head(adapter.norm(h))[:, 0].float()
+    return adapter.lm_head(rms_norm(adapter.norm, h))[:, 0].float()
 
 
 def _decode_window(lengths: torch.Tensor, span: int, window: int) -> torch.Tensor:
