@@ -169,6 +169,27 @@ def test_mistral_sliding_window_on_every_layer_matches_transformers(tiny_model_d
         assert run(engine, prompt, images, 12).token_ids == hf_greedy(engine, prompt, images, 12)
 
 
+def test_prefill_mask_windows_by_original_position_and_opens_each_image():
+    """After reduction the kept tokens keep their positions: the window is measured in positions,
+    not in kept-token indices; image tokens see their own image both ways, never another image."""
+    from types import SimpleNamespace
+
+    from lightvlm_core.forward import prefill_mask
+
+    # row tokens (after a cut): text@0, image A @1,2 (span 0), image B @7,8 (span 1), text@9
+    state = PrefillState(h=torch.zeros(1, 6, 4), valid=torch.ones(1, 6, dtype=torch.bool),
+                         pos=torch.tensor([[0, 1, 2, 7, 8, 9]]), span=torch.tensor([[-1, 0, 0, 1, 1, -1]]),
+                         size=torch.ones(1, 6))
+    bidirectional = SimpleNamespace(bidirectional_images=True)
+    full = prefill_mask(bidirectional, LayerSpec(), state)[0, 0]
+    assert full[1, 2] and full[3, 4] and not full[2, 3] and not full[0, 1]  # within an image only
+    window = prefill_mask(bidirectional, LayerSpec("sliding", 3), state)[0, 0]
+    # query @9 sees positions > 6: 7, 8, 9 (3 tokens), not 2 although it is only 3 kept tokens back
+    assert window[5].tolist() == [False, False, False, True, True, True]
+    causal = prefill_mask(SimpleNamespace(bidirectional_images=False), LayerSpec(), state)[0, 0]
+    assert torch.equal(causal, torch.ones(6, 6, dtype=torch.bool).tril())
+
+
 def test_carry_features_are_gathered_and_merged_with_their_tokens():
     b, t, d = 1, 5, 4
     deepstack = torch.arange(b * t * 2 * d, dtype=torch.float32).view(b, t, 2, d)
