@@ -76,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="also write the JSON result to this file")
 
     tiny = sub.add_parser("make-tiny", help="write a random-init tiny model of a real VLM architecture")
-    tiny.add_argument("--family", required=True, choices=["llava", "qwen2_vl", "qwen2_5_vl", "internvl"],
+    tiny.add_argument("--family", required=True, choices=["llava", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl",
+                                                         "gemma3", "idefics3", "smolvlm", "llava_onevision",
+                                                         "mistral3"],
                       help="architecture to copy")
     tiny.add_argument("--out", required=True, help="directory to write")
     tiny.add_argument("--seed", type=checks.non_negative_int, default=0, help="weight seed (default: 0)")
