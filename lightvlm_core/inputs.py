@@ -31,6 +31,14 @@ class ModelInputs:
     def input_ids(self) -> torch.Tensor:
         return self.prompt.input_ids
 
+    @property
+    def vision(self) -> dict[str, torch.Tensor]:
+        return self.prompt.vision
+
+    @property
+    def num_images(self) -> int:
+        return self.prompt.num_images
+
 
 class InputProcessor:
     """`prepare(GenerationRequest) -> Request`; raises InvalidRequestError subclasses for bad input."""
