@@ -37,5 +37,5 @@ def test_generate_reports_errors_cleanly(tmp_path, capsys, tiny_model_dir):
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     code = main(["generate", "--model", str(tiny_model_dir("llava")), "--device", "cpu", "--image", str(bad),
                  "--prompt", "hi"])
-    assert code == 1
+    assert code == 2  # a usage error, found before the model loads (README: exit status)
     assert "error:" in capsys.readouterr().err
