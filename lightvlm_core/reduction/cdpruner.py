@@ -56,11 +56,15 @@ def greedy_dpp_map(kernel: torch.Tensor, target: int) -> torch.Tensor:
     chosen: list[int] = []
     for step in range(target):
         pick = int(gains.argmax())
-        chosen.append(pick)
-        if step == target - 1:
+        if not gains[pick] > 1e-6:  # the kernel's rank is used up: no set is more diverse
             break
-        row = (kernel[pick] - factors[:step].T @ factors[:step, pick]) / gains[pick].clamp(min=1e-10).sqrt()
+        chosen.append(pick)
+        row = (kernel[pick] - factors[:step].T @ factors[:step, pick]) / gains[pick].sqrt()
         factors[step] = row
-        gains = gains - row**2
+        gains = (gains - row**2).nan_to_num(nan=-float("inf"))
         gains[chosen] = -float("inf")
+    if len(chosen) < target:  # fill up with the highest-quality tokens not taken yet
+        rest = kernel.diagonal().clone()
+        rest[chosen] = -float("inf")
+        chosen += rest.topk(target - len(chosen)).indices.tolist()
     return torch.tensor(chosen, dtype=torch.long, device=kernel.device)

@@ -143,3 +143,12 @@ def test_kept_patches_report_every_stage_of_every_image(engine, preset):
         assert patch.indices == sorted(set(patch.indices)) and all(0 <= i < n for i in patch.indices)
     final = [p for p in report if p.stage == stages[-1]]
     assert [len(p.indices) for p in final] == [max(1, round(0.1 * (e - s))) for s, e in spans]
+
+
+def test_greedy_dpp_returns_exactly_target_distinct_tokens_when_the_kernel_rank_runs_out():
+    from lightvlm_core.reduction.cdpruner import greedy_dpp_map
+
+    feats = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))  # rank 4
+    unit = torch.nn.functional.normalize(feats, dim=-1)
+    picked = greedy_dpp_map(unit @ unit.T, 20)
+    assert len(set(picked.tolist())) == 20
