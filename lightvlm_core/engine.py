@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lightvlm_core.detok import IncrementalDetokenizer
+from lightvlm_core.errors import LightVLMError
 from lightvlm_core.loading import LoadedModel
 from lightvlm_core.request import Request, RequestStatus
 from lightvlm_core.runner import ModelRunner, load_runner
@@ -28,6 +29,11 @@ class StepOutput:
     request_id: str
     token: TokenEvent | None = None
     done: DoneEvent | None = None
+    error: tuple[str, str] | None = None  # (error_type, message): the request failed and left the batch
+
+
+class RequestFailed(LightVLMError):
+    """An offline request ended with an error (its prefill or decode raised)."""
 
 
 class Engine:
@@ -81,7 +87,10 @@ class Engine:
             raise RuntimeError("stream() needs an idle engine")
         outputs = self.add([self.prepare(request)])
         while True:
-            yield from outputs
+            for out in outputs:
+                if out.error:
+                    raise RequestFailed(out.error[1])
+                yield out
             if any(o.done for o in outputs) or not self.scheduler.running:
                 return
             outputs = self.step()
@@ -94,6 +103,8 @@ class Engine:
         outputs = self.add(prepared)
         while True:
             for out in outputs:
+                if out.error:
+                    raise RequestFailed(f"request {out.request_id} failed: {out.error[1]}")
                 if out.token:
                     tokens[out.request_id].append(out.token)
                 if out.done:
@@ -107,13 +118,11 @@ class Engine:
         return [results[p.request_id] for p in prepared]
 
     def _run(self, scheduled) -> list[StepOutput]:
+        """One step; a failed request's output carries `error` (the others go on)."""
         output = self.runner.execute(scheduled)
-        failed = output.failed
         updates = self.scheduler.update_from_output(scheduled, output, time.monotonic())
         outputs = [self._step_output(u) for u in updates]
         self.runner.remove(self.scheduler.pop_finished_ids())
-        if failed:
-            raise RuntimeError("; ".join(f"{rid}: {msg}" for rid, (_, msg) in failed.items()))
         return outputs
 
     def _step_output(self, update: RequestUpdate) -> StepOutput:
@@ -127,9 +136,13 @@ class Engine:
         if detok.stopped and not request.is_finished:
             self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, time.monotonic())
         if request.is_finished:
-            out.token.text += detok.finish()
-            out.done = DoneEvent(request.finish_reason, request.usage(), request.timings(),
-                                 kept_patches=request.kept_patches)
+            if out.token is not None:
+                out.token.text += detok.finish()
+            if request.finish_reason == "error":
+                out.error = request.error
+            else:
+                out.done = DoneEvent(request.finish_reason, request.usage(), request.timings(),
+                                     kept_patches=request.kept_patches)
             del self._detoks[request.request_id]
         return out
 

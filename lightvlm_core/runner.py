@@ -257,7 +257,7 @@ class ModelRunner:
         self.cache.select(rows)
         self.rows = [self.rows[i] for i in rows]
         if self.cache.scores is not None and not any(r.request.acceleration.kv_budget for r in self.rows):
-            self.cache.scores = None  # back to the fused attention path
+            self.cache.scores = self.cache.score_rows = None  # back to the fused attention path
 
 
 def load_runner(model: str | None = None, device: str = "auto", dtype: str = "auto", preset: str = "none",

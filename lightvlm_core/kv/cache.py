@@ -93,6 +93,8 @@ class BatchedKVCache:
             return
         if self.scores is not None or other.scores is not None:
             self.score_rows = torch.cat([self.decode_scored_rows(), other.decode_scored_rows()])
+        else:
+            self.score_rows = None
         if other.scores is not None:
             self.enable_scores()
         for layer in range(self.num_layers):
