@@ -112,7 +112,7 @@ class EngineCore:
                 if self.scheduler.has_work():
                     self.step()
         finally:
-            self._fail_all("not_ready", "the engine is shutting down")
+            self._fail_all("not_ready", "the server is shutting down")
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def step(self) -> None:

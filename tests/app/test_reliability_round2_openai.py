@@ -85,6 +85,18 @@ def check_logprob_entries(entries: list[dict[str, Any]], top: int) -> None:
             assert abs(ranked[0] - entry["logprob"]) < 1e-5
 
 
+def same_logprobs(a: list[dict], b: list[dict]) -> bool:
+    """Same tokens in the same order; values equal up to float noise (rows batched differently
+    give logits that differ in the last bits)."""
+    def strip(entries: list[dict]) -> list:
+        return [(e["token"], e["bytes"], [(t["token"], t["bytes"]) for t in e["top_logprobs"]]) for e in entries]
+
+    def values(entries: list[dict]) -> list[float]:
+        return [v for e in entries for v in [e["logprob"], *(t["logprob"] for t in e["top_logprobs"])]]
+
+    return strip(a) == strip(b) and values(a) == pytest.approx(values(b), abs=1e-4)
+
+
 def test_n_choices_and_logprobs_beside_a_long_stream(server: str) -> None:
     alone = long_alone(server)
 
@@ -126,7 +138,7 @@ def test_n_choices_and_logprobs_beside_a_long_stream(server: str) -> None:
     check_logprob_entries(entries, top=3)
     check_logprob_entries(r["logprobs0"]["choices"][0]["logprobs"]["content"], top=0)
     _, streamed_logprobs, _, _ = streamed(r["stream_logprobs"])
-    assert streamed_logprobs[0] == entries
+    assert same_logprobs(streamed_logprobs[0], entries)
     assert r["logprobs"]["choices"][0]["message"]["content"] == single  # asking for logprobs changes nothing
 
     # /generate carries them on its token events

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ast
 import hmac
+import importlib
 import os
+import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,21 @@ from service_helpers import live_server, make_settings, wait_for
 from app import deps
 from app.main import create_app
 from lightvlm_core import loading
+
+
+def _import_all_of(package: Any) -> None:
+    """Import every submodule now, at collection. CPython 3.11 can fail to compile a module
+    (SystemError: AST constructor recursion depth mismatch) after a RecursionError in the same
+    process, and the round-2 battery provokes RecursionErrors in the in-process server on purpose;
+    schemathesis imports some modules lazily, during the fuzz run."""
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        try:
+            importlib.import_module(info.name)
+        except Exception:  # optional integrations (e.g. a missing extra) are not ours to load
+            pass
+
+
+_import_all_of(schemathesis)
 from lightvlm_core.errors import ModelLoadError
 
 ROOT = Path(__file__).resolve().parents[2]

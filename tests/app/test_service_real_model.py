@@ -252,6 +252,9 @@ def test_lightvlm_serve_command(model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_lightvlm_serve_exits_1_when_the_model_cannot_load(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"  # passes the CLI's checks (a directory with a config), fails to load
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llava"}')
     env = {**os.environ, "LIGHTVLM_API_KEY": ""}
     command = [
         sys.executable,
@@ -259,11 +262,11 @@ def test_lightvlm_serve_exits_1_when_the_model_cannot_load(tmp_path: Path) -> No
         "app.cli",
         "serve",
         "--model",
-        str(tmp_path / "missing"),
+        str(broken),
         "--device",
         "cpu",
         "--port",
         str(free_port()),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 1, result.stderr[-2000:]
