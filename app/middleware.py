@@ -128,7 +128,30 @@ class ApiKeyMiddleware:
         if self.on_reject is not None:
             self.on_reject("unauthorized")
         body = error_body("unauthorized", "missing or invalid API key")
+        await _discard_body(receive)
         await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+
+
+DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
+DISCARD_TIMEOUT_S = 5.0
+
+
+async def _discard_body(receive: Receive) -> None:
+    """Before an early answer: read what the client is sending and drop it (never parsed, never
+    kept), so that it is listening when the answer comes instead of hitting a reset mid-upload.
+    Bounded in bytes and time; past either, the answer goes out anyway."""
+    received = 0
+    try:
+        async with asyncio.timeout(DISCARD_TIMEOUT_S):
+            while received < DISCARD_LIMIT_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        return
 
 
 class BodySizeLimitMiddleware:
