@@ -48,7 +48,9 @@ class LocalRayCluster:
         self.env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                     "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "LIGHTVLM_API_KEY": "",
                     # as README "Scaling out" says for a one-proxy cluster: balance over all replicas
-                    "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+                    "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
+                    # a throw-away loopback cluster: no token auth (Ray 2.60 may turn it on by default)
+                    "RAY_AUTH_MODE": "disabled"}
 
     def start(self, timeout_s: float = 120) -> None:
         common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus_per_node),
