@@ -316,8 +316,10 @@ class EngineClient:
                                   self._stats.kv_cache_tokens)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Stop the engine: requests in flight end with an error event."""
+        """Stop the engine: requests in flight end with an error event (first: their clients need
+        not wait for the engine process to exit)."""
         self._closing = True
+        self._fail_all("not_ready", "the server is shutting down")
         with self._lock:
             try:
                 if self._conn_in is not None:

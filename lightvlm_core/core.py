@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -358,3 +359,8 @@ def run_engine_process(*args: Any, **kwargs: Any) -> None:
     except ImportError:
         pass
     serve_core(*args, **kwargs)
+    # Nothing is left to save: skip the interpreter's teardown (torch's can take seconds on a busy
+    # machine, and the API process's shutdown waits for this one to exit).
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
