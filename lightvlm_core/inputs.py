@@ -12,6 +12,7 @@ from PIL import Image
 
 from lightvlm_core.errors import ImageError, InvalidRequestError, PromptTooLongError
 from lightvlm_core.models.base import ModelAdapter, PromptInputs
+from lightvlm_core.prompt_text import TextGuard
 from lightvlm_core.reduction import resolve_acceleration
 from lightvlm_core.request import Request
 from lightvlm_core.types import AccelerationConfig, GenerationRequest
@@ -50,6 +51,7 @@ class InputProcessor:
         self.eos_token_ids = eos_token_ids
         self.default_acceleration = default_acceleration
         self.max_context = adapter.max_context
+        self.text_guard = TextGuard(getattr(processor, "tokenizer", processor), adapter.image_token_id)
 
     def prepare(self, request: GenerationRequest) -> Request:
         if not isinstance(request.prompt, str) or not request.prompt.strip():
@@ -62,14 +64,19 @@ class InputProcessor:
         else:
             content = [{"type": "image"} for _ in images] + [{"type": "text", "text": request.prompt}]
             messages = [{"role": "user", "content": content}]
+        messages, taken = self.text_guard.take_texts(messages)  # only the template makes control tokens
         try:
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as exc:  # the model's own Jinja template rejected the conversation
             raise InvalidRequestError(f"the model's chat template rejected the messages: {exc}") from exc
+        if taken.texts:
+            text, slot_id = self.text_guard.fill_slots(text, taken)
         try:
             inputs = self.processor(images=images or None, text=[text], return_tensors="pt")
         except (ValueError, OSError, TypeError) as exc:
             raise ImageError(f"could not process the image(s): {exc}") from exc
+        if taken.texts:
+            inputs = self.text_guard.splice(inputs, slot_id, taken)
         input_ids = inputs["input_ids"][0]
         n = int(input_ids.shape[0])
         if n + 1 > self.max_context:
