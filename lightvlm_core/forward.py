@@ -151,7 +151,7 @@ def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None
     With `kv_scores`, the cache's heavy-hitter scores start from the attention that the prompt's
     last tokens pay to each entry (SnapKV-style), so the first compaction already knows what matters.
     """
-    keys, values, layer_lengths, scores = [], [], [], []
+    keys, values, layer_lengths, scores, positions = [], [], [], [], []
     groups = adapter.num_heads // adapter.num_kv_heads
     for i, layer in enumerate(adapter.layers):
         if hook is not None:
@@ -169,6 +169,7 @@ def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None
         keys.append(k)
         values.append(v)
         layer_lengths.append(state.lengths)
+        positions.append(_entry_positions(state, k.shape[1]) if spec.attention == "sliding" else None)
         if hook is not None and i in hook.score_layers:
             hook.observe(i, state, q, k)
         if kv_scores:
@@ -177,10 +178,16 @@ def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None
             scores.append(probs.sum(dim=2).view(b, adapter.num_kv_heads, groups, t_l).sum(dim=2))
     last = state.lengths - 1
     h_last = state.h[torch.arange(state.h.shape[0], device=last.device), last]
-    cache = BatchedKVCache(keys, values, torch.stack(layer_lengths))
+    cache = BatchedKVCache(keys, values, torch.stack(layer_lengths), positions)
     if kv_scores:
         cache.scores = scores
     return rms_norm(adapter.norm, h_last[:, None])[:, 0], cache, layer_lengths
+
+
+def _entry_positions(state: PrefillState, num_kv_heads: int) -> torch.Tensor:
+    """(B, H_kv, T) int32 original positions of a layer's entries (one copy per KV head)."""
+    pos = state.text_pos.to(torch.int32)
+    return pos[:, None, :].expand(-1, num_kv_heads, -1).contiguous()
 
 
 @torch.no_grad()
@@ -197,15 +204,19 @@ def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor
     groups = adapter.num_heads // adapter.num_kv_heads
     # only rows whose KV policy reads decode-time scores pay for the explicit softmax
     scoring = cache.scores is not None and (cache.score_rows is None or bool(cache.score_rows.any()))
+    # the step's 1-D position (M-RoPE: the temporal row), only where a sliding layer needs it
+    sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)
+    text_pos = (pos[0] if pos.dim() == 2 else pos).to(torch.int32) if sliding else None
     for i, layer in enumerate(adapter.layers):
         spec = adapter.layer_specs[i]
         x = rms_norm(layer.input_layernorm, h)
         q, k, v = _project_qkv(adapter, layer.self_attn, x, *ropes[spec.rope])
-        keys, values, mask = cache.append(i, k[:, :, 0], v[:, :, 0])
-        if spec.attention == "sliding":
-            mask = mask & _decode_window(cache.lengths[i], mask.shape[1], spec.window)
+        keys, values, mask = cache.append(i, k[:, :, 0], v[:, :, 0], text_pos)
+        if spec.attention == "sliding":  # per KV head from here: (B, H_kv, S)
+            entry_pos = cache.positions[i][:, :, : mask.shape[1]]
+            mask = mask[:, None, :] & _decode_window(entry_pos, text_pos, spec.window)
         if not scoring:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :],
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=_query_head_mask(mask, groups),
                                                  scale=adapter.scaling, enable_gqa=groups > 1)
         else:
             out = _attend_and_score(q, keys, values, mask, adapter.scaling, groups, cache.scores[i],
@@ -215,24 +226,33 @@ def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor
     return adapter.lm_head(rms_norm(adapter.norm, h))[:, 0].float()
 
 
-def _decode_window(lengths: torch.Tensor, span: int, window: int) -> torch.Tensor:
-    """(B, S) the last `window` entries of each row (entries sit in position order).
+def _decode_window(entry_pos: torch.Tensor, query_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H_kv, S) entries whose ORIGINAL position is within the query's window.
 
-    Equal to HF's position window while a row holds every token; after reduction or eviction it
-    keeps the `window` most recent entries the row still holds.
+    transformers' sliding mask (k_pos > q_pos - window), measured in positions rather than in
+    entries, so holes left by token reduction or KV eviction are not refilled from further back.
+    entry_pos: (B, H_kv, S), query_pos: (B,).
     """
-    return torch.arange(span, device=lengths.device)[None, :] >= (lengths[:, None] - window)
+    return entry_pos > (query_pos - window)[:, None, None]
+
+
+def _query_head_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """Key mask (B, S), or per KV head (B, H_kv, S), as an SDPA mask over the query heads."""
+    if mask.dim() == 2:
+        return mask[:, None, None, :]
+    return mask.repeat_interleave(groups, dim=1)[:, :, None, :]
 
 
 def _attend_and_score(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                       scale: float, groups: int, scores: torch.Tensor, rows: torch.Tensor | None = None
                       ) -> torch.Tensor:
     """Single-query attention with explicit probabilities; adds them into scores (B, H_kv, S_cap)
-    for the `rows` (B,) bool that accumulate (all when None)."""
+    for the `rows` (B,) bool that accumulate (all when None). mask: (B, S) or (B, H_kv, S)."""
     b, h_kv, s, d = keys.shape
     qg = q.view(b, h_kv, groups, d)
     logits = torch.einsum("bkgd,bksd->bkgs", qg.float(), keys.float()) * scale
-    logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    key_mask = mask[:, None, None, :] if mask.dim() == 2 else mask[:, :, None, :]
+    logits = logits.masked_fill(~key_mask, float("-inf"))
     probs = logits.softmax(dim=-1)
     received = probs.sum(dim=2)
     scores[:, :, :s] += received if rows is None else received * rows[:, None, None]

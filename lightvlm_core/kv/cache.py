@@ -4,6 +4,9 @@ Token merging makes later layers hold fewer prompt entries than early ones, and 
 hold different prompts, so lengths are kept per (layer, row). Entries of a row are packed at the
 front of its slot: row b of layer l holds `lengths[l, b]` valid entries, the rest is padding that
 the attention mask hides. Rows join (after their prefill) with `extend` and leave with `select`.
+
+Sliding-window layers also record each entry's original 1-D position, so that their decode
+window stays measured in positions after token reduction or KV eviction left holes in a row.
 """
 
 from __future__ import annotations
@@ -19,12 +22,18 @@ class BatchedKVCache:
     `scores[l]` (B, H_kv, S_l), when enabled, accumulates the attention each entry received from
     decode queries (summed over the query heads of its KV group): the heavy-hitter statistic that
     KV compression evicts by.
+
+    `positions[l]` (B, H_kv, S_l) int32: the original text position of each entry, kept only for
+    the layers that need it (sliding windows), None elsewhere, so other layers pay nothing. Per KV
+    head, because eviction keeps different entries in each head.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor) -> None:
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor,
+                 positions: list[torch.Tensor | None] | None = None) -> None:
         self.keys = keys
         self.values = values
         self.lengths = lengths
+        self.positions = positions if positions is not None else [None] * len(keys)
         self.scores: list[torch.Tensor] | None = None
         # (B,) bool: rows whose decode queries add to `scores` (the KV policy's choice); None: all
         self.score_rows: torch.Tensor | None = None
@@ -66,11 +75,15 @@ class BatchedKVCache:
                 self.values[layer] = _pad_seq(self.values[layer], new_cap)
                 if self.scores is not None:
                     self.scores[layer] = _pad_seq(self.scores[layer], new_cap)
+                if self.positions[layer] is not None:
+                    self.positions[layer] = _pad_seq(self.positions[layer], new_cap)
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, text_pos: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write one new entry per row (k, v: (B, H_kv, D)) and return the layer's live view.
 
-        Returns keys, values (B, H_kv, S, D) and the key mask (B, S), S = longest row.
+        text_pos (B,) int32: the new entries' original positions, recorded where the layer keeps
+        positions. Returns keys, values (B, H_kv, S, D) and the key mask (B, S), S = longest row.
         `reserve(1)` must have run this step (it precomputes the row index and every layer's S).
         """
         rows, span = self._rows, self._spans[layer]
@@ -79,6 +92,8 @@ class BatchedKVCache:
         self.values[layer][rows, :, pos] = v
         if self.scores is not None:
             self.scores[layer][rows, :, pos] = 0.0
+        if self.positions[layer] is not None:
+            self.positions[layer][rows, :, pos] = text_pos[:, None]
         self.lengths[layer] = pos + 1
         mask = self._positions[None, :span] < self.lengths[layer][:, None]
         return self.keys[layer][:, :, :span], self.values[layer][:, :, :span], mask
@@ -89,8 +104,10 @@ class BatchedKVCache:
         """Append the rows of `other` (e.g. freshly prefilled requests) to this batch."""
         if self.batch_size == 0:
             self.keys, self.values, self.lengths, self.scores = other.keys, other.values, other.lengths, other.scores
-            self.score_rows = other.score_rows
+            self.score_rows, self.positions = other.score_rows, other.positions
             return
+        if [p is None for p in self.positions] != [p is None for p in other.positions]:
+            raise ValueError("cannot join caches that keep positions for different layers")
         if self.scores is not None or other.scores is not None:
             self.score_rows = torch.cat([self.decode_scored_rows(), other.decode_scored_rows()])
         else:
@@ -105,6 +122,9 @@ class BatchedKVCache:
                 theirs = other.scores[layer] if other.scores is not None else other.keys[layer].new_zeros(
                     other.keys[layer].shape[:3])
                 self.scores[layer] = torch.cat([_pad_seq(self.scores[layer], cap), _pad_seq(theirs, cap)])
+            if self.positions[layer] is not None:
+                self.positions[layer] = torch.cat([_pad_seq(self.positions[layer], cap),
+                                                   _pad_seq(other.positions[layer], cap)])
         self.lengths = torch.cat([self.lengths, other.lengths], dim=1)
 
     def select(self, rows: list[int]) -> None:
@@ -119,12 +139,15 @@ class BatchedKVCache:
             self.values[layer] = self.values[layer][:, :, :cap].index_select(0, index)
             if self.scores is not None:
                 self.scores[layer] = self.scores[layer][:, :, :cap].index_select(0, index)
+            if self.positions[layer] is not None:
+                self.positions[layer] = self.positions[layer][:, :, :cap].index_select(0, index)
 
     def copy_rows(self, rows: list[int]) -> BatchedKVCache:
         """A new cache holding copies of `rows` (this one is left untouched)."""
         index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
         copy = BatchedKVCache([k.index_select(0, index) for k in self.keys],
-                              [v.index_select(0, index) for v in self.values], self.lengths[:, index].clone())
+                              [v.index_select(0, index) for v in self.values], self.lengths[:, index].clone(),
+                              [None if p is None else p.index_select(0, index) for p in self.positions])
         if self.scores is not None:
             copy.scores = [s.index_select(0, index) for s in self.scores]
             copy.score_rows = None if self.score_rows is None else self.score_rows[index]

@@ -4,7 +4,8 @@ Every row with a `kv_budget` holds, per layer, at most `policy.layer_budget(budg
 entries. When a (layer, row) reaches its budget it is compacted down to `budget - interval`, so
 compaction runs once every `interval` steps (amortised) and the budget holds at every step; the
 policy (kv/registry.py) decides which entries stay. The buffers shrink, so memory is really
-released. Positions are untouched: keys already carry their RoPE rotation.
+released. Keys already carry their RoPE rotation; the original positions that sliding-window
+layers record are gathered with their entries, so a window stays measured in positions.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class KVCompressor:
             buf[rows, :, :target] = buf[rows].gather(2, keep[..., None].expand(-1, -1, -1, buf.shape[-1]))
         if cache.scores is not None:
             cache.scores[layer][rows, :, :target] = scores.gather(2, keep)
+        positions = cache.positions[layer]
+        if positions is not None:
+            positions[rows, :, :target] = positions[rows].gather(2, keep)
         cache.lengths[layer, rows] = target
         return int((lengths - target).sum()) * keys.shape[1]
 
@@ -87,3 +91,5 @@ def _trim(cache: BatchedKVCache) -> None:
             cache.values[layer] = cache.values[layer][:, :, :need].clone()
             if cache.scores is not None:
                 cache.scores[layer] = cache.scores[layer][:, :, :need].clone()
+            if cache.positions[layer] is not None:
+                cache.positions[layer] = cache.positions[layer][:, :, :need].clone()
