@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightvlm_core.fusion import fused_qkv, project_qkv
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import LayerSpec, ModelAdapter
 from lightvlm_core.ops import rms_norm
@@ -83,17 +84,29 @@ def _project_qkv(adapter: ModelAdapter, attn: nn.Module, x: torch.Tensor, cos: t
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q: (B, H, T, D), k and v: (B, H_kv, T, D), RoPE applied to q and k."""
     b, t, _ = x.shape
-    q = attn.q_proj(x).view(b, t, -1, adapter.head_dim)
-    k = attn.k_proj(x).view(b, t, -1, adapter.head_dim)
-    v = attn.v_proj(x).view(b, t, -1, adapter.head_dim).transpose(1, 2)
-    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
-        q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
-    # RoPE on q and k together: the same elementwise ops, half as many calls
-    qk = torch.cat([q, k], dim=2).transpose(1, 2)
+    d = adapter.head_dim
+    fused = fused_qkv(attn)
+    if fused is not None and not hasattr(attn, "q_norm"):
+        # one GEMM; q and k sit side by side in its output, so RoPE runs on them with no copy first
+        qkv = fused.project(x)
+        n_qk = fused.sizes[0] + fused.sizes[1]
+        qk, v = qkv[..., :n_qk].view(b, t, -1, d), qkv[..., n_qk:]
+        num_q = fused.sizes[0] // d
+    else:
+        q, k, v = project_qkv(attn, x)
+        q, k = q.view(b, t, -1, d), k.view(b, t, -1, d)
+        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+            q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
+        # RoPE on q and k together: the same elementwise ops, half as many calls
+        qk, num_q = torch.cat([q, k], dim=2), q.shape[2]
+    v = v.reshape(b, t, -1, d).transpose(1, 2)
+    qk = qk.transpose(1, 2)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     qk = qk * cos + _rotate_half(qk) * sin
-    q, k = qk.split([q.shape[2], k.shape[2]], dim=1)
-    return q, k.contiguous(), v  # k may be kept (prefill cache): not a view holding q too
+    q, k = qk.split([num_q, qk.shape[1] - num_q], dim=1)
+    if t > 1:  # kept by the prefill cache: not views holding the rest of a bigger buffer
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from torch import nn
 
 from lightvlm_core.errors import UnsupportedModelError
+from lightvlm_core.fusion import fuse_decoder_layers
 from lightvlm_core.models.base import LayerSpec, ModelAdapter, PromptInputs
 from lightvlm_core.models.check import check_supported
 from lightvlm_core.models.gemma3 import Gemma3Adapter
@@ -37,6 +38,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         )
     adapter = ADAPTERS[model_type](model)
     check_supported(adapter)
+    fuse_decoder_layers(adapter.layers)  # q/k/v and gate/up in one GEMM each (CPU; bitwise equal)
     return adapter
 
 

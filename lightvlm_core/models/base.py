@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightvlm_core.fusion import mlp
 from lightvlm_core.ops import rms_norm
 
 
@@ -199,7 +200,7 @@ class ModelAdapter:
 
     def mlp_residual(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """h after the MLP block."""
-        return h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
+        return h + mlp(layer.mlp, rms_norm(layer.post_attention_layernorm, h))
 
     def inject(self, layer: int, h: torch.Tensor, carry: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hidden states (B, T, d) after `layer`, plus any per-layer injection from `carry`."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightvlm_core.fusion import mlp
 from lightvlm_core.models.base import LayerSpec, ModelAdapter
 
 
@@ -40,4 +41,4 @@ class Gemma3Adapter(ModelAdapter):
         return h + layer.post_attention_layernorm(attn_out)
 
     def mlp_residual(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        return h + layer.post_feedforward_layernorm(mlp(layer.mlp, layer.pre_feedforward_layernorm(h)))
