@@ -165,16 +165,24 @@ def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None
     last tokens pay to each entry (SnapKV-style), so the first compaction already knows what matters.
     """
     keys, values, layer_lengths, scores, positions = [], [], [], [], []
+    ropes: dict[str | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     groups = adapter.num_heads // adapter.num_kv_heads
     for i, layer in enumerate(adapter.layers):
         if hook is not None:
             state = hook.before_layer(i, state)
         spec = adapter.layer_specs[i]
-        cos, sin = adapter.rotary(state.h, state.pos, spec.rope)
+        # one rotary table per kind while the positions stay the same tensor (reduction makes a new one)
+        if ropes.get(spec.rope, (None,))[0] is not state.pos:
+            ropes[spec.rope] = (state.pos, *adapter.rotary(state.h, state.pos, spec.rope))
+        _, cos, sin = ropes[spec.rope]
         x = rms_norm(layer.input_layernorm, state.h)
         q, k, v = _project_qkv(adapter, layer.self_attn, x, cos, sin)
-        mask = prefill_mask(adapter, spec, state)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=adapter.scaling,
+        # Rows are right-padded and keep their tokens in position order, so plain causal attention
+        # is exact for every real token (bitwise equal to the explicit mask, and faster); only
+        # bidirectional images and sliding windows need the explicit mask.
+        explicit = adapter.bidirectional_images or spec.attention == "sliding"
+        mask = prefill_mask(adapter, spec, state) if explicit else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=adapter.scaling,
                                              enable_gqa=adapter.num_kv_heads != adapter.num_heads)
         out = out.transpose(1, 2).reshape(*state.h.shape[:2], -1)
         state.h = adapter.attn_residual(layer, state.h, layer.self_attn.o_proj(out))
