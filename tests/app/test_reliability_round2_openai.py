@@ -1,6 +1,6 @@
 """Round 2, class 5 (issue 19): `n` and `logprobs`/`top_logprobs` on the real engine (tiny llava),
 formatted as OpenAI's chat API does, streaming and not, with a long stream beside that must end
-exactly as it does alone; class 9, control tokens typed by a user (engine side pending)."""
+exactly as it does alone; class 9, control tokens typed by a user stay text on both routes."""
 
 from __future__ import annotations
 
