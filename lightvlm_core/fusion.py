@@ -60,22 +60,18 @@ def fuse_linears(modules: list[nn.Module]) -> FusedLinear | None:
     return FusedLinear(weight, bias, sizes)
 
 
-def fuse_decoder_layers(layers: nn.ModuleList) -> int:
-    """Fuse q/k/v and gate/up of every decoder layer where possible; returns how many were fused."""
-    fused = 0
+def fuse_decoder_layers(layers: nn.ModuleList) -> None:
+    """Fuse q/k/v and gate/up of every decoder layer where possible (the rest stays as it is)."""
     for layer in layers:
         attn = layer.self_attn
         qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
         if qkv is not None:
             attn.__dict__[QKV_ATTR] = qkv
-            fused += 1
         mlp = layer.mlp
         if type(mlp).__name__ in GATED_MLPS:
             gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
             if gate_up is not None:
                 mlp.__dict__[GATE_UP_ATTR] = gate_up
-                fused += 1
-    return fused
 
 
 def fused_qkv(attn: nn.Module) -> FusedLinear | None:
@@ -83,7 +79,7 @@ def fused_qkv(attn: nn.Module) -> FusedLinear | None:
 
 
 def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fused = attn.__dict__.get(QKV_ATTR)
+    fused = fused_qkv(attn)
     if fused is None:
         return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     return fused(x)

@@ -92,12 +92,11 @@ class TextGuard:
         n = ids.shape[0]
         out = dict(inputs)
         for key, value in inputs.items():
-            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (1, n):
-                if key != "input_ids":  # a per-token field: the value of a text token
-                    fill = _TEXT_TOKEN_VALUE.get(key, 0)
-                    out[key] = _spliced(value[0], where, [[fill] * len(p) for p in pieces]).unsqueeze(0)
-                else:
-                    out[key] = _spliced(value[0], where, pieces).unsqueeze(0)
+            if not (isinstance(value, torch.Tensor) and value.shape == (1, n)):
+                continue
+            # the ids themselves, or for another per-token field the value of a text token
+            values = pieces if key == "input_ids" else [[_TEXT_TOKEN_VALUE.get(key, 0)] * len(p) for p in pieces]
+            out[key] = _spliced(value[0], where, values).unsqueeze(0)
         return out
 
     def _as_text(self, text: str) -> list[int]:

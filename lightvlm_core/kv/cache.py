@@ -65,7 +65,7 @@ class BatchedKVCache:
         self._spans = [n + 1 for n in longest]  # each layer's longest row after one append
         device = self.lengths.device
         self._rows = torch.arange(self.batch_size, device=device)
-        self._positions = torch.arange(max(self._spans), device=device)
+        self._slots = torch.arange(max(self._spans), device=device)  # slot indices, for the key mask
         for layer in range(self.num_layers):
             need = longest[layer] + extra if self.batch_size else 0
             cap = self.keys[layer].shape[2]
@@ -95,7 +95,7 @@ class BatchedKVCache:
         if self.positions[layer] is not None:
             self.positions[layer][rows, :, pos] = text_pos[:, None]
         self.lengths[layer] = pos + 1
-        mask = self._positions[None, :span] < self.lengths[layer][:, None]
+        mask = self._slots[None, :span] < self.lengths[layer][:, None]
         return self.keys[layer][:, :, :span], self.values[layer][:, :, :span], mask
 
     # --- rows joining and leaving -------------------------------------------------------------
