@@ -7,6 +7,8 @@ import torch
 from lightvlm_core.scheduler import TokenLogprobs
 from lightvlm_core.types import SamplingParams
 
+TOP_P_CANDIDATES = 1024  # tokens sorted for top-p before falling back to the whole vocabulary
+
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     if params.greedy:
@@ -18,28 +20,75 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
            ) -> list[int]:
-    """logits: (B, V) float. One token per row; greedy rows share one argmax."""
-    tokens = logits.argmax(dim=-1).tolist()
-    for row, (p, gen) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            tokens[row] = _sample_row(logits[row], p, gen)
-    return tokens
+    """logits: (B, V) float. One token per row: the greedy rows take one argmax together, the sampling
+    rows are drawn together (temperature, top-k and top-p batched over the rows)."""
+    drawn = [row for row, p in enumerate(params) if not p.greedy]
+    if not drawn:
+        return logits.argmax(dim=-1).tolist()
+    if len(drawn) == len(params):
+        return _sample_rows(logits, params, generators).tolist()
+    greedy = [row for row, p in enumerate(params) if p.greedy]
+    greedy_index, drawn_index = (torch.tensor(rows, device=logits.device) for rows in (greedy, drawn))
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    tokens[greedy_index] = logits.index_select(0, greedy_index).argmax(dim=-1)
+    tokens[drawn_index] = _sample_rows(logits.index_select(0, drawn_index), [params[r] for r in drawn],
+                                       [generators[r] for r in drawn])
+    return tokens.tolist()
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    logits = logits / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+                 ) -> torch.Tensor:
+    """Sampled token ids (B,) for rows that all sample, each from softmax(logits / T) restricted to its
+    top-k and top-p set. Inverse-CDF sampling: the only per-row work is one uniform number from the
+    row's own generator, so a seeded request samples the same tokens whatever else is in the batch.
+    (torch.multinomial and exponential noise cost milliseconds per row at a 150k vocabulary.)"""
+    device = logits.device
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+    logits = logits / temps[:, None]
+    if any(p.top_k > 0 for p in params):
+        logits = _keep_top_k(logits, [p.top_k for p in params])
     probs = logits.softmax(dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-        drop[0] = False  # a top_p that underflows float32 must still keep the most likely token
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    if any(p.top_p < 1.0 for p in params):
+        probs = _keep_top_p(probs, [p.top_p for p in params])
+    uniforms = torch.cat([torch.rand(1, generator=gen, device=device, dtype=probs.dtype) for gen in generators])
+    cdf = probs.cumsum(dim=-1)
+    picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
+    picked = picked.clamp(max=probs.shape[-1] - 1)
+    # u * total can round up to the total: then step back to the row's last token with mass (rare)
+    stray = probs.gather(1, picked[:, None])[:, 0] == 0
+    if bool(stray.any()):
+        last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(dim=-1)
+        picked = torch.where(stray, last_with_mass, picked)
+    return picked
+
+
+def _keep_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Mask (to -inf) every logit below its row's k-th largest; k = 0 keeps the row whole."""
+    vocab = logits.shape[-1]
+    ks = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=logits.device)
+    largest = torch.topk(logits, int(ks.max()), dim=-1).values
+    kth = largest.gather(1, (ks - 1)[:, None])
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _keep_top_p(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """Zero every token outside its row's smallest most-likely prefix whose mass reaches top_p
+    (always at least the most likely token); top_p = 1 keeps the row whole.
+
+    The prefix is looked for among the TOP_P_CANDIDATES most likely tokens (a partial sort), and only
+    where some row's nucleus is wider than that does the whole vocabulary get sorted."""
+    limits = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], dtype=probs.dtype, device=probs.device)
+    whole = limits == float("inf")
+    vocab = probs.shape[-1]
+    sorted_probs, order = probs.topk(min(TOP_P_CANDIDATES, vocab), dim=-1)
+    mass = sorted_probs.cumsum(dim=-1)
+    if sorted_probs.shape[-1] < vocab and bool(((mass[:, -1] < limits) & ~whole).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass = sorted_probs.cumsum(dim=-1)
+    keep = mass - sorted_probs < limits[:, None]
+    keep[:, 0] = True  # a top_p that underflows float32 must still keep the most likely token
+    kept = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, keep) | whole[:, None]
+    return probs * kept
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]
