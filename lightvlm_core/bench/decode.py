@@ -3,11 +3,18 @@ KV compression and pyramid merging, all in one run.
 
 Decode cost per step = the weights, read once per batch, + every row's KV cache. Compression
 bounds the KV part, so it pays off where KV dominates: large batches and long outputs.
+
+Every row also reports its memory-bandwidth bound: the bytes a step must read (the LLM weights it
+multiplies by, once per batch, + the mean KV cache) over this machine's measured copy bandwidth,
+and how far the measured step time is from it (`x_bound`).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+
+import torch
 
 from lightvlm_core.bench.common import hardware, median, progress, sync
 from lightvlm_core.bench.profiles import PROFILES, Profile, bench_image, build
@@ -38,9 +45,37 @@ def run(profile_name: str, quiet: bool = False) -> dict:
     for (kind, batch, tokens), name, accel in progress(work, len(work), "decode", quiet):
         m = _generate(engine, image, batch, tokens, accel)
         measured.setdefault((kind, batch, tokens, name), []).append(m)
-    weights = sum(p.numel() * p.element_size() for p in engine.adapter.text_model.parameters())
+    weights = step_weight_bytes(engine)
+    bandwidth = copy_bandwidth(engine.device)
     return {"profile": profile.name, "hardware": hardware(), "kv_budget": profile.kv_budget,
-            "llm_weight_mb": round(weights / 2**20, 1), "results": _rows(measured, weights)}
+            "llm_weight_mb": round(weights / 2**20, 1), "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+            "results": _rows(measured, weights, bandwidth)}
+
+
+def step_weight_bytes(engine: Engine) -> int:
+    """Bytes of weights one decode step reads: every LLM parameter and the LM head, each once (tied
+    weights counted once), except the input embedding table, of which a step reads only B rows."""
+    adapter = engine.adapter
+    params = {p.data_ptr(): p for p in [*adapter.text_model.parameters(), *adapter.lm_head.parameters()]}
+    embedding = adapter.embed_tokens.weight
+    if all(p.data_ptr() != embedding.data_ptr() for p in adapter.lm_head.parameters()):
+        params.pop(embedding.data_ptr(), None)
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def copy_bandwidth(device: torch.device, size_bytes: int = 256 * 2**20, rounds: int = 9) -> float:
+    """Measured memory bandwidth, bytes per second: (read + written) bytes of a large copy, median
+    of `rounds`, with the engine's thread count. Large enough that no cache holds it."""
+    src = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(rounds + 1):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size_bytes / statistics.median(times[1:])
 
 
 def _generate(engine: Engine, image, batch: int, tokens: int, accel: AccelerationConfig) -> dict:
@@ -66,9 +101,11 @@ def _generate(engine: Engine, image, batch: int, tokens: int, accel: Acceleratio
             "mean_kv_bytes": sum(kv_samples) / max(len(kv_samples), 1)}
 
 
-def _rows(measured: dict[tuple, list[dict]], weight_bytes: int) -> list[dict]:
+def _rows(measured: dict[tuple, list[dict]], weight_bytes: int, bandwidth: float) -> list[dict]:
     rows = []
     for (kind, batch, tokens, name), runs in measured.items():
+        step_ms = median(r["decode_ms"] for r in runs) / (tokens - 1)
+        bound_ms = (weight_bytes + median(r["mean_kv_bytes"] for r in runs)) / bandwidth * 1e3
         base = measured[(kind, batch, tokens, "none")]
         total, base_total = median(r["total_ms"] for r in runs), median(r["total_ms"] for r in base)
         tps, base_tps = median(r["decode_tokens_per_s"] for r in runs), median(r["decode_tokens_per_s"] for r in base)
@@ -81,10 +118,11 @@ def _rows(measured: dict[tuple, list[dict]], weight_bytes: int) -> list[dict]:
             "kv_to_weight_read_ratio": round(median(r["mean_kv_bytes"] for r in runs) / weight_bytes, 2),
             # long generation: end-to-end time ratio; throughput: decode tokens/s ratio
             "speedup_vs_none": round(base_total / total if kind == "long" else tps / base_tps, 2),
+            "step_ms": round(step_ms, 3), "bound_ms": round(bound_ms, 3), "x_bound": round(step_ms / bound_ms, 2),
             "runs": len(runs),
         })
     return rows
 
 
 COLUMNS = ["case", "batch", "new_tokens", "preset", "total_ms_median", "decode_tokens_per_s", "peak_kv_mb",
-           "mean_kv_mb", "kv_to_weight_read_ratio", "speedup_vs_none"]
+           "mean_kv_mb", "kv_to_weight_read_ratio", "speedup_vs_none", "step_ms", "bound_ms", "x_bound"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lightvlm_core.bench import decode, prefill
 from lightvlm_core.cli import main
 
@@ -32,6 +34,26 @@ def test_decode_bench_covers_long_and_batched_cases():
     for case, batch in cases:
         assert by[(case, batch, "none")]["speedup_vs_none"] == 1.0
         assert by[(case, batch, "kv")]["peak_kv_mb"] <= by[(case, batch, "none")]["peak_kv_mb"]
+    assert result["copy_bandwidth_gb_s"] > 0
+    for row in rows:  # the bound: (weights + mean KV) / bandwidth, and the step's distance from it
+        bandwidth = result["copy_bandwidth_gb_s"] * 1e9  # rounded to 0.01 GB/s, the sizes to 0.1 / 0.01 MB
+        low = (result["llm_weight_mb"] - 0.05 + row["mean_kv_mb"] - 0.005) * 2**20 / (bandwidth + 5e6) * 1e3
+        high = (result["llm_weight_mb"] + 0.05 + row["mean_kv_mb"] + 0.005) * 2**20 / (bandwidth - 5e6) * 1e3
+        assert low - 1e-3 <= row["bound_ms"] <= high + 1e-3
+        assert row["x_bound"] == pytest.approx(row["step_ms"] / row["bound_ms"], rel=0.01)
+
+
+def test_a_decode_step_reads_every_llm_weight_once_but_the_embedding_table(tmp_path):
+    from lightvlm_core.bench.profiles import PROFILES, build
+    from lightvlm_core.engine import Engine
+
+    engine = Engine(build(PROFILES["ci-tiny"]))
+    a = engine.adapter
+    everything = sum(p.numel() * p.element_size() for p in a.text_model.parameters())
+    head, table = a.lm_head.weight, a.embed_tokens.weight
+    tied = head.data_ptr() == table.data_ptr()
+    expected = everything if tied else everything - table.numel() * table.element_size() + head.numel() * head.element_size()
+    assert decode.step_weight_bytes(engine) == expected
 
 
 def test_model_pair_compares_every_preset_of_the_big_model_to_the_small_models_none(monkeypatch):
