@@ -1,5 +1,5 @@
 """EngineClient: the API process's side of the engine (all that app/ imports of lightvlm_core,
-with types.py and errors.py).
+with types.py and errors.py; its stream, stats and observer types live in client_types.py).
 
 `submit` sends a request to the EngineCore and returns its RequestStream once the core has
 accepted it (prepare errors raise here, so HTTP can answer 4xx before streaming); a reader thread
@@ -19,23 +19,29 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from lightvlm_core import errors as errors_module
+from lightvlm_core.client_types import (  # re-exported: app/ imports them from here
+    EngineClosedError,
+    EngineInfo,
+    RequestFailedError,
+    RequestStream,
+    SchedulerClosedError,
+    SchedulerObserver,
+    SchedulerStats,
+)
 from lightvlm_core.core import CoreStep, RequestOutput, run_engine_process, serve_core
 from lightvlm_core.detok import IncrementalDetokenizer
 from lightvlm_core.errors import LightVLMError
 from lightvlm_core.request import RequestStatus
 from lightvlm_core.scheduler import QueueFullError, SchedulerConfig
 from lightvlm_core.types import (
-    AccelerationConfig,
     DoneEvent,
     ErrorEvent,
     Event,
     GenerationRequest,
-    GenerationResult,
     Timings,
     TokenEvent,
     TokenLogprob,
@@ -45,109 +51,6 @@ from lightvlm_core.types import (
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0  # model download + load + warm-up
-
-
-class EngineClosedError(LightVLMError):
-    """The engine is not running (not started yet, restarting, or shutting down)."""
-
-    error_type = "not_ready"
-
-
-SchedulerClosedError = EngineClosedError  # the name app/ used before the engine had its own process
-
-
-class RequestFailedError(LightVLMError):
-    """A request ended with an error event (time-out, engine failure, ...)."""
-
-    def __init__(self, event: ErrorEvent) -> None:
-        super().__init__(event.message)
-        self.error_type = event.error_type
-
-
-@dataclass(frozen=True)
-class SchedulerStats:
-    num_running: int = 0
-    num_waiting: int = 0  # queued for admission, including requests still being prepared
-    kv_cache_bytes: int = 0
-    kv_cache_tokens: int = 0
-
-
-class SchedulerObserver:
-    """Metric hooks, called on the client's reader thread with the core's timestamps. Override
-    what you need; an exception raised by a hook is logged and ignored."""
-
-    def on_admitted(self, queue_s: float, prefill_s: float, num_prompt_tokens: int) -> None:
-        """A request got its first token after `queue_s` waiting and a `prefill_s` prefill."""
-
-    def on_token(self, ttft_s: float | None, itl_s: float | None) -> None:
-        """A token was streamed: `ttft_s` for a request's first token, else `itl_s` since its last."""
-
-    def on_finished(self, finish_reason: str, e2e_s: float) -> None:
-        """A request ended (`finish_reason`: stop, length, cancelled or error)."""
-
-    def on_step(self, batch_size: int) -> None:
-        """One engine step ran over `batch_size` requests."""
-
-    def on_engine_counters(self, evicted_tokens: int, image_tokens_in: int, image_tokens_kept: int) -> None:
-        """Increments of the engine's cumulative counters since the last call."""
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What the engine reports about itself once started."""
-
-    model_name: str
-    family: str
-    device: str
-    dtype: str
-    default_acceleration: AccelerationConfig
-    max_context: int | None
-    eos_token_ids: tuple[int, ...] = ()
-    pid: int | None = None
-
-    @classmethod
-    def of(cls, info: dict) -> EngineInfo:
-        return cls(str(info["model_name"]), str(info.get("family", "unknown")), str(info.get("device", "cpu")),
-                   str(info.get("dtype", "unknown")), info.get("default_acceleration") or AccelerationConfig(),
-                   info.get("max_context"), tuple(info.get("eos_token_ids", ())), info.get("pid"))
-
-
-class RequestStream:
-    """The events of one submitted request, as an async iterator. Ends after done or error."""
-
-    def __init__(self, client: EngineClient, request_id: str, num_prompt_tokens: int = 0) -> None:
-        self.request_id = request_id
-        self.num_prompt_tokens = num_prompt_tokens
-        self._client = client
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
-        self.finished = False
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request (no-op once finished)."""
-        if not self.finished:
-            self._client.cancel(self.request_id)
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        while not self.finished:
-            event = await self._queue.get()
-            if not isinstance(event, TokenEvent):
-                self.finished = True
-            yield event
-
-    async def collect(self) -> GenerationResult:
-        """Wait for the whole generation; raises RequestFailedError if it ended with an error."""
-        texts: list[str] = []
-        token_ids: list[int] = []
-        async for event in self:
-            if isinstance(event, TokenEvent):
-                texts.append(event.text)
-                token_ids.append(event.token_id)
-            elif isinstance(event, ErrorEvent):
-                raise RequestFailedError(event)
-            else:
-                return GenerationResult("".join(texts), token_ids, event.finish_reason, event.usage, event.timings)
-        raise RequestFailedError(ErrorEvent("internal_error", "stream ended without a done event"))
 
 
 class _Tracked:
