@@ -11,6 +11,8 @@ window stays measured in positions after token reduction or KV eviction left hol
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 SLACK = 16  # spare slots kept after a trim so the next decode steps need no reallocation
@@ -71,12 +73,7 @@ class BatchedKVCache:
             cap = self.keys[layer].shape[2]
             if need > cap:
                 new_cap = need + max(SLACK, cap // 4)
-                self.keys[layer] = _pad_seq(self.keys[layer], new_cap)
-                self.values[layer] = _pad_seq(self.values[layer], new_cap)
-                if self.scores is not None:
-                    self.scores[layer] = _pad_seq(self.scores[layer], new_cap)
-                if self.positions[layer] is not None:
-                    self.positions[layer] = _pad_seq(self.positions[layer], new_cap)
+                self.map_layer(layer, lambda x: _pad_seq(x, new_cap))
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, text_pos: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,6 +94,13 @@ class BatchedKVCache:
         self.lengths[layer] = pos + 1
         mask = self._slots[None, :span] < self.lengths[layer][:, None]
         return self.keys[layer][:, :, :span], self.values[layer][:, :, :span], mask
+
+    def map_layer(self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace each of `layer`'s buffers (keys, values, and scores / positions where kept; all
+        with the sequence on dim 2) by fn(buffer): resizing and row selection touch them all alike."""
+        for buffers in (self.keys, self.values, self.scores, self.positions):
+            if buffers is not None and buffers[layer] is not None:
+                buffers[layer] = fn(buffers[layer])
 
     # --- rows joining and leaving -------------------------------------------------------------
 
@@ -135,12 +139,7 @@ class BatchedKVCache:
             self.score_rows = self.score_rows[index]
         for layer in range(self.num_layers):
             cap = int(self.lengths[layer].max()) + SLACK if rows else 0
-            self.keys[layer] = self.keys[layer][:, :, :cap].index_select(0, index)
-            self.values[layer] = self.values[layer][:, :, :cap].index_select(0, index)
-            if self.scores is not None:
-                self.scores[layer] = self.scores[layer][:, :, :cap].index_select(0, index)
-            if self.positions[layer] is not None:
-                self.positions[layer] = self.positions[layer][:, :, :cap].index_select(0, index)
+            self.map_layer(layer, lambda x: x[:, :, :cap].index_select(0, index))
 
     def copy_rows(self, rows: list[int]) -> BatchedKVCache:
         """A new cache holding copies of `rows` (this one is left untouched)."""

@@ -87,9 +87,4 @@ def _trim(cache: BatchedKVCache) -> None:
     for layer in range(cache.num_layers):
         need = int(cache.lengths[layer].max()) + SLACK
         if cache.keys[layer].shape[2] > 2 * need:
-            cache.keys[layer] = cache.keys[layer][:, :, :need].clone()
-            cache.values[layer] = cache.values[layer][:, :, :need].clone()
-            if cache.scores is not None:
-                cache.scores[layer] = cache.scores[layer][:, :, :need].clone()
-            if cache.positions[layer] is not None:
-                cache.positions[layer] = cache.positions[layer][:, :, :need].clone()
+            cache.map_layer(layer, lambda x: x[:, :, :need].clone())
