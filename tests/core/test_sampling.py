@@ -91,3 +91,13 @@ def test_different_seeds_draw_different_sequences():
         gen = make_generator(p, torch.device("cpu"))
         seqs.append([sample(logits, [p], [gen])[0] for _ in range(8)])
     assert seqs[0] != seqs[1]
+
+
+def test_a_uniform_at_the_top_still_picks_a_token_with_mass(monkeypatch):
+    """u * total can round up to the total: at that boundary (u = 1 here) the draw must still land on
+    a kept token, not past the vocabulary or on a masked one."""
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(1, dtype=k.get("dtype")))
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.1, -2.0]] * 3)
+    params = [SamplingParams(temperature=1.0, top_k=k, seed=0) for k in (0, 2, 4)]
+    gens = [make_generator(p, torch.device("cpu")) for p in params]
+    assert sample(logits, params, gens) == [5, 1, 3]  # the last token each row keeps
