@@ -56,6 +56,8 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
     uniforms = torch.cat([torch.rand(1, generator=gen, device=device, dtype=probs.dtype) for gen in generators])
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1]
+    if not bool(torch.isfinite(total).all()):  # fail the row (the runner pins it) rather than draw garbage
+        raise ValueError("sampling: the model's probabilities are not finite (NaN or inf in the logits)")
     # strictly below the total (u * total can round up to it), so the first entry of the cumulative
     # sum above the target is always a token with probability mass
     target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))

@@ -101,3 +101,10 @@ def test_a_uniform_at_the_top_still_picks_a_token_with_mass(monkeypatch):
     params = [SamplingParams(temperature=1.0, top_k=k, seed=0) for k in (0, 2, 4)]
     gens = [make_generator(p, torch.device("cpu")) for p in params]
     assert sample(logits, params, gens) == [5, 1, 3]  # the last token each row keeps
+
+
+def test_non_finite_logits_fail_instead_of_drawing_an_arbitrary_token():
+    logits = torch.tensor([[1.0, float("nan"), 0.5]])
+    p = SamplingParams(temperature=1.0, seed=0)
+    with pytest.raises(ValueError, match="not finite"):
+        sample(logits, [p], [make_generator(p, torch.device("cpu"))])
