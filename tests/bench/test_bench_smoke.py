@@ -43,7 +43,7 @@ def test_decode_bench_covers_long_and_batched_cases():
         assert row["x_bound"] == pytest.approx(row["step_ms"] / row["bound_ms"], rel=0.01)
 
 
-def test_a_decode_step_reads_every_llm_weight_once_but_the_embedding_table(tmp_path):
+def test_a_decode_step_reads_every_llm_weight_once_but_the_embedding_table():
     from lightvlm_core.bench.profiles import PROFILES, build
     from lightvlm_core.engine import Engine
 
