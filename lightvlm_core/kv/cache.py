@@ -63,11 +63,17 @@ class BatchedKVCache:
     def reserve(self, extra: int = 1) -> None:
         """Make room for `extra` more entries in every row of every layer, and prepare this step's
         appends (one read of the lengths per step, not one per layer)."""
-        longest = self.lengths.max(dim=1).values.tolist() if self.batch_size else [0] * self.num_layers
+        if self.batch_size:
+            shortest, longest = (n.tolist() for n in torch.aminmax(self.lengths, dim=1))
+        else:
+            shortest = longest = [0] * self.num_layers
         self._spans = [n + 1 for n in longest]  # each layer's longest row after one append
+        # Every layer's key mask (L, B, S) in one op: slot < the row's length after the append.
         device = self.lengths.device
         self._rows = torch.arange(self.batch_size, device=device)
-        self._slots = torch.arange(max(self._spans), device=device)  # slot indices, for the key mask
+        slots = torch.arange(max(self._spans), device=device)
+        self._masks = slots[None, None, :] < (self.lengths + 1)[:, :, None]
+        self._ragged = [lo != hi for lo, hi in zip(shortest, longest)]
         for layer in range(self.num_layers):
             need = longest[layer] + extra if self.batch_size else 0
             cap = self.keys[layer].shape[2]
@@ -81,7 +87,7 @@ class BatchedKVCache:
 
         text_pos (B,) int32: the new entries' original positions, recorded where the layer keeps
         positions. Returns keys, values (B, H_kv, S, D) and the key mask (B, S), S = longest row.
-        `reserve(1)` must have run this step (it precomputes the row index and every layer's S).
+        `reserve(1)` must have run this step (it precomputes the row index, every layer's S and mask).
         """
         rows, span = self._rows, self._spans[layer]
         pos = self.lengths[layer]
@@ -91,9 +97,13 @@ class BatchedKVCache:
             self.scores[layer][rows, :, pos] = 0.0
         if self.positions[layer] is not None:
             self.positions[layer][rows, :, pos] = text_pos[:, None]
-        self.lengths[layer] = pos + 1
-        mask = self._slots[None, :span] < self.lengths[layer][:, None]
-        return self.keys[layer][:, :, :span], self.values[layer][:, :, :span], mask
+        pos.add_(1)  # a view of lengths[layer]: the written entries count from here on
+        return self.keys[layer][:, :, :span], self.values[layer][:, :, :span], self._masks[layer, :, :span]
+
+    def ragged(self, layer: int) -> bool:
+        """Whether this step's rows of `layer` differ in length, so that attention needs the key
+        mask (otherwise every row's entries fill the span and the mask is all True)."""
+        return self._ragged[layer]
 
     def map_layer(self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace each of `layer`'s buffers (keys, values, and scores / positions where kept; all

@@ -160,6 +160,8 @@ class MaskSpy:
         sdpa, score = forward.F.scaled_dot_product_attention, forward._attend_and_score
 
         def spy_sdpa(q, k, v, attn_mask=None, **kw):
+            if attn_mask is None:  # no mask: every entry is visible
+                attn_mask = torch.ones(1, 1, 1, k.shape[2], dtype=torch.bool)
             m = attn_mask[0, :, 0]  # (H or 1, S)
             self.masks.append(m.expand(q.shape[1], -1)[:: self.groups])
             return sdpa(q, k, v, attn_mask=attn_mask, **kw)
