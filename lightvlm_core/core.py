@@ -91,7 +91,7 @@ class EngineCore:
     def __init__(self, runner: Runner, config: SchedulerConfig, send: Callable[[tuple], None],
                  prepare_workers: int = 2) -> None:
         self.runner = runner
-        self.scheduler = Scheduler(config)
+        self.scheduler = Scheduler(config, num_layers=int(runner.info().get("num_layers", 1)))
         self.send = send
         self.inbox: queue.Queue[tuple] = queue.Queue()
         self._pool = ThreadPoolExecutor(prepare_workers, thread_name_prefix="lightvlm-prepare")

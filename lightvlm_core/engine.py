@@ -39,7 +39,7 @@ class RequestFailed(LightVLMError):
 class Engine:
     def __init__(self, runner: ModelRunner | LoadedModel, config: SchedulerConfig = UNBOUNDED) -> None:
         self.runner = runner if isinstance(runner, ModelRunner) else ModelRunner(runner)
-        self.scheduler = Scheduler(config)
+        self.scheduler = Scheduler(config, num_layers=len(self.runner.adapter.layers))
         self._detoks: dict[str, IncrementalDetokenizer] = {}
 
     # The runner's parts, for benchmarks and tests.
@@ -75,7 +75,10 @@ class Engine:
         for request in prepared:
             self.scheduler.add_request(request)
             self._detoks[request.request_id] = IncrementalDetokenizer(self.runner.tokenizer, request.sampling.stop)
-        return self._run(self.scheduler.schedule(time.monotonic(), decode=False))
+        outputs = self._run(self.scheduler.schedule(time.monotonic(), decode=False))
+        while self.scheduler.prefilling:  # a prefill sliced by a small token budget goes on
+            outputs += self._run(self.scheduler.schedule(time.monotonic(), decode=False))
+        return outputs
 
     def step(self) -> list[StepOutput]:
         """Decode one token for every running row."""

@@ -170,7 +170,83 @@ def last_query_attention(q: torch.Tensor, k: torch.Tensor, state: PrefillState, 
     return probs * present[:, None, :, None]
 
 
-@torch.no_grad()
+class PrefillRun:
+    """A prefill that can stop between layers and go on in a later step (layer-sliced prefill).
+
+    The engine runs long prompts a few layers per step, between the decode steps of the running
+    rows, so a long prefill does not stall them. Slicing by layers rather than by tokens keeps
+    token reduction exact: each layer still sees the whole prompt (the pyramid cut needs the
+    whole image span at the cut layer), and the result is bitwise that of one uninterrupted pass.
+    """
+
+    def __init__(self, adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None = None,
+                 kv_scores: bool = False) -> None:
+        self.adapter, self.state, self.hook, self.kv_scores = adapter, state, hook, kv_scores
+        self.next_layer = 0
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._lengths: list[torch.Tensor] = []
+        self._scores: list[torch.Tensor] = []
+        self._positions: list[torch.Tensor | None] = []
+        # one rotary table per kind while the positions stay the same tensor (reduction makes a new one)
+        self._ropes: dict[str | None, tuple[torch.Tensor, RopeTables]] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.next_layer >= len(self.adapter.layers)
+
+    @torch.no_grad()
+    def advance(self, until: int | None = None) -> None:
+        """Run the layers from `next_layer` up to `until` (exclusive; None: to the last)."""
+        adapter = self.adapter
+        until = len(adapter.layers) if until is None else min(until, len(adapter.layers))
+        groups = adapter.num_heads // adapter.num_kv_heads
+        for i in range(self.next_layer, until):
+            layer, spec = adapter.layers[i], adapter.layer_specs[i]
+            if self.hook is not None:
+                self.state = self.hook.before_layer(i, self.state)
+            state = self.state
+            if self._ropes.get(spec.rope, (None,))[0] is not state.pos:
+                self._ropes[spec.rope] = (state.pos, RopeTables.build(*adapter.rotary(state.h, state.pos, spec.rope)))
+            x = rms_norm(layer.input_layernorm, state.h)
+            q, k, v = _project_qkv(adapter, layer.self_attn, x, self._ropes[spec.rope][1])
+            # Rows are right-padded and keep their tokens in position order, so plain causal attention
+            # is exact for every real token (bitwise equal to the explicit mask, and faster); only
+            # bidirectional images and sliding windows need the explicit mask.
+            explicit = adapter.bidirectional_images or spec.attention == "sliding"
+            mask = prefill_mask(adapter, spec, state) if explicit else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 scale=adapter.scaling,
+                                                 enable_gqa=adapter.num_kv_heads != adapter.num_heads)
+            out = out.transpose(1, 2).reshape(*state.h.shape[:2], -1)
+            state.h = adapter.attn_residual(layer, state.h, layer.self_attn.o_proj(out))
+            state.h = adapter.inject(i, adapter.mlp_residual(layer, state.h), state.carry)
+            self._keys.append(k)
+            self._values.append(v)
+            self._lengths.append(state.lengths)
+            self._positions.append(_entry_positions(state, k.shape[1]) if spec.attention == "sliding" else None)
+            if self.hook is not None and i in self.hook.score_layers:
+                self.hook.observe(i, state, q, k)
+            if self.kv_scores:
+                probs = last_query_attention(q, k, state, SNAPKV_WINDOW, adapter.scaling)  # (B, H, n_q, T)
+                b, _, _, t_l = probs.shape
+                self._scores.append(probs.sum(dim=2).view(b, adapter.num_kv_heads, groups, t_l).sum(dim=2))
+            self.next_layer = i + 1
+
+    def result(self) -> tuple[torch.Tensor, BatchedKVCache, list[torch.Tensor]]:
+        """After the last layer: see `prefill`."""
+        if not self.done:
+            raise RuntimeError(f"prefill stopped at layer {self.next_layer} of {len(self.adapter.layers)}")
+        state = self.state
+        last = state.lengths - 1
+        h_last = state.h[torch.arange(state.h.shape[0], device=last.device), last]
+        cache = BatchedKVCache(self._keys, self._values, torch.stack(self._lengths), self._positions)
+        if self.kv_scores:
+            cache.scores = self._scores
+        with torch.no_grad():
+            return rms_norm(self.adapter.norm, h_last[:, None])[:, 0], cache, self._lengths
+
+
 def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None = None,
             kv_scores: bool = False) -> tuple[torch.Tensor, BatchedKVCache, list[torch.Tensor]]:
     """Run every layer over the prompts.
@@ -180,44 +256,9 @@ def prefill(adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None
     With `kv_scores`, the cache's heavy-hitter scores start from the attention that the prompt's
     last tokens pay to each entry (SnapKV-style), so the first compaction already knows what matters.
     """
-    keys, values, layer_lengths, scores, positions = [], [], [], [], []
-    ropes: dict[str | None, tuple[torch.Tensor, RopeTables]] = {}
-    groups = adapter.num_heads // adapter.num_kv_heads
-    for i, layer in enumerate(adapter.layers):
-        if hook is not None:
-            state = hook.before_layer(i, state)
-        spec = adapter.layer_specs[i]
-        # one rotary table per kind while the positions stay the same tensor (reduction makes a new one)
-        if ropes.get(spec.rope, (None,))[0] is not state.pos:
-            ropes[spec.rope] = (state.pos, RopeTables.build(*adapter.rotary(state.h, state.pos, spec.rope)))
-        x = rms_norm(layer.input_layernorm, state.h)
-        q, k, v = _project_qkv(adapter, layer.self_attn, x, ropes[spec.rope][1])
-        # Rows are right-padded and keep their tokens in position order, so plain causal attention
-        # is exact for every real token (bitwise equal to the explicit mask, and faster); only
-        # bidirectional images and sliding windows need the explicit mask.
-        explicit = adapter.bidirectional_images or spec.attention == "sliding"
-        mask = prefill_mask(adapter, spec, state) if explicit else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=adapter.scaling,
-                                             enable_gqa=adapter.num_kv_heads != adapter.num_heads)
-        out = out.transpose(1, 2).reshape(*state.h.shape[:2], -1)
-        state.h = adapter.attn_residual(layer, state.h, layer.self_attn.o_proj(out))
-        state.h = adapter.inject(i, adapter.mlp_residual(layer, state.h), state.carry)
-        keys.append(k)
-        values.append(v)
-        layer_lengths.append(state.lengths)
-        positions.append(_entry_positions(state, k.shape[1]) if spec.attention == "sliding" else None)
-        if hook is not None and i in hook.score_layers:
-            hook.observe(i, state, q, k)
-        if kv_scores:
-            probs = last_query_attention(q, k, state, SNAPKV_WINDOW, adapter.scaling)  # (B, H, n_q, T)
-            b, _, _, t_l = probs.shape
-            scores.append(probs.sum(dim=2).view(b, adapter.num_kv_heads, groups, t_l).sum(dim=2))
-    last = state.lengths - 1
-    h_last = state.h[torch.arange(state.h.shape[0], device=last.device), last]
-    cache = BatchedKVCache(keys, values, torch.stack(layer_lengths), positions)
-    if kv_scores:
-        cache.scores = scores
-    return rms_norm(adapter.norm, h_last[:, None])[:, 0], cache, layer_lengths
+    run = PrefillRun(adapter, state, hook, kv_scores)
+    run.advance()
+    return run.result()
 
 
 def _entry_positions(state: PrefillState, num_kv_heads: int) -> torch.Tensor:

@@ -58,6 +58,7 @@ class Request:
     prompt: Any = None  # runner-specific (PromptInputs + positions for the model runner)
     return_kept_patches: bool = False
     status: RequestStatus = RequestStatus.WAITING
+    num_computed_layers: int = 0  # prefill progress: layers scheduled so far (layer-sliced prefill)
     output_token_ids: list[int] = field(default_factory=list)
     error: tuple[str, str] | None = None  # (error_type, message) when FINISHED_ERROR
     # timestamps

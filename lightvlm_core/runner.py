@@ -1,7 +1,8 @@
 """The model runner: executes one SchedulerOutput on the model and returns sampled token ids.
 
 Running rows decode one token each (with KV compression where a budget is set), then new rows are
-prefilled (with token reduction) and join the batch. No stop logic and no events here: the
+prefilled (with token reduction) and join the batch; a long prefill may run a slice of its layers
+per step and join when its last layer is done. No stop logic and no events here: the
 scheduler decides what a token means. A failure is pinned on the rows it belongs to where that
 can be known: a failed batched prefill is retried row by row, a failed decode step is rolled back
 and each row probed alone on a copy of its cache, and the step reruns without the bad rows.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +49,18 @@ class _Row:
         return self.request.output_token_ids[-1], self.inputs.next_position + n - 1
 
 
+@dataclass
+class _PrefillJob:
+    """Requests prefilled together, over one step or (layer-sliced) several."""
+
+    requests: list[Request]
+    run: forward.PrefillRun
+    hook: forward.PrefillHook | None
+    vision_ms: float
+    llm_ms: float = 0.0
+    dropped: set[str] = field(default_factory=set)  # cancelled while prefilling: left out at the end
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, default_acceleration: AccelerationConfig | None = None) -> None:
         self.loaded = loaded
@@ -63,6 +76,7 @@ class ModelRunner:
         self.cache = BatchedKVCache.empty(len(a.layers), a.num_kv_heads, a.head_dim, loaded.dtype, self.device)
         self.compressor = KVCompressor()
         self.rows: list[_Row] = []
+        self._jobs: list[_PrefillJob] = []  # prefills that go on in the next step (layer-sliced)
         self.image_tokens_in = 0
         self.image_tokens_kept = 0
         self.last_prefill_ms = {"vision_ms": 0.0, "llm_ms": 0.0}  # split of the latest prefill
@@ -78,6 +92,7 @@ class ModelRunner:
             "default_acceleration": self.default_acceleration,
             "max_context": self.max_context,
             "eos_token_ids": sorted(self.eos_token_ids),
+            "num_layers": len(self.adapter.layers),  # the scheduler slices long prefills by layers
         }
 
     def counters(self) -> tuple[int, int, int]:
@@ -102,7 +117,7 @@ class ModelRunner:
         if scheduled.decode:
             self._decode(scheduled.decode, out)
         if scheduled.prefill:
-            self._prefill(scheduled.prefill, out)
+            self._prefill(scheduled.prefill, scheduled.prefill_until, out)
         if self.rows:
             for row, nbytes in zip(self.rows, self.cache.row_bytes()):
                 out.kv_cache_bytes[row.request.request_id] = nbytes
@@ -113,9 +128,13 @@ class ModelRunner:
         keep = [i for i, r in enumerate(self.rows) if r.request.request_id not in gone]
         if len(keep) != len(self.rows):
             self._keep_rows(keep)
+        for job in self._jobs:  # a prefill in progress finishes without them
+            job.dropped |= gone & {r.request_id for r in job.requests}
+        self._jobs = [job for job in self._jobs if len(job.dropped) < len(job.requests)]
 
     def remove_all(self) -> None:
         self._keep_rows([])
+        self._jobs = []
 
     # --- decode -----------------------------------------------------------------------------------
 
@@ -179,49 +198,86 @@ class ModelRunner:
 
     # --- prefill ----------------------------------------------------------------------------------
 
-    def _prefill(self, requests: list[Request], out: RunnerOutput) -> None:
-        """Rows with the same acceleration prefill together; a failed group retries row by row."""
+    def _prefill(self, requests: list[Request], until: int | None, out: RunnerOutput) -> None:
+        """Advance the prefill of `requests` to layer `until` (None: to the end). Requests not seen
+        before start, rows with the same acceleration together; rows whose prefill is done sample
+        their first token and join the batch."""
+        started = {r.request_id for job in self._jobs for r in job.requests}
         groups: dict[tuple, list[Request]] = {}
         for r in requests:
-            groups.setdefault(_accel_key(r.acceleration), []).append(r)
-        for group in groups.values():
-            try:
-                self._prefill_group(group, out)
-                continue
-            except Exception as exc:
-                failure = _failure(exc, "prefill failed")
-            release_device_memory()
-            if len(group) == 1:
-                log.info("prefill of %s failed: %s", group[0].request_id, failure[1])
-                out.failed[group[0].request_id] = failure
-                continue
-            log.warning("batched prefill of %d requests failed (%s); retrying one by one", len(group), failure[1])
-            for request in group:
-                self._prefill([request], out)
+            if r.request_id not in started:
+                groups.setdefault(_accel_key(r.acceleration), []).append(r)
+        pending = [(job.requests, job) for job in self._jobs] + [(group, None) for group in groups.values()]
+        self._jobs = []
+        for group, job in pending:
+            self._prefill_or_retry(group, job, until, out)
 
-    def _prefill_group(self, group: list[Request], out: RunnerOutput) -> None:
+    def _prefill_or_retry(self, group: list[Request], job: _PrefillJob | None, until: int | None,
+                          out: RunnerOutput) -> None:
+        """A failed group retries row by row, each row from its first layer up to `until`."""
+        try:
+            self._prefill_group(group, until, out, job)
+            return
+        except Exception as exc:
+            failure = _failure(exc, "prefill failed")
+        release_device_memory()
+        live = [r for r in group if job is None or r.request_id not in job.dropped]
+        if len(group) == 1:
+            log.info("prefill of %s failed: %s", group[0].request_id, failure[1])
+            out.failed.update({r.request_id: failure for r in live})
+            return
+        log.warning("batched prefill of %d requests failed (%s); retrying one by one", len(group), failure[1])
+        for request in live:
+            self._prefill_or_retry([request], None, until, out)
+
+    def _prefill_group(self, group: list[Request], until: int | None, out: RunnerOutput,
+                       job: _PrefillJob | None = None) -> None:
+        """Start `group`'s prefill (unless `job` carries it on), run it to layer `until`, and finish
+        it if that was the last layer; an unfinished job waits in `_jobs` for the next step."""
+        job = job or self._start_job(group)
+        start = time.monotonic()
+        job.run.advance(until)
+        self._sync()
+        job.llm_ms += (time.monotonic() - start) * 1e3
+        if job.run.done:
+            self._finish_job(job, out)
+        else:
+            self._jobs.append(job)
+
+    def _start_job(self, group: list[Request]) -> _PrefillJob:
         start = time.monotonic()
         a, dtype = self.adapter, self.loaded.dtype
         embeds, carry = a.embed_with_carry([r.prompt.prompt for r in group], self.device, dtype)
         self._sync()
-        vision_end = time.monotonic()
+        vision_ms = (time.monotonic() - start) * 1e3
         state = _pad_batch(group, embeds, a, self.device, carry)
         hook = build_prefill_hook(group[0].acceleration, a, [r.num_image_tokens for r in group])
         budgets, policies = [r.acceleration.kv_budget for r in group], [r.acceleration.kv_policy for r in group]
-        h_last, cache, layer_lengths = forward.prefill(a, state, hook,
-                                                       kv_scores=needs_prefill_scores(budgets, policies))
-        mark_decode_scoring(cache, budgets, policies)
-        logits = forward.logits_for(a, h_last)
-        rows = [_Row(r, make_generator(r.sampling, self.device)) for r in group]
-        self._sample(rows, logits, out)
+        run = forward.PrefillRun(a, state, hook, kv_scores=needs_prefill_scores(budgets, policies))
+        return _PrefillJob(group, run, hook, vision_ms)
+
+    def _finish_job(self, job: _PrefillJob, out: RunnerOutput) -> None:
+        """Sample the first tokens and join the batch (rows cancelled meanwhile are left out)."""
+        start = time.monotonic()
+        h_last, cache, layer_lengths = job.run.result()
+        group = job.requests
+        mark_decode_scoring(cache, [r.acceleration.kv_budget for r in group], [r.acceleration.kv_policy for r in group])
+        keep = [i for i, r in enumerate(group) if r.request_id not in job.dropped]
+        logits = forward.logits_for(self.adapter, h_last)
+        rows = [_Row(group[i], make_generator(group[i].sampling, self.device)) for i in keep]
+        self._sample(rows, logits[keep], out)
         self._sync()
-        self.last_prefill_ms = {"vision_ms": (vision_end - start) * 1e3, "llm_ms": (time.monotonic() - vision_end) * 1e3}
+        job.llm_ms += (time.monotonic() - start) * 1e3
+        self.last_prefill_ms = {"vision_ms": job.vision_ms, "llm_ms": job.llm_ms}
         lengths = torch.stack(layer_lengths).tolist()  # (L, B)
-        for b, request in enumerate(group):
+        for b in keep:
+            request = group[b]
             report = self._prefill_report(request, [layer[b] for layer in lengths], cache.bytes_per_entry())
-            if request.return_kept_patches and hook is not None and hasattr(hook, "kept_patches"):
-                report.kept_patches = hook.kept_patches(b)
+            if request.return_kept_patches and job.hook is not None and hasattr(job.hook, "kept_patches"):
+                report.kept_patches = job.hook.kept_patches(b)
             out.prefill[request.request_id] = report
+        if len(keep) < len(group):
+            cache.select(keep)
         self.cache.extend(cache)  # only now: a failure above leaves the batch as it was
         self.rows.extend(rows)
 

@@ -4,10 +4,16 @@ runner outputs.
 
 One step = every running request decodes one token, and waiting requests join with their
 prefill while rows are free and the step's token budget allows: a decode costs 1 token, a prefill
-its prompt length. Prefills are never split (the pyramid cut needs a whole image span at the cut
-layer), so a prompt longer than what is left of the budget joins only as the step's first prefill
-(it cannot starve), and a burst of prefills spreads over several steps instead of freezing the
-running streams for one long step.
+its prompt length. A burst of prefills spreads over several steps instead of freezing the running
+streams for one long step, and the first prefill of a step may exceed what is left of the budget
+(it cannot starve).
+
+A prefill that does not fit the budget is sliced by layers, not by tokens: it runs as many of
+its layers per step as the budget pays for (a layer of a T-token prompt costs T / num_layers
+tokens), between the decode steps of the running rows, and samples its first token after its
+last layer. Token chunks would split an image span, and the pyramid cut needs the whole span at
+the cut layer; layer slices keep every layer's view of the prompt whole, so the result is bitwise
+that of an unsliced prefill. While one group of prefills is in progress, no other starts.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ class SchedulerConfig:
 class SchedulerOutput:
     """What one step executes. The runner drops `finished_ids` from its batch first."""
 
-    prefill: list[Request] = field(default_factory=list)  # join the batch this step
+    prefill: list[Request] = field(default_factory=list)  # prefill (a slice of) their layers this step
+    prefill_until: int | None = None  # the layer the prefills reach this step (exclusive); None: the last
     decode: list[Request] = field(default_factory=list)  # already running: one token each
     finished_ids: list[str] = field(default_factory=list)  # left since the previous step
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # request_id -> tokens
@@ -113,8 +120,9 @@ class RequestUpdate:
 class Scheduler:
     """Waiting queue + running batch. Only the scheduler changes a request's status."""
 
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, num_layers: int = 1) -> None:
         self.config = config
+        self.num_layers = num_layers  # of the model: what a prefill is sliced by
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_ids: list[str] = []  # to tell the runner at the next step
@@ -140,23 +148,49 @@ class Scheduler:
         """This step's work. With `decode=False` running rows sit the step out (offline prefill)."""
         out = SchedulerOutput(finished_ids=self._finished_ids)
         self._finished_ids = []
-        out.decode = list(self.running) if decode else []
+        prefilling = self.prefilling
+        out.decode = [r for r in self.running if r.num_output_tokens] if decode else []
         out.num_scheduled_tokens = {r.request_id: 1 for r in out.decode}
         budget = self.config.max_num_batched_tokens - len(out.decode)
+        if not prefilling:
+            prefilling = self._admit(out, budget, now)
+        if prefilling:
+            self._slice_prefill(out, prefilling, budget)
+        return out
+
+    @property
+    def prefilling(self) -> list[Request]:
+        """Running requests whose prefill has not finished yet (no token so far)."""
+        return [r for r in self.running if r.num_output_tokens == 0]
+
+    def _admit(self, out: SchedulerOutput, budget: int, now: float) -> list[Request]:
+        """Waiting requests that start their prefill this step."""
+        admitted: list[Request] = []
         free_rows = self.config.max_batch_size - len(out.decode)
         while self.waiting and free_rows > 0:
             cost = self.waiting[0].num_prompt_tokens
-            if cost > budget and (out.prefill or out.decode and budget <= 0):
+            if cost > budget and (admitted or out.decode and budget <= 0):
                 break  # waits for the next step; the first prefill of a step may exceed the budget
             request = self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.scheduled_time = now
-            out.prefill.append(request)
-            out.num_scheduled_tokens[request.request_id] = cost
+            admitted.append(request)
             budget -= cost
             free_rows -= 1
-        self.running.extend(out.prefill)
-        return out
+        self.running.extend(admitted)
+        return admitted
+
+    def _slice_prefill(self, out: SchedulerOutput, prefilling: list[Request], budget: int) -> None:
+        """Schedule as many layers of the prefills as `budget` pays for (at least one)."""
+        start = prefilling[0].num_computed_layers
+        tokens = sum(r.num_prompt_tokens for r in prefilling)
+        end = min(self.num_layers, start + max(1, max(budget, 0) * self.num_layers // max(tokens, 1)))
+        out.prefill = list(prefilling)
+        out.prefill_until = None if end >= self.num_layers else end
+        for request in prefilling:
+            request.num_computed_layers = end
+            share = request.num_prompt_tokens * (end - start) // self.num_layers
+            out.num_scheduled_tokens[request.request_id] = max(share, 1)
 
     def update_from_output(self, scheduled: SchedulerOutput, output: RunnerOutput, now: float
                            ) -> list[RequestUpdate]:

@@ -173,27 +173,27 @@ def test_failures_in_a_batched_prefill_stay_with_their_request(
     client that disconnects is cancelled, and the rest (and the running stream) are exact."""
     gate = StepGate(engine, monkeypatch)
     runner = engine.runner
-    real_prefill, real_prefill_group, real_prepare = forward.prefill, runner._prefill_group, runner.prepare
+    real_advance, real_prefill_group, real_prepare = forward.PrefillRun.advance, runner._prefill_group, runner.prepare
     batch_sizes: list[int] = []
     boom_ids: set[str] = set()
 
-    def prefill(adapter: Any, state: forward.PrefillState, *args: Any, **kwargs: Any) -> Any:
-        batch_sizes.append(state.h.shape[0])
-        if state.h.shape[0] > 1:
+    def advance(run: forward.PrefillRun, *args: Any, **kwargs: Any) -> Any:
+        batch_sizes.append(run.state.h.shape[0])
+        if run.state.h.shape[0] > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-        return real_prefill(adapter, state, *args, **kwargs)
+        return real_advance(run, *args, **kwargs)
 
     def prepare(request: Any) -> Any:
         if "[boom]" in request.prompt:
             boom_ids.add(request.request_id)
         return real_prepare(request)
 
-    def prefill_group(group: list[Any], out: Any) -> Any:
+    def prefill_group(group: list[Any], *args: Any, **kwargs: Any) -> Any:
         if len(group) == 1 and group[0].request_id in boom_ids:
             raise RuntimeError("boom: this request's prefill broke")
-        return real_prefill_group(group, out)
+        return real_prefill_group(group, *args, **kwargs)
 
-    monkeypatch.setattr(forward, "prefill", prefill)
+    monkeypatch.setattr(forward.PrefillRun, "advance", advance)
     monkeypatch.setattr(runner, "prepare", prepare)
     monkeypatch.setattr(runner, "_prefill_group", prefill_group)
     running = body(9, 400)

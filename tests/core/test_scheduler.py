@@ -80,6 +80,63 @@ def test_a_prompt_longer_than_the_budget_still_runs_as_the_first_prefill_of_a_st
     assert ids(s.schedule(1.0).prefill) == ["short"]
 
 
+def sample_finished_prefills(scheduled: SchedulerOutput, token: int = 7) -> RunnerOutput:
+    """What the model runner returns: a token for every decode row, and for the prefills only in
+    the step that runs their last layer."""
+    done = scheduled.prefill if scheduled.prefill_until is None else []
+    return RunnerOutput(sampled={r.request_id: token for r in done + scheduled.decode})
+
+
+def test_a_prefill_over_the_budget_is_sliced_by_layers_between_decode_steps() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_num_batched_tokens=102), num_layers=8)
+    s.add_request(make_request("a", 10, max_new_tokens=50))
+    s.add_request(make_request("b", 10, max_new_tokens=50))
+    s.update_from_output(out := s.schedule(0.0), sample_finished_prefills(out), 0.1)
+    assert out.prefill_until is None  # 20 tokens fit: all layers in one step
+    s.add_request(make_request("long", 300))
+    s.add_request(make_request("next", 5))
+    reached = []
+    for step_no in range(1, 10):
+        step = s.schedule(float(step_no))
+        assert ids(step.decode) == ["a", "b"]  # the running rows decode in every step
+        assert ids(step.prefill) == ["long"]  # and nothing else starts while it is in progress
+        reached.append(step.prefill_until)
+        # 100 tokens left x 8 layers / 300 tokens = 2 layers per step
+        assert step.num_scheduled_tokens["long"] == 300 * 2 // 8
+        updates = s.update_from_output(step, sample_finished_prefills(step), step_no + 0.5)
+        assert ("long" in [u.request.request_id for u in updates]) == (step.prefill_until is None)
+        if step.prefill_until is None:
+            break
+    assert reached == [2, 4, 6, None]
+    step = s.schedule(10.0)
+    assert ids(step.decode) == ["a", "b", "long"] and ids(step.prefill) == ["next"] and step.prefill_until is None
+
+
+def test_a_sliced_prefill_advances_at_least_a_layer_per_step() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_num_batched_tokens=3), num_layers=3)
+    for rid in ("a", "b"):
+        s.add_request(make_request(rid, 1, max_new_tokens=50))
+    s.update_from_output(out := s.schedule(0.0), sample_finished_prefills(out), 0.1)
+    s.add_request(make_request("long", 40))
+    reached = []
+    for _ in range(3):
+        step = s.schedule(1.0)  # 1 token left after the decodes: 1 x 3 layers / 40 rounds to 0
+        reached.append(step.prefill_until)
+        s.update_from_output(step, sample_finished_prefills(step), 1.1)
+    assert reached == [1, 2, None]
+
+
+def test_a_request_cancelled_while_its_prefill_is_sliced_leaves_the_batch() -> None:
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=50), num_layers=4)
+    s.add_request(make_request("long", 100))
+    step = s.schedule(0.0)
+    assert step.prefill_until == 2
+    s.update_from_output(step, sample_finished_prefills(step), 0.1)
+    assert s.finish_request("long", RequestStatus.FINISHED_CANCELLED, 0.2) is not None
+    step = s.schedule(1.0)
+    assert step.finished_ids == ["long"] and step.is_empty and not s.has_work()
+
+
 def test_stop_reasons_eos_length_and_context() -> None:
     s = Scheduler(SchedulerConfig())
     s.add_request(make_request("eos", max_new_tokens=10))
