@@ -71,12 +71,14 @@ def diverse_topk(scores: torch.Tensor, h: torch.Tensor, target: int) -> torch.Te
     unit = F.normalize(h.float(), dim=-1)
     weight = scores.float().clamp(min=0) + 1e-9
     novelty = torch.ones_like(weight)
+    taken = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
     chosen = []
+    # One pick per iteration, so each op counts: masks and buffers are updated in place (the
+    # values, and so the picks, are those of the plain out-of-place expressions).
     for _ in range(target):
-        gain = weight * novelty
-        if chosen:
-            gain[torch.tensor(chosen, device=gain.device)] = -1.0
-        pick = int(gain.argmax())
+        pick = int((weight * novelty).masked_fill_(taken, -1.0).argmax())
         chosen.append(pick)
-        novelty = torch.minimum(novelty, (1 - unit @ unit[pick]).clamp(min=0))
+        taken[pick] = True
+        similarity = unit @ unit[pick]
+        torch.minimum(novelty, similarity.neg_().add_(1).clamp_(min=0), out=novelty)  # min(novelty, 1 - sim)
     return torch.tensor(chosen, dtype=torch.long, device=scores.device)

@@ -152,3 +152,30 @@ def test_greedy_dpp_returns_exactly_target_distinct_tokens_when_the_kernel_rank_
     unit = torch.nn.functional.normalize(feats, dim=-1)
     picked = greedy_dpp_map(unit @ unit.T, 20)
     assert len(set(picked.tolist())) == 20
+
+
+def test_diverse_topk_picks_greedily_by_importance_times_novelty() -> None:
+    """The in-place loop picks exactly what the plain definition does (ties and duplicates included)."""
+    import torch.nn.functional as F
+
+    from lightvlm_core.reduction.lightvlm import diverse_topk
+
+    def reference(scores: torch.Tensor, h: torch.Tensor, target: int) -> list[int]:
+        unit = F.normalize(h.float(), dim=-1)
+        weight = scores.float().clamp(min=0) + 1e-9
+        novelty, chosen = torch.ones_like(weight), []
+        for _ in range(target):
+            gain = weight * novelty
+            gain[chosen] = -1.0
+            chosen.append(int(gain.argmax()))
+            novelty = torch.minimum(novelty, (1 - unit @ unit[chosen[-1]]).clamp(min=0))
+        return chosen
+
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        h, scores = torch.randn(90, 32, generator=g), torch.rand(90, generator=g) - 0.1
+        h[10:30] = h[10]  # duplicates: novelty 0 after the first is taken
+        for target in (1, 7, 45, 90):
+            picks = diverse_topk(scores, h, target).tolist()
+            assert picks == reference(scores, h, target)
+            assert len(set(picks)) == target  # never the same token twice
