@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -67,18 +68,23 @@ def diverse_topk(scores: torch.Tensor, h: torch.Tensor, target: int) -> torch.Te
 
     The first pick is the most important token; a token nearly identical to one already kept
     scores ~0, so the budget spreads over distinct content (e.g. every object of a scene).
+    The cosines come from one matrix product; the loop (one pick per iteration, inherently
+    sequential) runs in NumPy on the CPU, where an op on a few hundred floats costs ~1 µs
+    against ~5 µs for a torch op: 111 picks took 6.6 ms as torch ops, most of a bundled-model
+    `aggressive` prefill's reduction time.
     """
     unit = F.normalize(h.float(), dim=-1)
-    weight = scores.float().clamp(min=0) + 1e-9
-    novelty = torch.ones_like(weight)
-    taken = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+    distinct = (1 - unit @ unit.T).clamp(min=0).cpu().numpy()  # (T, T): 1 - cosine, floored at 0
+    weight = (scores.float().clamp(min=0) + 1e-9).cpu().numpy()
+    novelty = np.ones_like(weight)
+    taken = np.zeros_like(weight)  # -inf once taken: never picked again (every other gain is >= 0)
+    gain = np.empty_like(weight)
     chosen = []
-    # One pick per iteration, so each op counts: masks and buffers are updated in place (the
-    # values, and so the picks, are those of the plain out-of-place expressions).
     for _ in range(target):
-        pick = int((weight * novelty).masked_fill_(taken, -1.0).argmax())
+        np.multiply(weight, novelty, out=gain)
+        gain += taken
+        pick = int(gain.argmax())
         chosen.append(pick)
-        taken[pick] = True
-        similarity = unit @ unit[pick]
-        torch.minimum(novelty, similarity.neg_().add_(1).clamp_(min=0), out=novelty)  # min(novelty, 1 - sim)
+        taken[pick] = -np.inf
+        np.minimum(novelty, distinct[pick], out=novelty)
     return torch.tensor(chosen, dtype=torch.long, device=scores.device)

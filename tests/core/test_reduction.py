@@ -155,20 +155,21 @@ def test_greedy_dpp_returns_exactly_target_distinct_tokens_when_the_kernel_rank_
 
 
 def test_diverse_topk_picks_greedily_by_importance_times_novelty() -> None:
-    """The in-place loop picks exactly what the plain definition does (ties and duplicates included)."""
+    """The NumPy loop picks exactly what the plain definition does (ties and duplicates included)."""
     import torch.nn.functional as F
 
     from lightvlm_core.reduction.lightvlm import diverse_topk
 
     def reference(scores: torch.Tensor, h: torch.Tensor, target: int) -> list[int]:
         unit = F.normalize(h.float(), dim=-1)
+        cosine = unit @ unit.T
         weight = scores.float().clamp(min=0) + 1e-9
         novelty, chosen = torch.ones_like(weight), []
         for _ in range(target):
             gain = weight * novelty
             gain[chosen] = -1.0
             chosen.append(int(gain.argmax()))
-            novelty = torch.minimum(novelty, (1 - unit @ unit[chosen[-1]]).clamp(min=0))
+            novelty = torch.minimum(novelty, (1 - cosine[chosen[-1]]).clamp(min=0))
         return chosen
 
     for seed in range(6):
