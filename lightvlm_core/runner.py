@@ -54,8 +54,7 @@ class _PrefillJob:
     """Requests prefilled together, over one step or (layer-sliced) several."""
 
     requests: list[Request]
-    run: forward.PrefillRun
-    hook: forward.PrefillHook | None
+    run: forward.PrefillRun  # holds the state, the reduction hook and the layers done
     vision_ms: float
     llm_ms: float = 0.0
     dropped: set[str] = field(default_factory=set)  # cancelled while prefilling: left out at the end
@@ -254,7 +253,7 @@ class ModelRunner:
         hook = build_prefill_hook(group[0].acceleration, a, [r.num_image_tokens for r in group])
         budgets, policies = [r.acceleration.kv_budget for r in group], [r.acceleration.kv_policy for r in group]
         run = forward.PrefillRun(a, state, hook, kv_scores=needs_prefill_scores(budgets, policies))
-        return _PrefillJob(group, run, hook, vision_ms)
+        return _PrefillJob(group, run, vision_ms)
 
     def _finish_job(self, job: _PrefillJob, out: RunnerOutput) -> None:
         """Sample the first tokens and join the batch (rows cancelled meanwhile are left out)."""
@@ -273,8 +272,9 @@ class ModelRunner:
         for b in keep:
             request = group[b]
             report = self._prefill_report(request, [layer[b] for layer in lengths], cache.bytes_per_entry())
-            if request.return_kept_patches and job.hook is not None and hasattr(job.hook, "kept_patches"):
-                report.kept_patches = job.hook.kept_patches(b)
+            hook = job.run.hook
+            if request.return_kept_patches and hook is not None and hasattr(hook, "kept_patches"):
+                report.kept_patches = hook.kept_patches(b)
             out.prefill[request.request_id] = report
         if len(keep) < len(group):
             cache.select(keep)
