@@ -25,6 +25,12 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
 
 FROM ${PYTHON_IMAGE} AS os-cpu
 ENV LIGHTVLM_DEVICE=cpu
+# A C++ compiler: on CPU the engine compiles its decode step with torch.compile (inductor generates
+# C++), see README "Compiled decode step". Without one it logs a warning and runs eagerly.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
 
 # ---- builder: a self-contained virtual environment in /opt/venv ---------------------------------
 # hadolint ignore=DL3006

@@ -34,6 +34,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port_number, default=None, help="default: $LIGHTVLM_PORT, else 8000")
     p.add_argument("--preset", default=None, choices=_choices("preset"),
                    help="default acceleration preset; requests may override it (default: none)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the decode step eagerly instead of compiling it on CPU (default: $LIGHTVLM_COMPILE, else on)")
     ray = p.add_argument_group("Ray Serve (pip install 'lightvlm-serve[ray]')")
     ray.add_argument("--ray", action="store_true",
                      help="serve as a Ray Serve deployment (a local Ray cluster unless RAY_ADDRESS is set)")
@@ -54,7 +56,8 @@ def serve(argv: list[str]) -> int:
         return fail("lightvlm serve", exc)
     overrides = {"host": args.host, "port": args.port, "model": args.model, "device": args.device,
                  "dtype": args.dtype, "preset": args.preset,
-                 "trust_remote_code": args.trust_remote_code or None}  # the flag can only turn it on
+                 "trust_remote_code": args.trust_remote_code or None,  # the flag can only turn it on
+                 "compile": False if args.no_compile else None}  # and this one only off
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.ray:
         from app.scaleout.launcher import run_ray_serve

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     directory's own name (`shapes-demo` for the bundled model), never a path. An app built around
     a given engine (tests) uses that engine's name instead."""
     warmup: bool = True
+    compile: bool = True
+    """Compile the decode step with torch.compile on CPU (warm-up then compiles it, up to a few
+    minutes on a first start); off: every step runs eagerly (what parity tests check)."""
     engine_process: bool = True
     """Run the engine in its own process (restarted if it dies); off: a thread of the API process."""
 

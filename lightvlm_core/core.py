@@ -281,13 +281,23 @@ class EngineCore:
 
 
 def warm_up(runner: Runner) -> None:
-    """One tiny request through the runner, so the first real request does not pay for lazy init."""
+    """Tiny requests through the runner, so the first real ones do not pay for lazy init: one alone,
+    then two together (a compiled decode step compiles once for batch 1 and once for more rows)."""
     from PIL import Image
 
-    request = GenerationRequest("Describe the image.", [Image.new("RGB", (64, 64), (127, 127, 127))],
-                                SamplingParams(max_new_tokens=2))
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=1, max_queue=0, request_timeout_s=None))
-    scheduler.add_request(runner.prepare(request))
+    def request() -> GenerationRequest:
+        return GenerationRequest("Describe the image.", [Image.new("RGB", (64, 64), (127, 127, 127))],
+                                 SamplingParams(max_new_tokens=3, ignore_eos=True))
+
+    for batch in (1, 2):
+        _run_alone(runner, [runner.prepare(request()) for _ in range(batch)])
+
+
+def _run_alone(runner: Runner, requests: list) -> None:
+    """Run `requests` to the end on an otherwise idle runner."""
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=len(requests), max_queue=0, request_timeout_s=None))
+    for prepared in requests:
+        scheduler.add_request(prepared)
     while scheduler.has_work():
         scheduled = scheduler.schedule(time.monotonic())
         output = runner.execute(scheduled)

@@ -268,40 +268,68 @@ def _entry_positions(state: PrefillState, num_kv_heads: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor, pos: torch.Tensor
-           ) -> torch.Tensor:
+def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor, pos: torch.Tensor,
+           compiled: CompiledLayers | None = None) -> torch.Tensor:
     """One decode step for every row: input_ids (B,), pos (B,) or (3, B). Returns logits (B, V).
 
     When `cache.scores` is enabled, the attention probabilities of this step are added to it
     (the heavy-hitter statistic for KV compression), which needs the explicit softmax path.
+    `compiled` (see compiled_decode.py) runs the layers instead, where it applies to this step.
     """
     cache.reserve(1)
     h = adapter.embed_tokens(input_ids)[:, None]  # (B, 1, d)
     ropes = {kind: RopeTables.build(*adapter.rotary(h, pos[..., None], kind))
              for kind in dict.fromkeys(spec.rope for spec in adapter.layer_specs)}  # once per kind
+    if compiled is not None and compiled.applies(adapter, cache):
+        logits = compiled(adapter, cache, h, ropes)
+        if logits is not None:  # None: it could not compile (it says why once); eager from here on
+            return logits
     groups = adapter.num_heads // adapter.num_kv_heads
     # only rows whose KV policy reads decode-time scores pay for the explicit softmax
     scoring = cache.scores is not None and (cache.score_rows is None or bool(cache.score_rows.any()))
     # the step's 1-D position (M-RoPE: the temporal row), only where a sliding layer needs it
     sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)
     text_pos = (pos[0] if pos.dim() == 2 else pos).to(torch.int32) if sliding else None
-    for i, layer in enumerate(adapter.layers):
-        spec = adapter.layer_specs[i]
-        x = rms_norm(layer.input_layernorm, h)
-        q, k, v = _project_qkv(adapter, layer.self_attn, x, ropes[spec.rope])
+
+    def attend(i: int, spec: LayerSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values, mask = cache.append(i, k[:, :, 0], v[:, :, 0], text_pos)
         if spec.attention == "sliding":  # per KV head from here: (B, H_kv, S)
             entry_pos = cache.positions[i][:, :, : mask.shape[1]]
             mask = mask[:, None, :] & _decode_window(entry_pos, text_pos, spec.window)
-        if not scoring:
-            # rows of equal length need no mask (all True: the same result, a faster kernel)
-            needed = spec.attention == "sliding" or cache.ragged(i)
-            out = F.scaled_dot_product_attention(q, keys, values, scale=adapter.scaling, enable_gqa=groups > 1,
-                                                 attn_mask=_query_head_mask(mask, groups) if needed else None)
-        else:
-            out = _attend_and_score(q, keys, values, mask, adapter.scaling, groups, cache.scores[i],
-                                    cache.score_rows)
-        out = out.transpose(1, 2).reshape(h.shape[0], 1, -1)
+        if scoring:
+            return _attend_and_score(q, keys, values, mask, adapter.scaling, groups, cache.scores[i],
+                                     cache.score_rows)
+        # rows of equal length need no mask (all True: the same result, a faster kernel)
+        needed = spec.attention == "sliding" or cache.ragged(i)
+        return F.scaled_dot_product_attention(q, keys, values, scale=adapter.scaling, enable_gqa=groups > 1,
+                                              attn_mask=_query_head_mask(mask, groups) if needed else None)
+
+    return decode_layers(adapter, h, ropes, attend)
+
+
+class CompiledLayers(Protocol):
+    """The decode step's layers as one compiled program (compiled_decode.CompiledDecode)."""
+
+    def applies(self, adapter: ModelAdapter, cache: BatchedKVCache) -> bool:
+        """Whether this step can run compiled (else the eager loop runs)."""
+
+    def __call__(self, adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
+                 ropes: dict[str | None, RopeTables]) -> torch.Tensor | None:
+        """Logits (B, V) of the step, with the KV cache appended to as `decode_layers` does; None,
+        with the cache untouched, where the layers could not be compiled."""
+
+
+def decode_layers(adapter: ModelAdapter, h: torch.Tensor, ropes: dict[str | None, RopeTables], attend) -> torch.Tensor:
+    """Every decoder layer for one new token per row, then the final norm and the LM head.
+
+    h: (B, 1, d). `attend(i, spec, q, k, v)` appends layer i's new k, v (B, H_kv, 1, D) to the
+    cache and returns the attention output (B, H, 1, D) for q (B, H, 1, D). Returns logits (B, V).
+    """
+    for i, layer in enumerate(adapter.layers):
+        spec = adapter.layer_specs[i]
+        x = rms_norm(layer.input_layernorm, h)
+        q, k, v = _project_qkv(adapter, layer.self_attn, x, ropes[spec.rope])
+        out = attend(i, spec, q, k, v).transpose(1, 2).reshape(h.shape[0], 1, -1)
         h = adapter.mlp_residual(layer, adapter.attn_residual(layer, h, layer.self_attn.o_proj(out)))
     return adapter.lm_head(rms_norm(adapter.norm, h))[:, 0].float()
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lightvlm_core import forward
+from lightvlm_core.compiled_decode import CompiledDecode
 from lightvlm_core.errors import LightVLMError
 from lightvlm_core.inputs import InputProcessor, ModelInputs, eos_token_ids
 from lightvlm_core.kv.cache import BatchedKVCache
@@ -61,7 +62,8 @@ class _PrefillJob:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, default_acceleration: AccelerationConfig | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, default_acceleration: AccelerationConfig | None = None,
+                 compile_decode: bool = False) -> None:
         self.loaded = loaded
         self.adapter = loaded.adapter
         self.processor = loaded.processor
@@ -74,6 +76,8 @@ class ModelRunner:
         a = self.adapter
         self.cache = BatchedKVCache.empty(len(a.layers), a.num_kv_heads, a.head_dim, loaded.dtype, self.device)
         self.compressor = KVCompressor()
+        # the decode step's layers compiled (CPU only; see compiled_decode.py), else eager
+        self.compiled = CompiledDecode(self.adapter) if compile_decode and self.device.type == "cpu" else None
         self.rows: list[_Row] = []
         self._jobs: list[_PrefillJob] = []  # prefills that go on in the next step (layer-sliced)
         self.image_tokens_in = 0
@@ -92,6 +96,7 @@ class ModelRunner:
             "max_context": self.max_context,
             "eos_token_ids": sorted(self.eos_token_ids),
             "num_layers": len(self.adapter.layers),  # the scheduler slices long prefills by layers
+            "compiled_decode": self.compiled is not None,
         }
 
     def counters(self) -> tuple[int, int, int]:
@@ -175,7 +180,7 @@ class ModelRunner:
         pos = torch.tensor([p for _, p in inputs], device=self.device)
         if self.adapter.uses_mrope:
             pos = pos.expand(3, -1)
-        logits = forward.decode(self.adapter, self.cache, last, pos)
+        logits = forward.decode(self.adapter, self.cache, last, pos, self.compiled)
         self._sample(self.rows, logits, out)
         accels = [row.request.acceleration for row in self.rows]
         self.compressor.after_step(self.cache, [a.kv_budget for a in accels], [a.kv_policy for a in accels])
@@ -317,9 +322,9 @@ class ModelRunner:
 
 
 def load_runner(model: str | None = None, device: str = "auto", dtype: str = "auto", preset: str = "none",
-                trust_remote_code: bool = False) -> ModelRunner:
+                trust_remote_code: bool = False, compile_decode: bool = False) -> ModelRunner:
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    return ModelRunner(loaded, AccelerationConfig(preset=preset))
+    return ModelRunner(loaded, AccelerationConfig(preset=preset), compile_decode=compile_decode)
 
 
 def release_device_memory() -> None:

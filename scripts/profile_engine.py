@@ -45,9 +45,10 @@ FRAME = re.compile(r"(?P<file>[^\s()]+\.py)\((?P<line>\d+)\): (?P<func>\S+)")
 
 
 def requests(engine: Engine, batch: int, image, question: str, max_new: int, preset: str):
-    req = GenerationRequest(question, [image], SamplingParams(max_new_tokens=max_new, ignore_eos=True),
-                            AccelerationConfig(preset))
-    return [engine.prepare(req) for _ in range(batch)]
+    def one() -> GenerationRequest:  # a request of its own per row: rows need distinct ids
+        return GenerationRequest(question, [image], SamplingParams(max_new_tokens=max_new, ignore_eos=True),
+                                 AccelerationConfig(preset))
+    return [engine.prepare(one()) for _ in range(batch)]
 
 
 def profiled(fn, stack: bool) -> tuple[list, float]:

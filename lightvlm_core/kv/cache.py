@@ -100,6 +100,11 @@ class BatchedKVCache:
         pos.add_(1)  # a view of lengths[layer]: the written entries count from here on
         return self.keys[layer][:, :, :span], self.values[layer][:, :, :span], self._masks[layer, :, :span]
 
+    def step_layout(self) -> tuple[torch.Tensor, torch.Tensor, list[int], list[bool]]:
+        """What `reserve` prepared for this step's appends: the row index (B,), every layer's key
+        mask (L, B, S), each layer's span after the append, and whether its rows differ in length."""
+        return self._rows, self._masks, self._spans, self._ragged
+
     def ragged(self, layer: int) -> bool:
         """Whether this step's rows of `layer` differ in length, so that attention needs the key
         mask (otherwise every row's entries fill the span and the mask is all True)."""

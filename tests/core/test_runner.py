@@ -26,10 +26,10 @@ def test_a_decode_failure_pinned_on_one_row_ends_only_that_row(engine, monkeypat
     threshold = engine.prepare(long).num_prompt_tokens + 2  # only the long row gets there
     real_decode = forward.decode
 
-    def decode(adapter, cache, input_ids, pos):
+    def decode(adapter, cache, input_ids, pos, *compiled):
         if int(pos.max()) >= threshold:
             raise RuntimeError("this row's step breaks")
-        return real_decode(adapter, cache, input_ids, pos)
+        return real_decode(adapter, cache, input_ids, pos, *compiled)
 
     monkeypatch.setattr(forward, "decode", decode)
     prepared = [engine.prepare(short), engine.prepare(long)]

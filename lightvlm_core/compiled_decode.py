@@ -1,0 +1,114 @@
+"""The decode step's layers compiled with torch.compile (inductor), on CPU.
+
+Why: at decode-size batches a small-width model's step is mostly per-op cost (~35 ATen calls per
+layer, each a few µs of dispatch, with Python between them), not arithmetic. Inductor turns the
+norms, rotary, activations and residual adds of all layers into a few generated C++ kernels and
+calls the GEMMs directly, in one call per step.
+
+What stays eager: each layer's KV-cache write and attention run inside one custom op
+(`lightvlm::decode_attention`) that the compiler does not look into. The cache grows by one entry
+per step; a graph whose shapes followed it would be regenerated with symbolic lengths, which was
+measured 2.5x slower than the eager step at batch 8. Through the op, the graph's shapes are fixed
+but for the batch size and the cache's capacity, which it only passes along.
+
+Not bitwise equal to the eager step (the fused kernels reduce in another order): greedy tokens
+equal the eager step's in tests/core/test_compiled_decode.py, and parity with transformers is
+tested on the eager step (LIGHTVLM_COMPILE=0). Applies on CPU to steps with no sliding-window
+layer and no KV policy that reads decode-time scores; other steps run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch._dynamo import maybe_mark_dynamic
+from torch._dynamo.exc import TorchDynamoException
+
+from lightvlm_core import forward
+from lightvlm_core.kv.cache import BatchedKVCache
+from lightvlm_core.models.base import LayerSpec, ModelAdapter
+
+log = logging.getLogger(__name__)
+
+
+@torch.library.custom_op("lightvlm::decode_attention", mutates_args=("keys", "values", "lengths"))
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     lengths: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor, plan: torch.Tensor,
+                     layer: int, scale: float) -> torch.Tensor:
+    """Layer `layer`'s cache append and attention, as `BatchedKVCache.append` + SDPA do eagerly.
+
+    q (B, H, 1, D); k, v (B, H_kv, D) the new entries; keys, values (B, H_kv, S_cap, D) the layer's
+    buffers; lengths (L, B); rows (B,); masks (L, B, S); plan (2, L): each layer's span after the
+    append and whether its rows differ in length (then the key mask is applied).
+    """
+    pos = lengths[layer]
+    keys[rows, :, pos] = k
+    values[rows, :, pos] = v
+    pos.add_(1)
+    span, ragged = plan[:, layer].tolist()
+    mask = masks[layer, :, None, None, :span] if ragged else None
+    return F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != keys.shape[1])
+
+
+@decode_attention.register_fake
+def _(q, k, v, keys, values, lengths, rows, masks, plan, layer, scale):
+    return torch.empty_like(q)
+
+
+def _layers(adapter: ModelAdapter, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor,
+            rows: torch.Tensor, masks: torch.Tensor, plan: torch.Tensor, h: torch.Tensor,
+            ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor:
+    """What gets compiled: `forward.decode_layers` with the custom op as its attention."""
+    def attend(i: int, spec: LayerSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return decode_attention(q, k[:, :, 0], v[:, :, 0], keys[i], values[i], lengths, rows, masks, plan, i,
+                                adapter.scaling)
+
+    return forward.decode_layers(adapter, h, ropes, attend)
+
+
+class CompiledDecode:
+    """`forward.CompiledLayers` with inductor. Compiles on first use: once for batch 1 and once for
+    any larger batch (sizes marked dynamic), so an engine warms up with both (core.warm_up)."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        for param in adapter.model.parameters():  # inference only: no autograd graph to trace
+            param.requires_grad_(False)
+        # Compiled graphs are kept per code object, not per wrapper: drop those of a model this
+        # process ran before (an engine restarted in-process), which would hold its weights.
+        torch._dynamo.reset()
+        self._fn = torch.compile(_layers, fullgraph=True)
+        self._sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)
+        self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
+
+    def applies(self, adapter: ModelAdapter, cache: BatchedKVCache) -> bool:
+        return not (self.failed or self._sliding) and cache.scores is None and cache.keys[0].device.type == "cpu"
+
+    def __call__(self, adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
+                 ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor | None:
+        rows, masks, spans, ragged = cache.step_layout()
+        plan = torch.tensor([spans, ragged], dtype=torch.long)
+        _mark_sizes(h.shape[0], cache.keys + cache.values, masks, cache.lengths, rows, h, ropes)
+        try:
+            return self._fn(adapter, cache.keys, cache.values, cache.lengths, rows, masks, plan, h, ropes)
+        except TorchDynamoException as exc:  # raised while compiling, before the graph ran
+            log.warning("the decode step could not be compiled; it runs eagerly from now on: %s",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self.failed = True
+            return None
+
+
+def _mark_sizes(batch: int, buffers: list[torch.Tensor], masks: torch.Tensor, lengths: torch.Tensor,
+                rows: torch.Tensor, h: torch.Tensor, ropes: dict[str | None, forward.RopeTables]) -> None:
+    """Sizes that change from step to step are compiled as symbols, not constants: the cache's
+    capacity and span (every step) and, beyond one row, the batch size (batch 1 gets a graph of
+    its own). Otherwise each new size would compile the graph again."""
+    for buffer in buffers:
+        maybe_mark_dynamic(buffer, 2)
+    maybe_mark_dynamic(masks, 2)
+    if batch > 1:
+        for tensor in (*buffers, masks, h, rows, *(t for r in ropes.values() for t in (r.cos, r.signed_sin))):
+            maybe_mark_dynamic(tensor, 1 if tensor is masks else 0)
+        maybe_mark_dynamic(lengths, 1)

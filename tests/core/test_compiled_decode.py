@@ -1,0 +1,114 @@
+"""The compiled decode step (lightvlm_core/compiled_decode.py): the same greedy tokens as the eager
+step, for single rows and ragged batches, with and without token merging; eager where it does not
+apply (sliding windows, KV policies that read decode-time scores) and after a failed compile; two
+graphs after warm-up whatever the batch. Compiling costs seconds per model, so few families run."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from PIL import Image
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._dynamo.utils import counters
+
+from lightvlm_core import compiled_decode
+from lightvlm_core.core import warm_up
+from lightvlm_core.engine import Engine
+from lightvlm_core.runner import load_runner
+from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
+
+COMPILED_FAMILIES = ("llava", "qwen2_vl", "qwen3_vl")  # plain RoPE, M-RoPE, q/k norms + DeepStack
+
+
+def requests(n_tokens: int = 8, preset: str = "none", kv: dict | None = None) -> list[GenerationRequest]:
+    """Three prompts of different lengths (ragged rows), two with an image."""
+    image = Image.new("RGB", (96, 64), (200, 40, 40))
+    sampling = SamplingParams(max_new_tokens=n_tokens, ignore_eos=True)
+    accel = AccelerationConfig(preset, **(kv or {}))
+    return [GenerationRequest("What is in the picture?", [image], sampling, accel),
+            GenerationRequest("Tell me a long story about a red square and a blue circle.", [], sampling, accel),
+            GenerationRequest("Count.", [image.resize((64, 64))], sampling, accel)]
+
+
+def tokens(engine: Engine, batch: list[GenerationRequest]) -> list[list[int]]:
+    return [r.token_ids for r in engine.generate(batch)]
+
+
+@pytest.fixture(scope="module", params=COMPILED_FAMILIES)
+def pair(request, tiny_model_dir) -> tuple[Engine, Engine]:
+    """(eager engine, compiled engine) on one tiny model, the compiled one warmed up."""
+    model = str(tiny_model_dir(request.param))
+    compiled = load_runner(model, device="cpu", compile_decode=True)
+    warm_up(compiled)
+    return Engine(load_runner(model, device="cpu")), Engine(compiled)
+
+
+@pytest.mark.parametrize("preset", ["none", "aggressive"])
+def test_compiled_decode_gives_the_eager_tokens_alone_and_in_a_ragged_batch(pair, preset) -> None:
+    eager, compiled = pair
+    assert compiled.runner.info()["compiled_decode"] and not eager.runner.info()["compiled_decode"]
+    batch = requests(preset=preset)
+    assert tokens(compiled, batch) == tokens(eager, batch)
+    for one in batch:
+        assert tokens(compiled, [one]) == tokens(eager, [one])
+
+
+def test_warm_up_leaves_nothing_to_compile_for_other_batch_sizes(pair) -> None:
+    _, compiled = pair
+    before = counters["stats"]["unique_graphs"]
+    tokens(compiled, requests())  # batch 3, ragged
+    tokens(compiled, requests()[:1])  # batch 1, another length
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_kv_eviction_without_scores_runs_compiled_and_gives_the_eager_tokens(pair) -> None:
+    eager, compiled = pair
+    batch = requests(n_tokens=12, kv={"kv_budget": 24, "kv_policy": "streaming"})
+    assert tokens(compiled, batch) == tokens(eager, batch)
+
+
+def test_steps_it_does_not_apply_to_run_eagerly(tiny_model_dir, monkeypatch) -> None:
+    """A KV policy reading decode-time scores, and a model with sliding-window layers (Gemma 3)."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the compiled layers ran")
+
+    monkeypatch.setattr(compiled_decode.CompiledDecode, "__call__", fail)
+    scored = Engine(load_runner(str(tiny_model_dir("llava")), device="cpu", compile_decode=True))
+    plain = Engine(load_runner(str(tiny_model_dir("llava")), device="cpu"))
+    batch = requests(kv={"kv_budget": 24, "kv_policy": "heavy_hitter"})
+    assert tokens(scored, batch) == tokens(plain, batch)
+    sliding = Engine(load_runner(str(tiny_model_dir("gemma3")), device="cpu", compile_decode=True))
+    assert not sliding.runner.compiled.applies(sliding.adapter, sliding.runner.cache)
+    assert tokens(sliding, requests()) == tokens(Engine(load_runner(str(tiny_model_dir("gemma3")), device="cpu")),
+                                                 requests())
+
+
+def test_a_failed_compile_falls_back_to_eager_for_good(tiny_model_dir, monkeypatch, caplog) -> None:
+    """E.g. no C++ compiler on the machine: one warning, then every step eager, tokens unchanged."""
+    model = str(tiny_model_dir("llava"))
+    runner = load_runner(model, device="cpu", compile_decode=True)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
+
+    monkeypatch.setattr(runner.compiled, "_fn", broken)
+    with caplog.at_level(logging.WARNING, logger="lightvlm_core.compiled_decode"):
+        got = tokens(Engine(runner), requests())
+    assert got == tokens(Engine(load_runner(model, device="cpu")), requests())
+    assert len(calls) == 1 and runner.compiled.failed
+    assert "could not be compiled" in caplog.text
+
+
+def test_compile_is_a_setting_and_a_serve_flag(monkeypatch) -> None:
+    from app.cli import serve_parser
+    from app.settings import Settings
+
+    monkeypatch.delenv("LIGHTVLM_COMPILE", raising=False)
+    assert Settings().compile is True
+    monkeypatch.setenv("LIGHTVLM_COMPILE", "0")
+    assert Settings().compile is False
+    assert serve_parser().parse_args(["--no-compile"]).no_compile
