@@ -20,6 +20,8 @@ layer and no KV policy that reads decode-time scores; other steps run eagerly.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,11 @@ from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import LayerSpec, ModelAdapter
 
 log = logging.getLogger(__name__)
+
+
+def enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """LIGHTVLM_COMPILE as the service's settings read it (default on), for the in-process benches."""
+    return environ.get("LIGHTVLM_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @torch.library.custom_op("lightvlm::decode_attention", mutates_args=("keys", "values", "lengths"))

@@ -112,3 +112,6 @@ def test_compile_is_a_setting_and_a_serve_flag(monkeypatch) -> None:
     monkeypatch.setenv("LIGHTVLM_COMPILE", "0")
     assert Settings().compile is False
     assert serve_parser().parse_args(["--no-compile"]).no_compile
+    # the in-process benches read the same variable the same way
+    assert compiled_decode.enabled({}) and compiled_decode.enabled({"LIGHTVLM_COMPILE": "1"})
+    assert not any(compiled_decode.enabled({"LIGHTVLM_COMPILE": v}) for v in ("0", "false", "False", "off"))
