@@ -27,8 +27,10 @@ class _InitOnlySettings(Settings):
 
 
 def make_settings(**overrides: Any) -> Settings:
-    """Settings for tests: the defaults plus `overrides`, whatever the environment says."""
-    return _InitOnlySettings(**{"request_timeout_s": 30.0, **overrides})
+    """Settings for tests: the defaults plus `overrides`, whatever the environment says; the decode
+    step eager (compiling it would add seconds to every engine start; tests/core/test_compiled_decode.py
+    covers it)."""
+    return _InitOnlySettings(**{"request_timeout_s": 30.0, "compile": False, **overrides})
 
 
 @contextlib.contextmanager
