@@ -31,13 +31,14 @@ from torch._dynamo.exc import TorchDynamoException
 from lightvlm_core import forward
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import LayerSpec, ModelAdapter
+from lightvlm_core.runtime_env import switched_off
 
 log = logging.getLogger(__name__)
 
 
 def enabled(environ: Mapping[str, str] = os.environ) -> bool:
-    """LIGHTVLM_COMPILE as the service's settings read it (default on), for the in-process benches."""
-    return environ.get("LIGHTVLM_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+    """LIGHTVLM_COMPILE (default on), for the in-process benches that build runners themselves."""
+    return not switched_off(environ, "LIGHTVLM_COMPILE")
 
 
 @torch.library.custom_op("lightvlm::decode_attention", mutates_args=("keys", "values", "lengths"))
@@ -91,7 +92,7 @@ class CompiledDecode:
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
 
     def applies(self, adapter: ModelAdapter, cache: BatchedKVCache) -> bool:
-        return not (self.failed or self._sliding) and cache.scores is None and cache.keys[0].device.type == "cpu"
+        return not (self.failed or self._sliding) and cache.scores is None  # CPU: the runner builds it only there
 
     def __call__(self, adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
                  ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor | None:

@@ -58,6 +58,11 @@ def _resolve(name: str, dirs: tuple[str, ...]) -> str | None:
     return None
 
 
+def switched_off(environ: Mapping[str, str], name: str) -> bool:
+    """Whether an on-by-default LIGHTVLM_* switch is set to off ("0", "false", "no", "off")."""
+    return environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
     try:
@@ -79,7 +84,7 @@ def runtime_env(base: Mapping[str, str] | None = None, *, threads: int | None = 
     (`search=False` with neither: no preload at all; tests use that).
     """
     base = os.environ if base is None else base
-    if base.get("LIGHTVLM_RUNTIME_ENV", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(base, "LIGHTVLM_RUNTIME_ENV"):
         return {}
     libs = [tcmalloc or (find_tcmalloc() if search else None), iomp or (find_iomp() if search else None)]
     libs = [lib for lib in libs if lib]
