@@ -153,7 +153,7 @@ class Service:
                                                 "dtype": s.dtype, "engine_process": s.engine_process})
             client = EngineClient.launch(s.model, config, self.metrics, device=s.device, dtype=s.dtype,
                                          preset=s.preset, trust_remote_code=s.trust_remote_code, warmup=s.warmup,
-                                         compile_decode=s.compile,
+                                         compile=s.compile,
                                          own_process=s.engine_process, builder=self._builder)
             logger.info("engine started in %.1fs", time.monotonic() - started)
         client.on_death = self._on_engine_death
@@ -165,7 +165,7 @@ class Service:
 
         s = self.settings
         return load_runner(s.model, device=s.device, dtype=s.dtype, preset=s.preset,
-                           trust_remote_code=s.trust_remote_code, compile_decode=s.compile)
+                           trust_remote_code=s.trust_remote_code, compile=s.compile)
 
     def _on_engine_death(self) -> None:
         """On the client's reader thread: every stream in flight has its error event already."""

@@ -143,14 +143,14 @@ class EngineClient:
     def launch(cls, model: str | None, config: SchedulerConfig, observer: SchedulerObserver | None = None, *,
                device: str = "auto", dtype: str = "auto", preset: str = "none", trust_remote_code: bool = False,
                warmup: bool = True, own_process: bool = True, env: dict[str, str] | None = None,
-               builder: str = "", compile_decode: bool = False) -> EngineClient:
+               builder: str = "", compile: bool = False) -> EngineClient:
         """Load `model` (None: the bundled demo model) in an engine process (or a thread) and connect.
         The tokenizer loads here while the engine process loads the model. `builder` ("module:function",
         default the model runner) builds the runner from these keyword arguments."""
         builder = builder or RUNNER_BUILDER
         kwargs = dict(model=model, device=device, dtype=dtype, preset=preset, trust_remote_code=trust_remote_code)
-        if compile_decode:  # only then: other runner builders (tests' fakes) need not know the option
-            kwargs["compile_decode"] = True
+        if compile:  # only then: other runner builders (tests' fakes) need not know the option
+            kwargs["compile"] = True
         if not own_process:
             runner = _import(builder)(**kwargs)
             return cls.start_in_thread(runner, config, runner.tokenizer, observer, warmup)

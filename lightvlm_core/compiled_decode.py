@@ -12,7 +12,7 @@ measured 2.5x slower than the eager step at batch 8. Through the op, the graph's
 but for the batch size and the cache's capacity, which it only passes along.
 
 Not bitwise equal to the eager step (the fused kernels reduce in another order): greedy tokens
-equal the eager step's in tests/core/test_compiled_decode.py, and parity with transformers is
+equal the eager step's in tests/core/test_compiled.py, and parity with transformers is
 tested on the eager step (LIGHTVLM_COMPILE=0). Applies on CPU to steps with no sliding-window
 layer and no KV policy that reads decode-time scores; other steps run eagerly.
 """
@@ -79,14 +79,10 @@ def _layers(adapter: ModelAdapter, keys: list[torch.Tensor], values: list[torch.
 
 class CompiledDecode:
     """`forward.CompiledLayers` with inductor. Compiles on first use: once for batch 1 and once for
-    any larger batch (sizes marked dynamic), so an engine warms up with both (core.warm_up)."""
+    any larger batch (sizes marked dynamic), so an engine warms up with both (core.warm_up).
+    The runner prepares the model first (`runner.prepare_to_compile`)."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
-        for param in adapter.model.parameters():  # inference only: no autograd graph to trace
-            param.requires_grad_(False)
-        # Compiled graphs are kept per code object, not per wrapper: drop those of a model this
-        # process ran before (an engine restarted in-process), which would hold its weights.
-        torch._dynamo.reset()
         self._fn = torch.compile(_layers, fullgraph=True)
         self._sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on

@@ -170,6 +170,30 @@ def last_query_attention(q: torch.Tensor, k: torch.Tensor, state: PrefillState, 
     return probs * present[:, None, :, None]
 
 
+def prefill_layer(adapter: ModelAdapter, layer: nn.Module, h: torch.Tensor, rope: RopeTables,
+                  mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoder layer over the prompts h (B, T, d), causal where `mask` (B, 1, T, T) is None.
+
+    Returns the layer's output hidden states (before any family injection), its post-RoPE q
+    (B, H, T, D) and its k and v (B, H_kv, T, D), which the cache keeps.
+    """
+    x = rms_norm(layer.input_layernorm, h)
+    q, k, v = _project_qkv(adapter, layer.self_attn, x, rope)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=adapter.scaling,
+                                         enable_gqa=adapter.num_kv_heads != adapter.num_heads)
+    out = out.transpose(1, 2).reshape(*h.shape[:2], -1)
+    h = adapter.attn_residual(layer, h, layer.self_attn.o_proj(out))
+    return adapter.mlp_residual(layer, h), q, k, v
+
+
+class CompiledPrefillLayers(Protocol):
+    """Causal prefill layers as a compiled program (compiled_prefill.CompiledPrefill)."""
+
+    def layer(self, adapter: ModelAdapter, layer: nn.Module, h: torch.Tensor, rope: RopeTables
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`prefill_layer(adapter, layer, h, rope, None)`; None where it could not compile."""
+
+
 class PrefillRun:
     """A prefill that can stop between layers and go on in a later step (layer-sliced prefill).
 
@@ -180,8 +204,9 @@ class PrefillRun:
     """
 
     def __init__(self, adapter: ModelAdapter, state: PrefillState, hook: PrefillHook | None = None,
-                 kv_scores: bool = False) -> None:
+                 kv_scores: bool = False, compiled: CompiledPrefillLayers | None = None) -> None:
         self.adapter, self.state, self.hook, self.kv_scores = adapter, state, hook, kv_scores
+        self.compiled = compiled  # runs the causal layers instead of `prefill_layer` (compiled_prefill.py)
         self.next_layer = 0
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
@@ -208,19 +233,19 @@ class PrefillRun:
             state = self.state
             if self._ropes.get(spec.rope, (None,))[0] is not state.pos:
                 self._ropes[spec.rope] = (state.pos, RopeTables.build(*adapter.rotary(state.h, state.pos, spec.rope)))
-            x = rms_norm(layer.input_layernorm, state.h)
-            q, k, v = _project_qkv(adapter, layer.self_attn, x, self._ropes[spec.rope][1])
+            rope = self._ropes[spec.rope][1]
             # Rows are right-padded and keep their tokens in position order, so plain causal attention
             # is exact for every real token (bitwise equal to the explicit mask, and faster); only
             # bidirectional images and sliding windows need the explicit mask.
             explicit = adapter.bidirectional_images or spec.attention == "sliding"
-            mask = prefill_mask(adapter, spec, state) if explicit else None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 scale=adapter.scaling,
-                                                 enable_gqa=adapter.num_kv_heads != adapter.num_heads)
-            out = out.transpose(1, 2).reshape(*state.h.shape[:2], -1)
-            state.h = adapter.attn_residual(layer, state.h, layer.self_attn.o_proj(out))
-            state.h = adapter.inject(i, adapter.mlp_residual(layer, state.h), state.carry)
+            done = None
+            if self.compiled is not None and not explicit:
+                done = self.compiled.layer(adapter, layer, state.h, rope)
+            if done is None:  # eager (also where the compiled layer could not compile)
+                done = prefill_layer(adapter, layer, state.h, rope,
+                                     prefill_mask(adapter, spec, state) if explicit else None)
+            h, q, k, v = done
+            state.h = adapter.inject(i, h, state.carry)
             self._keys.append(k)
             self._values.append(v)
             self._lengths.append(state.lengths)

@@ -19,6 +19,7 @@ import torch
 
 from lightvlm_core import forward
 from lightvlm_core.compiled_decode import CompiledDecode
+from lightvlm_core.compiled_prefill import CompiledPrefill
 from lightvlm_core.errors import LightVLMError
 from lightvlm_core.inputs import InputProcessor, ModelInputs, eos_token_ids
 from lightvlm_core.kv.cache import BatchedKVCache
@@ -63,7 +64,7 @@ class _PrefillJob:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, default_acceleration: AccelerationConfig | None = None,
-                 compile_decode: bool = False) -> None:
+                 compile: bool = False) -> None:
         self.loaded = loaded
         self.adapter = loaded.adapter
         self.processor = loaded.processor
@@ -76,8 +77,12 @@ class ModelRunner:
         a = self.adapter
         self.cache = BatchedKVCache.empty(len(a.layers), a.num_kv_heads, a.head_dim, loaded.dtype, self.device)
         self.compressor = KVCompressor()
-        # the decode step's layers compiled (CPU only; see compiled_decode.py), else eager
-        self.compiled = CompiledDecode(self.adapter) if compile_decode and self.device.type == "cpu" else None
+        # the decode step and the prefill compiled (CPU only; see compiled_decode.py, compiled_prefill.py)
+        self.compiled_decode: CompiledDecode | None = None
+        self.compiled_prefill: CompiledPrefill | None = None
+        if compile and self.device.type == "cpu":
+            prepare_to_compile(self.adapter.model)
+            self.compiled_decode, self.compiled_prefill = CompiledDecode(self.adapter), CompiledPrefill(self.adapter)
         self.rows: list[_Row] = []
         self._jobs: list[_PrefillJob] = []  # prefills that go on in the next step (layer-sliced)
         self.image_tokens_in = 0
@@ -96,7 +101,8 @@ class ModelRunner:
             "max_context": self.max_context,
             "eos_token_ids": sorted(self.eos_token_ids),
             "num_layers": len(self.adapter.layers),  # the scheduler slices long prefills by layers
-            "compiled_decode": self.compiled is not None,
+            "compiled_decode": self.compiled_decode is not None,
+            "compiled_prefill": self.compiled_prefill is not None,
         }
 
     def counters(self) -> tuple[int, int, int]:
@@ -180,7 +186,7 @@ class ModelRunner:
         pos = torch.tensor([p for _, p in inputs], device=self.device)
         if self.adapter.uses_mrope:
             pos = pos.expand(3, -1)
-        logits = forward.decode(self.adapter, self.cache, last, pos, self.compiled)
+        logits = forward.decode(self.adapter, self.cache, last, pos, self.compiled_decode)
         self._sample(self.rows, logits, out)
         accels = [row.request.acceleration for row in self.rows]
         self.compressor.after_step(self.cache, [a.kv_budget for a in accels], [a.kv_policy for a in accels])
@@ -257,7 +263,8 @@ class ModelRunner:
         state = _pad_batch(group, embeds, a, self.device, carry)
         hook = build_prefill_hook(group[0].acceleration, a, [r.num_image_tokens for r in group])
         budgets, policies = [r.acceleration.kv_budget for r in group], [r.acceleration.kv_policy for r in group]
-        run = forward.PrefillRun(a, state, hook, kv_scores=needs_prefill_scores(budgets, policies))
+        run = forward.PrefillRun(a, state, hook, kv_scores=needs_prefill_scores(budgets, policies),
+                                 compiled=self.compiled_prefill)
         return _PrefillJob(group, run, vision_ms)
 
     def _finish_job(self, job: _PrefillJob, out: RunnerOutput) -> None:
@@ -322,9 +329,20 @@ class ModelRunner:
 
 
 def load_runner(model: str | None = None, device: str = "auto", dtype: str = "auto", preset: str = "none",
-                trust_remote_code: bool = False, compile_decode: bool = False) -> ModelRunner:
+                trust_remote_code: bool = False, compile: bool = False) -> ModelRunner:
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    return ModelRunner(loaded, AccelerationConfig(preset=preset), compile_decode=compile_decode)
+    return ModelRunner(loaded, AccelerationConfig(preset=preset), compile=compile)
+
+
+def prepare_to_compile(model: torch.nn.Module) -> None:
+    """What torch.compile needs before the first graph of `model`: no autograd (inference only:
+    otherwise AOT autograd traces a backward graph, and fails on the cache writes), and no graphs
+    left from a model this process ran before (an engine restarted in-process): graphs are kept per
+    code object, not per model, and would hold the old weights. Both are process-wide; a process
+    serves one model."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    torch._dynamo.reset()
 
 
 def release_device_memory() -> None:

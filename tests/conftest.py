@@ -9,7 +9,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # Services the tests start (and their engine processes) run the decode step eagerly: compiling it
-# would add ~10-30 s to every engine start. tests/core/test_compiled_decode.py compiles on purpose.
+# would add ~10-30 s to every engine start. tests/core/test_compiled.py compiles on purpose.
 os.environ.setdefault("LIGHTVLM_COMPILE", "0")
 
 from collections.abc import Callable  # noqa: E402

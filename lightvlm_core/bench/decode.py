@@ -37,8 +37,8 @@ def configs(profile: Profile) -> dict[str, AccelerationConfig]:
 
 def run(profile_name: str, quiet: bool = False) -> dict:
     profile = PROFILES[profile_name]
-    runner = ModelRunner(build(profile), compile_decode=compiled_decode.enabled())  # as the service runs
-    if runner.compiled is not None:
+    runner = ModelRunner(build(profile), compile=compiled_decode.enabled())  # as the service runs
+    if runner.compiled_decode is not None:
         warm_up(runner)  # compiles both graphs before anything is timed
     engine = Engine(runner)
     image = bench_image(profile)
@@ -53,7 +53,7 @@ def run(profile_name: str, quiet: bool = False) -> dict:
     weights = step_weight_bytes(engine)
     bandwidth = copy_bandwidth(engine.device)
     return {"profile": profile.name, "hardware": hardware(), "kv_budget": profile.kv_budget,
-            "compiled_decode": runner.compiled is not None,
+            "compiled_decode": runner.compiled_decode is not None,
             "llm_weight_mb": round(weights / 2**20, 1), "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
             "results": _rows(measured, weights, bandwidth)}
 

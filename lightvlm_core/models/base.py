@@ -76,6 +76,9 @@ class ModelAdapter:
     bidirectional_images: bool = False  # image tokens attend to their whole image in prefill
     supports_sliding_window: bool = False
     text_model_attr: str = "language_model"  # where the text decoder sits under `model.model`
+    # the vision tower under `model.model` where its input has one fixed size (then it runs compiled
+    # with LIGHTVLM_COMPILE; see compiled_prefill.py); None where the patch count varies per image
+    fixed_size_vision_tower: str | None = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -26,6 +26,7 @@ class Gemma3Adapter(ModelAdapter):
     norm_layout = "sandwich"
     bidirectional_images = True
     supports_sliding_window = True
+    fixed_size_vision_tower = "vision_tower"
 
     def _layer_specs(self) -> list[LayerSpec]:
         # each layer kind has its own rotary table, named like the layer type

@@ -7,3 +7,4 @@ class LlavaAdapter(ModelAdapter):
     family = "llava"
     vision_keys = ("pixel_values", "image_sizes")
     layer_classes = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+    fixed_size_vision_tower = "vision_tower"

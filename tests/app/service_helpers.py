@@ -28,7 +28,7 @@ class _InitOnlySettings(Settings):
 
 def make_settings(**overrides: Any) -> Settings:
     """Settings for tests: the defaults plus `overrides`, whatever the environment says; the decode
-    step eager (compiling it would add seconds to every engine start; tests/core/test_compiled_decode.py
+    step eager (compiling it would add seconds to every engine start; tests/core/test_compiled.py
     covers it)."""
     return _InitOnlySettings(**{"request_timeout_s": 30.0, "compile": False, **overrides})
 

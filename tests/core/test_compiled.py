@@ -1,7 +1,8 @@
-"""The compiled decode step (lightvlm_core/compiled_decode.py): the same greedy tokens as the eager
-step, for single rows and ragged batches, with and without token merging; eager where it does not
-apply (sliding windows, KV policies that read decode-time scores) and after a failed compile; two
-graphs after warm-up whatever the batch. Compiling costs seconds per model, so few families run."""
+"""The compiled decode step (lightvlm_core/compiled_decode.py) and prefill (compiled_prefill.py):
+the same greedy tokens as the eager passes, for single rows and ragged batches, with and without
+token merging; eager where they do not apply (sliding windows, bidirectional images, KV policies
+that read decode-time scores) and after a failed compile; no graph compiled after warm-up whatever
+the batch or prompt length. Compiling costs seconds per model, so few families run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from PIL import Image
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
-from lightvlm_core import compiled_decode
+from lightvlm_core import compiled_decode, compiled_prefill
 from lightvlm_core.core import warm_up
 from lightvlm_core.engine import Engine
 from lightvlm_core.runner import load_runner
@@ -40,15 +41,16 @@ def tokens(engine: Engine, batch: list[GenerationRequest]) -> list[list[int]]:
 def pair(request, tiny_model_dir) -> tuple[Engine, Engine]:
     """(eager engine, compiled engine) on one tiny model, the compiled one warmed up."""
     model = str(tiny_model_dir(request.param))
-    compiled = load_runner(model, device="cpu", compile_decode=True)
+    compiled = load_runner(model, device="cpu", compile=True)
     warm_up(compiled)
     return Engine(load_runner(model, device="cpu")), Engine(compiled)
 
 
 @pytest.mark.parametrize("preset", ["none", "aggressive"])
-def test_compiled_decode_gives_the_eager_tokens_alone_and_in_a_ragged_batch(pair, preset) -> None:
+def test_compiled_engine_gives_the_eager_tokens_alone_and_in_a_ragged_batch(pair, preset) -> None:
     eager, compiled = pair
-    assert compiled.runner.info()["compiled_decode"] and not eager.runner.info()["compiled_decode"]
+    for part in ("compiled_decode", "compiled_prefill"):
+        assert compiled.runner.info()[part] and not eager.runner.info()[part]
     batch = requests(preset=preset)
     assert tokens(compiled, batch) == tokens(eager, batch)
     for one in batch:
@@ -60,7 +62,21 @@ def test_warm_up_leaves_nothing_to_compile_for_other_batch_sizes(pair) -> None:
     before = counters["stats"]["unique_graphs"]
     tokens(compiled, requests())  # batch 3, ragged
     tokens(compiled, requests()[:1])  # batch 1, another length
+    tokens(compiled, requests(preset="aggressive"))  # merged prompts: other lengths from layer to layer
     assert counters["stats"]["unique_graphs"] == before
+
+
+def test_every_prefill_layer_runs_compiled_and_fixed_size_towers_too(pair, monkeypatch) -> None:
+    _, compiled = pair
+    prefill = compiled.runner.compiled_prefill
+    real, results = prefill.layer, []
+    monkeypatch.setattr(prefill, "layer", lambda *args: results.append(real(*args)) or results[-1])
+    tokens(compiled, requests()[:1])
+    assert len(results) == len(compiled.adapter.layers) and all(r is not None for r in results)
+    # CLIP's input has one size; Qwen's towers take a patch count that varies per image
+    tower = getattr(compiled.adapter.model.model, "vision_tower", None)
+    assert (prefill.vision is not None) == (compiled.adapter.family == "llava")
+    assert prefill.vision is None or tower.forward is prefill.vision
 
 
 def test_kv_eviction_without_scores_runs_compiled_and_gives_the_eager_tokens(pair) -> None:
@@ -70,17 +86,20 @@ def test_kv_eviction_without_scores_runs_compiled_and_gives_the_eager_tokens(pai
 
 
 def test_steps_it_does_not_apply_to_run_eagerly(tiny_model_dir, monkeypatch) -> None:
-    """A KV policy reading decode-time scores, and a model with sliding-window layers (Gemma 3)."""
+    """A KV policy reading decode-time scores (its prefill still runs compiled); a model with
+    sliding-window layers and bidirectional images (Gemma 3), whose vision tower runs compiled."""
     def fail(*args, **kwargs):
         raise AssertionError("the compiled layers ran")
 
     monkeypatch.setattr(compiled_decode.CompiledDecode, "__call__", fail)
-    scored = Engine(load_runner(str(tiny_model_dir("llava")), device="cpu", compile_decode=True))
+    scored = Engine(load_runner(str(tiny_model_dir("llava")), device="cpu", compile=True))
     plain = Engine(load_runner(str(tiny_model_dir("llava")), device="cpu"))
     batch = requests(kv={"kv_budget": 24, "kv_policy": "heavy_hitter"})
     assert tokens(scored, batch) == tokens(plain, batch)
-    sliding = Engine(load_runner(str(tiny_model_dir("gemma3")), device="cpu", compile_decode=True))
-    assert not sliding.runner.compiled.applies(sliding.adapter, sliding.runner.cache)
+    monkeypatch.setattr(compiled_prefill.CompiledPrefill, "layer", fail)
+    sliding = Engine(load_runner(str(tiny_model_dir("gemma3")), device="cpu", compile=True))
+    assert not sliding.runner.compiled_decode.applies(sliding.adapter, sliding.runner.cache)
+    assert sliding.runner.compiled_prefill.vision is not None
     assert tokens(sliding, requests()) == tokens(Engine(load_runner(str(tiny_model_dir("gemma3")), device="cpu")),
                                                  requests())
 
@@ -88,19 +107,40 @@ def test_steps_it_does_not_apply_to_run_eagerly(tiny_model_dir, monkeypatch) -> 
 def test_a_failed_compile_falls_back_to_eager_for_good(tiny_model_dir, monkeypatch, caplog) -> None:
     """E.g. no C++ compiler on the machine: one warning, then every step eager, tokens unchanged."""
     model = str(tiny_model_dir("llava"))
-    runner = load_runner(model, device="cpu", compile_decode=True)
+    runner = load_runner(model, device="cpu", compile=True)
     calls = []
 
     def broken(*args, **kwargs):
         calls.append(1)
         raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
 
-    monkeypatch.setattr(runner.compiled, "_fn", broken)
+    monkeypatch.setattr(runner.compiled_decode, "_fn", broken)
     with caplog.at_level(logging.WARNING, logger="lightvlm_core.compiled_decode"):
         got = tokens(Engine(runner), requests())
     assert got == tokens(Engine(load_runner(model, device="cpu")), requests())
-    assert len(calls) == 1 and runner.compiled.failed
+    assert len(calls) == 1 and runner.compiled_decode.failed
     assert "could not be compiled" in caplog.text
+
+
+def test_a_failed_prefill_compile_falls_back_to_eager_for_good(tiny_model_dir, monkeypatch, caplog) -> None:
+    """The decoder layers and the vision tower each fall back on their own, with one warning each."""
+    model = str(tiny_model_dir("llava"))
+    runner = load_runner(model, device="cpu", compile=True)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
+
+    prefill = runner.compiled_prefill
+    monkeypatch.setattr(prefill, "_fn", broken)
+    monkeypatch.setattr(prefill.vision, "compiled", broken)
+    with caplog.at_level(logging.WARNING, logger="lightvlm_core.compiled_prefill"):
+        got = tokens(Engine(runner), requests())
+    assert got == tokens(Engine(load_runner(model, device="cpu")), requests())
+    assert len(calls) == 2 and prefill.failed
+    assert runner.adapter.model.model.vision_tower.forward == prefill.vision.eager
+    assert "prefill layers could not be compiled" in caplog.text and "vision tower could not" in caplog.text
 
 
 def test_compile_is_a_setting_and_a_serve_flag(monkeypatch) -> None:
