@@ -3,11 +3,11 @@ with types.py and errors.py; its stream, stats and observer types live in client
 
 `submit` sends a request to the EngineCore and returns its RequestStream once the core has
 accepted it (prepare errors raise here, so HTTP can answer 4xx before streaming); a reader thread
-turns the core's token ids into events: incremental detokenisation and stop strings run here, in
-the API process, and metrics are observed from the core's own timestamps. The core runs in its own
-process (`EngineClient.start_process`) or in a thread (`EngineClient.start_in_thread`, for tests and
-the CLI) behind the same interface. If the core dies, every stream in flight ends with an error
-event at once and `on_death` tells the owner, who may start a new client.
+turns the core's token ids into events (stream_events.py): incremental detokenisation and stop
+strings run in the API process, and metrics are observed from the core's own timestamps. The core
+runs in its own process (`EngineClient.start_process`) or in a thread (`EngineClient.start_in_thread`,
+for tests and the CLI) behind the same interface. If the core dies, every stream in flight ends with
+an error event at once and `on_death` tells the owner, who may start a new client.
 """
 
 from __future__ import annotations
@@ -32,40 +32,16 @@ from lightvlm_core.client_types import (  # re-exported: app/ imports them from 
     SchedulerObserver,
     SchedulerStats,
 )
-from lightvlm_core.core import CoreStep, RequestOutput, run_engine_process, serve_core
-from lightvlm_core.detok import IncrementalDetokenizer
+from lightvlm_core.core import CoreStep, run_engine_process, serve_core
 from lightvlm_core.errors import LightVLMError
 from lightvlm_core.request import RequestStatus
 from lightvlm_core.scheduler import QueueFullError, SchedulerConfig
-from lightvlm_core.types import (
-    DoneEvent,
-    ErrorEvent,
-    Event,
-    GenerationRequest,
-    Timings,
-    TokenEvent,
-    TokenLogprob,
-    Usage,
-)
+from lightvlm_core.stream_events import TrackedRequest, request_events
+from lightvlm_core.types import ErrorEvent, Event, GenerationRequest
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0  # model download + load + warm-up
-
-
-class _Tracked:
-    """The client's state of one request: its stream, detokeniser, and metric timestamps."""
-
-    def __init__(self, request: GenerationRequest, stream: RequestStream, tokenizer: Any) -> None:
-        self.request = request
-        self.stream = stream
-        self.detok = IncrementalDetokenizer(tokenizer, request.sampling.stop)
-        self.accepted: asyncio.Future[int] = stream._loop.create_future()
-        self.settled = False  # accepted or rejected (set on the reader thread, unlike the future)
-        self.num_prompt_tokens = 0
-        self.num_tokens = 0
-        self.last_token_time: float | None = None
-        self.stopping = False  # a stop string matched: later tokens are dropped
 
 
 class EngineClient:
@@ -77,7 +53,7 @@ class EngineClient:
         self.observer = observer or SchedulerObserver()
         self.info: EngineInfo | None = None
         self.on_death: Callable[[], None] | None = None
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, TrackedRequest] = {}
         self._lock = threading.Lock()  # _tracked, sends, _stats
         self._stats = SchedulerStats()
         self._counters = (0, 0, 0)
@@ -187,7 +163,7 @@ class EngineClient:
         """Hand a request to the engine; returns its stream once accepted. Raises QueueFullError,
         EngineClosedError, or the InvalidRequestError subclass the engine's prepare raised."""
         stream = RequestStream(self, request.request_id)
-        tracked = _Tracked(request, stream, self.tokenizer)
+        tracked = TrackedRequest(request, stream, self.tokenizer)
         with self._lock:
             if not self.is_running:
                 raise EngineClosedError("the engine is not running")
@@ -318,70 +294,13 @@ class EngineClient:
                 tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue
-            for event in self._events(tracked, out):
+            for event in request_events(self, tracked, out):
                 deliveries.setdefault(tracked.stream._loop, []).append((tracked.stream, event))
         self._update_stats(step)
         if step.batch_size:
             self._observe("on_step", step.batch_size)
         for loop, items in deliveries.items():
             _call_soon(loop, _deliver_all, items)
-
-    def _events(self, tracked: _Tracked, out: RequestOutput) -> list[Event]:
-        events: list[Event] = []
-        if out.first_token is not None:
-            ttft_s, queue_s, prefill_s = out.first_token
-            self._observe("on_admitted", queue_s, prefill_s, tracked.num_prompt_tokens)
-        if out.finish_reason is not None and not tracked.settled:  # ended before it was accepted
-            error_type, message = out.error or ("cancelled", "the request was cancelled")
-            error = errors_module.LightVLMError(message)
-            error.error_type = error_type
-            self._resolve(out.request_id, error=error)
-            return []
-        for i, token_id in enumerate(out.new_token_ids):
-            if tracked.stopping:
-                break
-            events.append(self._token_event(tracked, token_id, out, i))
-        if out.finish_reason is None:
-            return events
-        with self._lock:
-            self._tracked.pop(out.request_id, None)
-        if out.finish_reason != "error" and events and isinstance(events[-1], TokenEvent):
-            events[-1].text += tracked.detok.finish()
-        reason = "stop" if tracked.stopping and out.finish_reason == "length" else out.finish_reason
-        self._observe("on_finished", reason, out.e2e_s or 0.0)
-        if reason == "error":
-            error_type, message = out.error or ("internal_error", "the request failed")
-            events.append(ErrorEvent(error_type, message))
-        else:
-            usage, timings = Usage(**(out.usage or {})), Timings(**(out.timings or {}))
-            if tracked.stopping:
-                usage.completion_tokens = tracked.num_tokens
-            events.append(DoneEvent(reason, usage, timings, kept_patches=out.kept_patches))
-        return events
-
-    def _token_event(self, tracked: _Tracked, token_id: int, out: RequestOutput, i: int) -> TokenEvent:
-        now = time.monotonic()
-        if tracked.num_tokens == 0 and out.first_token is not None:
-            self._observe("on_token", out.first_token[0], None)
-        else:
-            self._observe("on_token", None, now - (tracked.last_token_time or now))
-        tracked.last_token_time = now
-        index = tracked.num_tokens
-        tracked.num_tokens += 1
-        is_eos = token_id in self._eos and not tracked.request.sampling.ignore_eos
-        text = "" if is_eos else tracked.detok.add(token_id)
-        event = TokenEvent(index=index, token_id=token_id, text=text)
-        if out.new_logprobs:
-            lp = out.new_logprobs[i]
-            event.logprob = TokenLogprob(self._token_text(token_id), lp.logprob)
-            event.top_logprobs = [TokenLogprob(self._token_text(t), v) for t, v in lp.top]
-        if tracked.detok.stopped and not tracked.stopping:
-            tracked.stopping = True  # the engine ends it at this token; the done event follows
-            self._abort(tracked.request.request_id, RequestStatus.FINISHED_STOPPED, num_output_tokens=index + 1)
-        return event
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     # --- helpers ----------------------------------------------------------------------------------
 
@@ -393,6 +312,10 @@ class EngineClient:
                 self._conn_in.send(("abort", request_id, status, None, num_output_tokens))
             except (OSError, ValueError):
                 pass
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._tracked.pop(request_id, None)
 
     def _update_stats(self, step: CoreStep) -> None:
         s = step.stats
