@@ -3,9 +3,9 @@
 Why: a prefill's GEMMs already run near this CPU's peak, but around them each layer spends a
 fifth of its time in elementwise passes over (tokens x width) tensors (norms, rotary, SiLU-gate,
 residual adds, quick-GELU in CLIP) and in Python between ops; inductor fuses those passes.
-Measured in-process (2 cores, fp32): the 32-layer LLM-heavy model's prefill (vision + 790-token
-prompt) 1.08x faster at batch 1 and 1.11x at batch 4; the bundled model's CLIP tower 1.16x / 1.19x
-(1 / 4 images); the bundled model's 6-layer LM prefill gains nothing measurable.
+Measured in-process (scripts/ab_compiled_prefill.py; 2 cores, fp32): a prefill (vision + LLM +
+first token) 1.07-1.26x faster on the 32-layer LLM-heavy model and 1.11-1.18x on the bundled one,
+at batch 1 and 4, `none` and `aggressive` (README, "Compiled prefill").
 
 One graph serves every layer (the layer's weights are graph inputs, not constants) and every
 prompt length (the token count, and beyond one row the batch, are symbols): an engine's warm-up
