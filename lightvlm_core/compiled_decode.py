@@ -20,8 +20,6 @@ layer and no KV policy that reads decode-time scores; other steps run eagerly.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +29,8 @@ from torch._dynamo.exc import TorchDynamoException
 from lightvlm_core import forward
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import LayerSpec, ModelAdapter
-from lightvlm_core.runtime_env import switched_off
 
 log = logging.getLogger(__name__)
-
-
-def enabled(environ: Mapping[str, str] = os.environ) -> bool:
-    """LIGHTVLM_COMPILE (default on), for the in-process benches that build runners themselves."""
-    return not switched_off(environ, "LIGHTVLM_COMPILE")
 
 
 @torch.library.custom_op("lightvlm::decode_attention", mutates_args=("keys", "values", "lengths"))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +29,7 @@ from lightvlm_core.kv.compress import KVCompressor, mark_decode_scoring, needs_p
 from lightvlm_core.loading import LoadedModel, load_model
 from lightvlm_core.reduction import build_prefill_hook, resolve_acceleration
 from lightvlm_core.request import Request
+from lightvlm_core.runtime_env import switched_off
 from lightvlm_core.sampling import make_generator, sample, token_logprobs
 from lightvlm_core.scheduler import PrefillReport, RunnerOutput, SchedulerOutput
 from lightvlm_core.types import AccelerationConfig, GenerationRequest
@@ -332,6 +335,11 @@ def load_runner(model: str | None = None, device: str = "auto", dtype: str = "au
                 trust_remote_code: bool = False, compile: bool = False) -> ModelRunner:
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return ModelRunner(loaded, AccelerationConfig(preset=preset), compile=compile)
+
+
+def compile_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """LIGHTVLM_COMPILE (default on), for the in-process benches that build runners themselves."""
+    return not switched_off(environ, "LIGHTVLM_COMPILE")
 
 
 def prepare_to_compile(model: torch.nn.Module) -> None:

@@ -15,12 +15,11 @@ import time
 
 import torch
 
-from lightvlm_core import compiled_decode
 from lightvlm_core.bench.common import hardware, median, progress, sync
 from lightvlm_core.core import warm_up
 from lightvlm_core.bench.profiles import PROFILES, Profile, bench_image, build
 from lightvlm_core.engine import Engine
-from lightvlm_core.runner import ModelRunner
+from lightvlm_core.runner import ModelRunner, compile_enabled
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
 PROMPT = "Describe this image in as much detail as you can."
@@ -37,7 +36,7 @@ def configs(profile: Profile) -> dict[str, AccelerationConfig]:
 
 def run(profile_name: str, quiet: bool = False) -> dict:
     profile = PROFILES[profile_name]
-    runner = ModelRunner(build(profile), compile=compiled_decode.enabled())  # as the service runs
+    runner = ModelRunner(build(profile), compile=compile_enabled())  # as the service runs
     if runner.compiled_decode is not None:
         warm_up(runner)  # compiles both graphs before anything is timed
     engine = Engine(runner)

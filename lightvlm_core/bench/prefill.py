@@ -2,7 +2,8 @@
 
 Runs are interleaved (none, light, ..., none, light, ...) so slow drifts hit every preset alike;
 the median over runs is reported with the vision encoder's share and the speedup that the FLOP
-model of METHOD.md §3 predicts from the layer-averaged kept fraction.
+model of METHOD.md §3 predicts from the layer-averaged kept fraction. On CPU the prefill runs
+compiled as the service runs it (LIGHTVLM_COMPILE, default on; compiled_prefill.py), warmed up first.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import torch
 
 from lightvlm_core.bench.common import hardware, median, progress, sync
 from lightvlm_core.bench.profiles import PROFILES, bench_image, build, describe
+from lightvlm_core.core import warm_up
 from lightvlm_core.engine import Engine
 from lightvlm_core.reduction.registry import PRESET_STAGES as PYRAMIDS
+from lightvlm_core.runner import ModelRunner, compile_enabled
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
 PROMPT = "Describe this image in detail, then list every object you can see."
@@ -42,7 +45,10 @@ def run(profile_name: str, quiet: bool = False) -> dict:
     if profile_name in PAIRS:
         return run_pair(profile_name, quiet)
     profile = PROFILES[profile_name]
-    engine = Engine(build(profile))
+    runner = ModelRunner(build(profile), compile=compile_enabled())  # as the service runs
+    if runner.compiled_prefill is not None:
+        warm_up(runner)  # compiles the graphs before anything is timed
+    engine = Engine(runner)
     image = bench_image(profile)
     cases = configs()
     prepared = {name: engine.prepare(GenerationRequest(PROMPT, [image], SamplingParams(max_new_tokens=1), accel))
@@ -59,6 +65,7 @@ def run(profile_name: str, quiet: bool = False) -> dict:
     shape = describe(engine.loaded, p.num_image_tokens, p.num_prompt_tokens - p.num_image_tokens,
                      _vision_tokens(engine, p))
     return {"profile": profile.name, "hardware": hardware(), "shape": shape,
+            "compiled_prefill": runner.compiled_prefill is not None,
             "results": _rows(times, usage, p.num_image_tokens, p.num_prompt_tokens)}
 
 

@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 from lightvlm_core import compiled_decode, compiled_prefill
 from lightvlm_core.core import warm_up
 from lightvlm_core.engine import Engine
-from lightvlm_core.runner import load_runner
+from lightvlm_core.runner import compile_enabled, load_runner
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
 COMPILED_FAMILIES = ("llava", "qwen2_vl", "qwen3_vl")  # plain RoPE, M-RoPE, q/k norms + DeepStack
@@ -153,5 +153,5 @@ def test_compile_is_a_setting_and_a_serve_flag(monkeypatch) -> None:
     assert Settings().compile is False
     assert serve_parser().parse_args(["--no-compile"]).no_compile
     # the in-process benches read the same variable the same way
-    assert compiled_decode.enabled({}) and compiled_decode.enabled({"LIGHTVLM_COMPILE": "1"})
-    assert not any(compiled_decode.enabled({"LIGHTVLM_COMPILE": v}) for v in ("0", "false", "False", "off"))
+    assert compile_enabled({}) and compile_enabled({"LIGHTVLM_COMPILE": "1"})
+    assert not any(compile_enabled({"LIGHTVLM_COMPILE": v}) for v in ("0", "false", "False", "off"))
