@@ -104,17 +104,21 @@ def test_steps_it_does_not_apply_to_run_eagerly(tiny_model_dir, monkeypatch) -> 
                                                  requests())
 
 
+def broken_compiler(calls: list):
+    """A stand-in for a compiled function whose compilation fails (e.g. no C++ compiler)."""
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
+
+    return broken
+
+
 def test_a_failed_compile_falls_back_to_eager_for_good(tiny_model_dir, monkeypatch, caplog) -> None:
     """E.g. no C++ compiler on the machine: one warning, then every step eager, tokens unchanged."""
     model = str(tiny_model_dir("llava"))
     runner = load_runner(model, device="cpu", compile=True)
     calls = []
-
-    def broken(*args, **kwargs):
-        calls.append(1)
-        raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
-
-    monkeypatch.setattr(runner.compiled_decode, "_fn", broken)
+    monkeypatch.setattr(runner.compiled_decode, "_fn", broken_compiler(calls))
     with caplog.at_level(logging.WARNING, logger="lightvlm_core.compiled_decode"):
         got = tokens(Engine(runner), requests())
     assert got == tokens(Engine(load_runner(model, device="cpu")), requests())
@@ -127,14 +131,9 @@ def test_a_failed_prefill_compile_falls_back_to_eager_for_good(tiny_model_dir, m
     model = str(tiny_model_dir("llava"))
     runner = load_runner(model, device="cpu", compile=True)
     calls = []
-
-    def broken(*args, **kwargs):
-        calls.append(1)
-        raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
-
     prefill = runner.compiled_prefill
-    monkeypatch.setattr(prefill, "_fn", broken)
-    monkeypatch.setattr(prefill.vision, "compiled", broken)
+    monkeypatch.setattr(prefill, "_fn", broken_compiler(calls))
+    monkeypatch.setattr(prefill.vision, "compiled", broken_compiler(calls))
     with caplog.at_level(logging.WARNING, logger="lightvlm_core.compiled_prefill"):
         got = tokens(Engine(runner), requests())
     assert got == tokens(Engine(load_runner(model, device="cpu")), requests())
