@@ -27,6 +27,7 @@ from torch._dynamo import maybe_mark_dynamic
 from torch._dynamo.exc import TorchDynamoException
 
 from lightvlm_core import forward
+from lightvlm_core.compiling import failure_summary
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import LayerSpec, ModelAdapter
 
@@ -72,7 +73,7 @@ def _layers(adapter: ModelAdapter, keys: list[torch.Tensor], values: list[torch.
 class CompiledDecode:
     """`forward.CompiledLayers` with inductor. Compiles on first use: once for batch 1 and once for
     any larger batch (sizes marked dynamic), so an engine warms up with both (core.warm_up).
-    The runner prepares the model first (`runner.prepare_to_compile`)."""
+    The runner prepares the model first (`compiling.prepare_to_compile`)."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self._fn = torch.compile(_layers, fullgraph=True)
@@ -91,7 +92,7 @@ class CompiledDecode:
             return self._fn(adapter, cache.keys, cache.values, cache.lengths, rows, masks, plan, h, ropes)
         except TorchDynamoException as exc:  # raised while compiling, before the graph ran
             log.warning("the decode step could not be compiled; it runs eagerly from now on: %s",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                        failure_summary(exc))
             self.failed = True
             return None
 

@@ -29,6 +29,7 @@ from torch._dynamo import maybe_mark_dynamic
 from torch._dynamo.exc import TorchDynamoException
 
 from lightvlm_core import forward
+from lightvlm_core.compiling import failure_summary
 from lightvlm_core.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class CompiledPrefill:
             return self._fn(adapter, layer, h, rope.cos, rope.signed_sin)
         except TorchDynamoException as exc:  # raised while compiling, before the graph ran
             log.warning("the prefill layers could not be compiled; they run eagerly from now on: %s",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                        failure_summary(exc))
             self.failed = True
             return None
 
@@ -78,7 +79,7 @@ class CompiledForward:
             return self.compiled(*args, **kwargs)
         except TorchDynamoException as exc:  # raised while compiling, before the graph ran
             log.warning("the vision tower could not be compiled; it runs eagerly from now on: %s",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                        failure_summary(exc))
             self.module.forward = self.eager
             return self.eager(*args, **kwargs)
 

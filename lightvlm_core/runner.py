@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +20,7 @@ import torch
 from lightvlm_core import forward
 from lightvlm_core.compiled_decode import CompiledDecode
 from lightvlm_core.compiled_prefill import CompiledPrefill
+from lightvlm_core.compiling import prepare_to_compile
 from lightvlm_core.errors import LightVLMError
 from lightvlm_core.inputs import InputProcessor, ModelInputs, eos_token_ids
 from lightvlm_core.kv.cache import BatchedKVCache
@@ -29,7 +28,6 @@ from lightvlm_core.kv.compress import KVCompressor, mark_decode_scoring, needs_p
 from lightvlm_core.loading import LoadedModel, load_model
 from lightvlm_core.reduction import build_prefill_hook, resolve_acceleration
 from lightvlm_core.request import Request
-from lightvlm_core.runtime_env import switched_off
 from lightvlm_core.sampling import make_generator, sample, token_logprobs
 from lightvlm_core.scheduler import PrefillReport, RunnerOutput, SchedulerOutput
 from lightvlm_core.types import AccelerationConfig, GenerationRequest
@@ -335,22 +333,6 @@ def load_runner(model: str | None = None, device: str = "auto", dtype: str = "au
                 trust_remote_code: bool = False, compile: bool = False) -> ModelRunner:
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return ModelRunner(loaded, AccelerationConfig(preset=preset), compile=compile)
-
-
-def compile_enabled(environ: Mapping[str, str] = os.environ) -> bool:
-    """LIGHTVLM_COMPILE (default on), for the in-process benches that build runners themselves."""
-    return not switched_off(environ, "LIGHTVLM_COMPILE")
-
-
-def prepare_to_compile(model: torch.nn.Module) -> None:
-    """What torch.compile needs before the first graph of `model`: no autograd (inference only:
-    otherwise AOT autograd traces a backward graph, and fails on the cache writes), and no graphs
-    left from a model this process ran before (an engine restarted in-process): graphs are kept per
-    code object, not per model, and would hold the old weights. Both are process-wide; a process
-    serves one model."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    torch._dynamo.reset()
 
 
 def release_device_memory() -> None:

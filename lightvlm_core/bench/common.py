@@ -11,6 +11,20 @@ from collections.abc import Iterable
 
 import torch
 
+from lightvlm_core.compiling import compile_enabled
+from lightvlm_core.core import warm_up
+from lightvlm_core.loading import LoadedModel
+from lightvlm_core.runner import ModelRunner
+
+
+def service_runner(loaded: LoadedModel) -> ModelRunner:
+    """A runner that runs `loaded` as the service would: compiled where LIGHTVLM_COMPILE says so
+    (CPU), and then warmed up, so that no compilation lands inside a timed run."""
+    runner = ModelRunner(loaded, compile=compile_enabled())
+    if runner.compiled_decode is not None:
+        warm_up(runner)
+    return runner
+
 
 def hardware() -> dict:
     info = {

@@ -15,11 +15,9 @@ import time
 
 import torch
 
-from lightvlm_core.bench.common import hardware, median, progress, sync
-from lightvlm_core.core import warm_up
+from lightvlm_core.bench.common import hardware, median, progress, service_runner, sync
 from lightvlm_core.bench.profiles import PROFILES, Profile, bench_image, build
 from lightvlm_core.engine import Engine
-from lightvlm_core.runner import ModelRunner, compile_enabled
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
 PROMPT = "Describe this image in as much detail as you can."
@@ -36,9 +34,7 @@ def configs(profile: Profile) -> dict[str, AccelerationConfig]:
 
 def run(profile_name: str, quiet: bool = False) -> dict:
     profile = PROFILES[profile_name]
-    runner = ModelRunner(build(profile), compile=compile_enabled())  # as the service runs
-    if runner.compiled_decode is not None:
-        warm_up(runner)  # compiles both graphs before anything is timed
+    runner = service_runner(build(profile))
     engine = Engine(runner)
     image = bench_image(profile)
     cases = [("long", 1, n) for n in profile.decode_lengths] + [

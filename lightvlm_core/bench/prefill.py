@@ -13,12 +13,10 @@ import time
 
 import torch
 
-from lightvlm_core.bench.common import hardware, median, progress, sync
+from lightvlm_core.bench.common import hardware, median, progress, service_runner, sync
 from lightvlm_core.bench.profiles import PROFILES, bench_image, build, describe
-from lightvlm_core.core import warm_up
 from lightvlm_core.engine import Engine
 from lightvlm_core.reduction.registry import PRESET_STAGES as PYRAMIDS
-from lightvlm_core.runner import ModelRunner, compile_enabled
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
 PROMPT = "Describe this image in detail, then list every object you can see."
@@ -45,9 +43,7 @@ def run(profile_name: str, quiet: bool = False) -> dict:
     if profile_name in PAIRS:
         return run_pair(profile_name, quiet)
     profile = PROFILES[profile_name]
-    runner = ModelRunner(build(profile), compile=compile_enabled())  # as the service runs
-    if runner.compiled_prefill is not None:
-        warm_up(runner)  # compiles the graphs before anything is timed
+    runner = service_runner(build(profile))
     engine = Engine(runner)
     image = bench_image(profile)
     cases = configs()

@@ -17,7 +17,8 @@ from torch._dynamo.utils import counters
 from lightvlm_core import compiled_decode, compiled_prefill
 from lightvlm_core.core import warm_up
 from lightvlm_core.engine import Engine
-from lightvlm_core.runner import compile_enabled, load_runner
+from lightvlm_core.compiling import compile_enabled
+from lightvlm_core.runner import load_runner
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
 COMPILED_FAMILIES = ("llava", "qwen2_vl", "qwen3_vl")  # plain RoPE, M-RoPE, q/k norms + DeepStack

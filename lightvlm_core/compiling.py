@@ -1,0 +1,33 @@
+"""What the compiled parts (compiled_decode.py, compiled_prefill.py) share: the setting that turns
+them on, the process-wide preparation of a model, and how a failed compile is reported."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from lightvlm_core.runtime_env import switched_off
+
+
+def compile_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """LIGHTVLM_COMPILE (default on), for the in-process benches that build runners themselves."""
+    return not switched_off(environ, "LIGHTVLM_COMPILE")
+
+
+def prepare_to_compile(model: torch.nn.Module) -> None:
+    """What torch.compile needs before the first graph of `model`: no autograd (inference only:
+    otherwise AOT autograd traces a backward graph, and fails on the cache writes), and no graphs
+    left from a model this process ran before (an engine restarted in-process): graphs are kept per
+    code object, not per model, and would hold the old weights. Both are process-wide; a process
+    serves one model."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    torch._dynamo.reset()
+
+
+def failure_summary(exc: BaseException) -> str:
+    """The one line of a compile error that goes into the "runs eagerly from now on" warning."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
