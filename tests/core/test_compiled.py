@@ -155,3 +155,40 @@ def test_compile_is_a_setting_and_a_serve_flag(monkeypatch) -> None:
     # the in-process benches read the same variable the same way
     assert compile_enabled({}) and compile_enabled({"LIGHTVLM_COMPILE": "1"})
     assert not any(compile_enabled({"LIGHTVLM_COMPILE": v}) for v in ("0", "false", "False", "off"))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_decode_attention_op_appends_and_attends_as_the_eager_cache_and_sdpa(groups, ragged) -> None:
+    """The op's grouped-query attention (query heads folded onto their KV head, no K/V expansion)
+    and its cache write equal `BatchedKVCache.append` + grouped-query SDPA with the key mask."""
+    from lightvlm_core.kv.cache import BatchedKVCache
+
+    torch.manual_seed(0)
+    layers, batch, kv_heads, dim = 2, 3, 2, 16
+    lengths = [[5, 9, 7], [4, 4, 4]] if ragged else [[6, 6, 6], [4, 4, 4]]
+
+    def cache() -> BatchedKVCache:
+        keys = [torch.zeros(batch, kv_heads, 12, dim) for _ in range(layers)]
+        for buf, lens in zip(keys, lengths):
+            for row, n in enumerate(lens):
+                buf[row, :, :n] = torch.randn(kv_heads, n, dim, generator=torch.Generator().manual_seed(row + n))
+        values = [k.flip(-1).clone() for k in keys]
+        return BatchedKVCache(keys, values, torch.tensor(lengths), [None] * layers)
+
+    q = torch.randn(batch, kv_heads * groups, 1, dim)
+    k, v = torch.randn(batch, kv_heads, dim), torch.randn(batch, kv_heads, dim)
+    eager, compiled = cache(), cache()
+    eager.reserve(1)
+    keys, values, mask = eager.append(0, k, v)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask[:, None, None, :], scale=0.3, enable_gqa=groups > 1)
+    compiled.reserve(1)
+    rows, masks, spans, flags = compiled.step_layout()
+    plan = torch.tensor([spans, flags], dtype=torch.long)
+    got = torch.ops.lightvlm.decode_attention(q, k, v, compiled.keys[0], compiled.values[0], compiled.lengths, rows,
+                                              masks, plan, 0, 0.3)
+    assert flags[0] == ragged
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(compiled.lengths, eager.lengths)
+    assert torch.equal(compiled.keys[0], eager.keys[0]) and torch.equal(compiled.values[0], eager.values[0])
