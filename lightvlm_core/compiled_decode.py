@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 
 # Defined with the low-level library API rather than `torch.library.custom_op`: the latter wraps
-# every call in Python layers (autograd, in-place bookkeeping, a dynamo guard) that cost ~35 us per
-# call, once per layer per step; this op is dispatched in C++ straight to its CPU kernel.
+# every call in Python layers (autograd, in-place bookkeeping, a dynamo-disable wrapper) that cost
+# ~35 us per call, once per layer per step; this op is dispatched in C++ straight to its CPU kernel.
 _LIBRARY = torch.library.Library("lightvlm", "DEF")
 _LIBRARY.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, "
                 "Tensor(c!) lengths, Tensor rows, Tensor masks, Tensor plan, int layer, float scale) -> Tensor")
@@ -102,8 +102,7 @@ class CompiledDecode:
 
     def __call__(self, adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
                  ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor | None:
-        rows, masks, spans, ragged = cache.step_layout()
-        plan = torch.tensor([spans, ragged], dtype=torch.long)
+        rows, masks, plan = op_layout(cache)
         _mark_sizes(h.shape[0], cache.keys + cache.values, masks, cache.lengths, rows, h, ropes)
         try:
             return self._fn(adapter, cache.keys, cache.values, cache.lengths, rows, masks, plan, h, ropes)
@@ -112,6 +111,13 @@ class CompiledDecode:
                         failure_summary(exc))
             self.failed = True
             return None
+
+
+def op_layout(cache: BatchedKVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `decode_attention` takes of this step's layout (after `cache.reserve(1)`): the row index,
+    every layer's key mask, and the plan (2, L) of each layer's span and raggedness."""
+    rows, masks, spans, ragged = cache.step_layout()
+    return rows, masks, torch.tensor([spans, ragged], dtype=torch.long)
 
 
 def _mark_sizes(batch: int, buffers: list[torch.Tensor], masks: torch.Tensor, lengths: torch.Tensor,

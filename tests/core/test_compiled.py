@@ -184,11 +184,10 @@ def test_decode_attention_op_appends_and_attends_as_the_eager_cache_and_sdpa(gro
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask[:, None, None, :], scale=0.3, enable_gqa=groups > 1)
     compiled.reserve(1)
-    rows, masks, spans, flags = compiled.step_layout()
-    plan = torch.tensor([spans, flags], dtype=torch.long)
+    rows, masks, plan = compiled_decode.op_layout(compiled)
     got = torch.ops.lightvlm.decode_attention(q, k, v, compiled.keys[0], compiled.values[0], compiled.lengths, rows,
                                               masks, plan, 0, 0.3)
-    assert flags[0] == ragged
+    assert bool(plan[1, 0]) == ragged
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.equal(compiled.lengths, eager.lengths)
     assert torch.equal(compiled.keys[0], eager.keys[0]) and torch.equal(compiled.values[0], eager.values[0])
