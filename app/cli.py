@@ -35,7 +35,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, choices=_choices("preset"),
                    help="default acceleration preset; requests may override it (default: none)")
     p.add_argument("--no-compile", action="store_true",
-                   help="run the decode step eagerly instead of compiling it on CPU (default: $LIGHTVLM_COMPILE, else on)")
+                   help="run the decode step eagerly instead of compiling it (default: $LIGHTVLM_COMPILE, else on)")
     ray = p.add_argument_group("Ray Serve (pip install 'lightvlm-serve[ray]')")
     ray.add_argument("--ray", action="store_true",
                      help="serve as a Ray Serve deployment (a local Ray cluster unless RAY_ADDRESS is set)")

@@ -45,8 +45,9 @@ class Settings(BaseSettings):
     a given engine (tests) uses that engine's name instead."""
     warmup: bool = True
     compile: bool = True
-    """Compile the decode step with torch.compile on CPU (warm-up then compiles it, up to a few
-    minutes on a first start); off: every step runs eagerly (what parity tests check)."""
+    """Compile the decode step with torch.compile on CPU and CUDA, and the prefill on CPU (warm-up
+    then compiles them, up to a few minutes on a first start); off: every step runs eagerly (what
+    parity tests check)."""
     engine_process: bool = True
     """Run the engine in its own process (restarted if it dies); off: a thread of the API process."""
 

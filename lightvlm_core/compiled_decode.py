@@ -1,9 +1,10 @@
-"""The decode step's layers compiled with torch.compile (inductor), on CPU.
+"""The decode step's layers compiled with torch.compile (inductor), on CPU and CUDA.
 
 Why: at decode-size batches a small-width model's step is mostly per-op cost (~35 ATen calls per
 layer, each a few µs of dispatch, with Python between them), not arithmetic. Inductor turns the
 norms, rotary, activations and residual adds of all layers into a few generated C++ kernels and
-calls the GEMMs directly, in one call per step.
+calls the GEMMs directly, in one call per step. On CUDA the same graph becomes a few Triton
+kernels per layer instead of ~35 kernel launches, each with Python dispatch in front of it.
 
 What stays eager: each layer's KV-cache write and attention run inside one custom op
 (`lightvlm::decode_attention`) that the compiler does not look into. The cache grows by one entry
@@ -13,8 +14,13 @@ but for the batch size and the cache's capacity, which it only passes along.
 
 Not bitwise equal to the eager step (the fused kernels reduce in another order): greedy tokens
 equal the eager step's in tests/core/test_compiled.py, and parity with transformers is
-tested on the eager step (LIGHTVLM_COMPILE=0). Applies on CPU to steps with no sliding-window
-layer and no KV policy that reads decode-time scores; other steps run eagerly.
+tested on the eager step (LIGHTVLM_COMPILE=0). Applies to steps with no sliding-window layer and
+no KV policy that reads decode-time scores; other steps run eagerly.
+
+No CUDA graphs: the op slices each layer's span from a host-side plan, and the cache buffers are
+reallocated as they grow and as rows join or leave, so a captured graph would replay stale shapes
+and addresses (inductor's cudagraph trees skip graphs that mutate such inputs). That needs static
+cache storage (one preallocated buffer, attention over a fixed capacity with a mask).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # Defined with the low-level library API rather than `torch.library.custom_op`: the latter wraps
 # every call in Python layers (autograd, in-place bookkeeping, a dynamo-disable wrapper) that cost
-# ~35 us per call, once per layer per step; this op is dispatched in C++ straight to its CPU kernel.
+# ~35 us per call, once per layer per step; this op is dispatched in C++ straight to its kernel.
 _LIBRARY = torch.library.Library("lightvlm", "DEF")
 _LIBRARY.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, "
                 "Tensor(c!) lengths, Tensor rows, Tensor masks, Tensor plan, int layer, float scale) -> Tensor")
@@ -69,6 +75,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
 
 
 _LIBRARY.impl("decode_attention", decode_attention, "CPU")
+_LIBRARY.impl("decode_attention", decode_attention, "CUDA")  # `plan` stays on the host: no device sync
 
 
 @torch.library.register_fake("lightvlm::decode_attention")
@@ -98,7 +105,7 @@ class CompiledDecode:
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
 
     def applies(self, adapter: ModelAdapter, cache: BatchedKVCache) -> bool:
-        return not (self.failed or self._sliding) and cache.scores is None  # CPU: the runner builds it only there
+        return not (self.failed or self._sliding) and cache.scores is None
 
     def __call__(self, adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
                  ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor | None:

@@ -78,12 +78,14 @@ class ModelRunner:
         a = self.adapter
         self.cache = BatchedKVCache.empty(len(a.layers), a.num_kv_heads, a.head_dim, loaded.dtype, self.device)
         self.compressor = KVCompressor()
-        # the decode step and the prefill compiled (CPU only; see compiled_decode.py, compiled_prefill.py)
+        # the decode step compiled on CPU and CUDA, the prefill on CPU (see compiled_decode.py, compiled_prefill.py)
         self.compiled_decode: CompiledDecode | None = None
         self.compiled_prefill: CompiledPrefill | None = None
-        if compile and self.device.type == "cpu":
+        if compile and self.device.type in ("cpu", "cuda"):
             prepare_to_compile(self.adapter.model)
-            self.compiled_decode, self.compiled_prefill = CompiledDecode(self.adapter), CompiledPrefill(self.adapter)
+            self.compiled_decode = CompiledDecode(self.adapter)
+            if self.device.type == "cpu":
+                self.compiled_prefill = CompiledPrefill(self.adapter)
         self.rows: list[_Row] = []
         self._jobs: list[_PrefillJob] = []  # prefills that go on in the next step (layer-sliced)
         self.image_tokens_in = 0
