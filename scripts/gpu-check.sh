@@ -17,6 +17,8 @@
 # time limit (times LIMIT_SCALE: 1 on the GPU, 4 in a dry run) and the script never runs past
 # DEADLINE_S (560) in all; a failed step is reported and the next one still runs. Inductor's cache
 # (on disk, per machine) lets the later compiled runs reuse what the first one compiled.
+# ONLY="parity bench-prefill" runs only those steps (and the install); a name without its
+# -compile0/1 suffix selects both runs: ONLY="bench-decode bench-serve".
 # Exit status: 0 all steps passed, 1 otherwise.
 #
 #   scripts/gpu-check.sh                # on the CUDA machine
@@ -70,6 +72,9 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 # step NAME LIMIT_S CMD...: run under the smaller of its limit and what is left of the deadline
 step() {
     local name="$1" limit="$(( $2 * ${LIMIT_SCALE:-1} ))"; shift 2
+    if [[ -n "${ONLY:-}" && " install install-dry-run $ONLY " != *" ${name%-compile[01]} "* && " $ONLY " != *" $name "* ]]; then
+        return  # not among the steps asked for
+    fi
     local left=$((DEADLINE_S - (SECONDS - START)))
     (( limit > left )) && limit=$left
     if (( limit < 10 )); then note "- $name: SKIPPED (time box spent)"; FAILED=1; return; fi
