@@ -1,5 +1,5 @@
-"""What the compiled parts (compiled_decode.py, compiled_prefill.py) share: the setting that turns
-them on, the process-wide preparation of a model, and how a failed compile is reported."""
+"""What the compiled parts (compiled_decode.py, compiled_prefill.py, graphed_decode.py) share: the
+settings that turn them on, the process-wide preparation of a model, and how a failed compile is reported."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from lightvlm_core.runtime_env import switched_off
 def compile_enabled(environ: Mapping[str, str] = os.environ) -> bool:
     """LIGHTVLM_COMPILE (default on), for the in-process benches that build runners themselves."""
     return not switched_off(environ, "LIGHTVLM_COMPILE")
+
+
+def cuda_graphs_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """LIGHTVLM_CUDA_GRAPHS (default on): on CUDA, replay the compiled decode step as CUDA graphs
+    (graphed_decode.py). Off: the compiled step is launched kernel by kernel."""
+    return not switched_off(environ, "LIGHTVLM_CUDA_GRAPHS")
 
 
 def prepare_to_compile(model: torch.nn.Module) -> None:

@@ -20,8 +20,9 @@ import torch
 from lightvlm_core import forward
 from lightvlm_core.compiled_decode import CompiledDecode
 from lightvlm_core.compiled_prefill import CompiledPrefill
-from lightvlm_core.compiling import prepare_to_compile
+from lightvlm_core.compiling import cuda_graphs_enabled, prepare_to_compile
 from lightvlm_core.errors import LightVLMError
+from lightvlm_core.graphed_decode import GraphedDecode
 from lightvlm_core.inputs import InputProcessor, ModelInputs, eos_token_ids
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.kv.compress import KVCompressor, mark_decode_scoring, needs_prefill_scores
@@ -78,14 +79,17 @@ class ModelRunner:
         a = self.adapter
         self.cache = BatchedKVCache.empty(len(a.layers), a.num_kv_heads, a.head_dim, loaded.dtype, self.device)
         self.compressor = KVCompressor()
-        # the decode step compiled on CPU and CUDA, the prefill on CPU (see compiled_decode.py, compiled_prefill.py)
-        self.compiled_decode: CompiledDecode | None = None
+        # the decode step compiled on CPU and CUDA (there replayed as CUDA graphs), the prefill on CPU
+        # (see compiled_decode.py, graphed_decode.py, compiled_prefill.py)
+        self.compiled_decode: CompiledDecode | GraphedDecode | None = None
         self.compiled_prefill: CompiledPrefill | None = None
         if compile and self.device.type in ("cpu", "cuda"):
             prepare_to_compile(self.adapter.model)
             self.compiled_decode = CompiledDecode(self.adapter)
             if self.device.type == "cpu":
                 self.compiled_prefill = CompiledPrefill(self.adapter)
+            elif cuda_graphs_enabled():
+                self.compiled_decode = GraphedDecode(self.adapter, inner=self.compiled_decode)
         self.rows: list[_Row] = []
         self._jobs: list[_PrefillJob] = []  # prefills that go on in the next step (layer-sliced)
         self.image_tokens_in = 0
@@ -106,6 +110,7 @@ class ModelRunner:
             "num_layers": len(self.adapter.layers),  # the scheduler slices long prefills by layers
             "compiled_decode": self.compiled_decode is not None,
             "compiled_prefill": self.compiled_prefill is not None,
+            "cuda_graphs": isinstance(self.compiled_decode, GraphedDecode),
         }
 
     def counters(self) -> tuple[int, int, int]:

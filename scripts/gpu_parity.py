@@ -11,7 +11,8 @@ where the two implementations round differently: the line shows the first differ
 
 With --compiled it checks the compiled decode step instead (compiled_decode.py): for the families it
 applies to, the compiled engine's greedy tokens must equal the eager engine's, alone and in a ragged
-batch of three, with and without token merging, with no graph compiled after the warm-up. Use
+batch of three, with and without token merging, with no graph compiled after the warm-up (on CUDA:
+replayed as CUDA graphs unless LIGHTVLM_CUDA_GRAPHS=0, and then some replay must have run). Use
 float32 there: the fused kernels reduce in another order, which bfloat16 near-ties would show.
 """
 
@@ -30,6 +31,7 @@ from torch._dynamo.utils import counters
 
 from lightvlm_core.core import warm_up
 from lightvlm_core.engine import Engine, load_engine
+from lightvlm_core.graphed_decode import GraphedDecode
 from lightvlm_core.runner import load_runner
 from lightvlm_core.tiny import FAMILIES, make_tiny
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
@@ -104,12 +106,15 @@ def compiled_check(args: argparse.Namespace, tmp: str) -> list[dict]:
                 print(f"{family:12s} {preset:10s} {case:10s} {'MATCH' if diff is None else f'DIFFERS in row {diff}'}",
                       flush=True)
         new_graphs = counters["stats"]["unique_graphs"] - graphs
-        ran_compiled = not runner.compiled_decode.failed
+        step = runner.compiled_decode
+        cuda_graphs = {"captures": step.captures, "replays": step.replays} if isinstance(step, GraphedDecode) else None
+        inner = step.inner if isinstance(step, GraphedDecode) else step
+        ran_compiled = not inner.failed and (cuda_graphs is None or (not step.failed and step.replays > 0))
         results.append({"family": family, "case": "compiled, no graph after warm-up",
                         "match": ran_compiled and new_graphs == 0, "new_graphs": new_graphs,
-                        "compile_failed": not ran_compiled})
-        print(f"{family:12s} compiled step ran: {ran_compiled}; graphs compiled after warm-up: {new_graphs}"
-              f"  ({time.perf_counter() - start:.1f}s)", flush=True)
+                        "compile_failed": not ran_compiled, "cuda_graphs": cuda_graphs})
+        print(f"{family:12s} compiled step ran: {ran_compiled}; graphs compiled after warm-up: {new_graphs};"
+              f" CUDA graphs: {cuda_graphs}  ({time.perf_counter() - start:.1f}s)", flush=True)
         del eager, compiled, runner
     return results
 
@@ -128,7 +133,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for family in [] if args.compiled else args.families:
             start = time.perf_counter()
-            engine = load_engine(str(make_tiny(family, f"{tmp}/{family}")), device=args.device, dtype=args.dtype)
+            try:
+                engine = load_engine(str(make_tiny(family, f"{tmp}/{family}")), device=args.device, dtype=args.dtype)
+            except Exception as exc:  # e.g. a processor's missing dependency: report it, check the others
+                failed += 1
+                results.append({"family": family, "case": "load", "match": False, "error": repr(exc)})
+                print(f"{family:12s} could not be loaded: {exc!r}", flush=True)
+                continue
             for case, (prompt, images) in CASES.items():
                 ref = hf_greedy(engine, prompt, images, args.tokens)
                 ours = engine.generate([GenerationRequest(prompt, list(images),

@@ -18,6 +18,7 @@ import torch
 from lightvlm_core.bench.common import hardware, median, progress, service_runner, sync
 from lightvlm_core.bench.profiles import PROFILES, Profile, bench_image, build
 from lightvlm_core.engine import Engine
+from lightvlm_core.graphed_decode import GraphedDecode
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
 PROMPT = "Describe this image in as much detail as you can."
@@ -49,8 +50,15 @@ def run(profile_name: str, quiet: bool = False) -> dict:
     bandwidth = copy_bandwidth(engine.device)
     return {"profile": profile.name, "hardware": hardware(), "kv_budget": profile.kv_budget,
             "compiled_decode": runner.compiled_decode is not None,
+            "cuda_graphs": graph_counts(runner),
             "llm_weight_mb": round(weights / 2**20, 1), "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
             "results": _rows(measured, weights, bandwidth)}
+
+
+def graph_counts(runner) -> dict | None:
+    """CUDA graphs captured and replayed by the decode step (None where it uses none)."""
+    graphs = runner.compiled_decode
+    return {"captures": graphs.captures, "replays": graphs.replays} if isinstance(graphs, GraphedDecode) else None
 
 
 def step_weight_bytes(engine: Engine) -> int:
