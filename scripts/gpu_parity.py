@@ -11,8 +11,8 @@ where the two implementations round differently: the line shows the first differ
 
 With --compiled it checks the compiled decode step instead (compiled_decode.py): for the families it
 applies to, the compiled engine's greedy tokens must equal the eager engine's, alone and in a ragged
-batch of three, with and without token merging, with no graph compiled after the warm-up (on CUDA:
-replayed as CUDA graphs unless LIGHTVLM_CUDA_GRAPHS=0, and then some replay must have run). Use
+batch of three, with and without token merging, with no graph compiled after the warm-up (on CUDA
+with LIGHTVLM_CUDA_GRAPHS=1: replayed as CUDA graphs, and some replay must have run). Use
 float32 there: the fused kernels reduce in another order, which bfloat16 near-ties would show.
 """
 

@@ -32,3 +32,16 @@ def test_unknown_subcommands_print_usage() -> None:
     for name, arg in (("peer-vllm-cpu.sh", "bogus"), ("gpu-check.sh", "--bogus")):
         proc = subprocess.run([str(REPO / "scripts" / name), arg], capture_output=True, text=True)
         assert proc.returncode == 2 and "scripts/" in proc.stderr
+
+
+def test_gpu_check_dry_run_runs_only_the_steps_asked_for(tmp_path: Path) -> None:
+    """ONLY= selects steps by name, and nothing else runs: two cheap steps here (one of the three
+    decode runs), on CPU with the tiny profile."""
+    out = tmp_path / "out"
+    env = dict(os.environ, ONLY="bench-prefill bench-decode-eager", OUT=str(out), WHEELHOUSE=str(tmp_path / "none"))
+    subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh"), "--dry-run"], env=env, check=True,
+                   capture_output=True, text=True, timeout=600)
+    steps = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("- ")]
+    assert [s.split(":")[0] for s in steps] == ["- install", "- bench-prefill", "- bench-decode-eager"]
+    assert "bench-prefill: ok" in steps[1] and (out / "prefill.json").exists()  # install: skipped (no wheels)
+    assert "bench-decode-eager: ok" in steps[2] and not (out / "decode-compiled.json").exists()
