@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from lightvlm_core.bench import decode, prefill
 from lightvlm_core.cli import main
@@ -40,7 +39,11 @@ def test_decode_bench_covers_long_and_batched_cases():
         low = (result["llm_weight_mb"] - 0.05 + row["mean_kv_mb"] - 0.005) * 2**20 / (bandwidth + 5e6) * 1e3
         high = (result["llm_weight_mb"] + 0.05 + row["mean_kv_mb"] + 0.005) * 2**20 / (bandwidth - 5e6) * 1e3
         assert low - 1e-3 <= row["bound_ms"] <= high + 1e-3
-        assert row["x_bound"] == pytest.approx(row["step_ms"] / row["bound_ms"], rel=0.01)
+        # x_bound is computed before rounding; step_ms and bound_ms are reported to 0.001 ms (a
+        # tiny model's bound is a few hundredths of a ms: a percent-level rounding error)
+        step, bound = row["step_ms"], row["bound_ms"]
+        upper = (step + 5e-4) / (bound - 5e-4) + 5e-3 if bound > 5e-4 else float("inf")
+        assert (step - 5e-4) / (bound + 5e-4) - 5e-3 <= row["x_bound"] <= upper
 
 
 def test_a_decode_step_reads_every_llm_weight_once_but_the_embedding_table():
