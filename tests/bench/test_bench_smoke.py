@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 from lightvlm_core.bench import decode, prefill
 from lightvlm_core.cli import main
 
