@@ -280,16 +280,21 @@ class EngineCore:
                          kv_bytes, kv_tokens, counters)
 
 
+# The compiled decode step's graphs (compiled_decode.py): batch 1, 2 to FEW_ROWS (4) rows, more rows
+WARM_UP_BATCHES = (1, 2, 5)
+
+
 def warm_up(runner: Runner) -> None:
     """Tiny requests through the runner, so the first real ones do not pay for lazy init: one alone,
-    then two together (a compiled decode step compiles once for batch 1 and once for more rows)."""
+    then two together, then five (a compiled decode step compiles once for each of
+    WARM_UP_BATCHES' batch-size ranges)."""
     from PIL import Image
 
     def request() -> GenerationRequest:
         return GenerationRequest("Describe the image.", [Image.new("RGB", (64, 64), (127, 127, 127))],
                                  SamplingParams(max_new_tokens=3, ignore_eos=True))
 
-    for batch in (1, 2):
+    for batch in WARM_UP_BATCHES:
         _run_alone(runner, [runner.prepare(request()) for _ in range(batch)])
 
 

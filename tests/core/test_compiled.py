@@ -10,11 +10,12 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
-from lightvlm_core import compiled_decode, compiled_prefill
+from lightvlm_core import compiled_decode, compiled_prefill, core
 from lightvlm_core.core import warm_up
 from lightvlm_core.engine import Engine
 from lightvlm_core.compiling import compile_enabled
@@ -64,7 +65,46 @@ def test_warm_up_leaves_nothing_to_compile_for_other_batch_sizes(pair) -> None:
     tokens(compiled, requests())  # batch 3, ragged
     tokens(compiled, requests()[:1])  # batch 1, another length
     tokens(compiled, requests(preset="aggressive"))  # merged prompts: other lengths from layer to layer
+    tokens(compiled, requests() + requests())  # batch 6: beyond the few-rows graphs
     assert counters["stats"]["unique_graphs"] == before
+
+
+def test_steps_of_few_rows_run_their_linears_as_multiply_sums(pair) -> None:
+    """Up to FEW_ROWS rows the step runs the graph with RowLinear, beyond it the BLAS one (the
+    token comparisons above cover both: batches of 1, 3 and 6)."""
+    eager, compiled = pair
+    step = compiled.runner.compiled_decode
+    calls = {"few": 0, "many": 0}
+
+    def counting(fn, key):
+        def call(*args):
+            calls[key] += 1
+            return fn(*args)
+        return call
+
+    few, many = step._few_rows, step._fn
+    step._few_rows, step._fn = counting(few, "few"), counting(many, "many")
+    try:
+        assert tokens(compiled, requests()) == tokens(eager, requests())  # 3 rows: 7 steps
+        assert calls == {"few": 7, "many": 0}
+        assert tokens(compiled, requests() + requests()) == tokens(eager, requests() + requests())
+        assert calls == {"few": 7, "many": 7}
+    finally:
+        step._few_rows, step._fn = few, many
+    assert core.WARM_UP_BATCHES == (1, 2, compiled_decode.FEW_ROWS + 1)  # one per graph of the step
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (4, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_row_linear_equals_f_linear(shape, bias) -> None:
+    torch.manual_seed(0)
+    x, weight = torch.randn(shape), torch.randn(40, 24)
+    b = torch.randn(40) if bias else None
+    with compiled_decode.RowLinear():
+        got = F.linear(x, weight, b)
+        assert torch.equal(torch.mm(x.reshape(-1, 24), weight.T), x.reshape(-1, 24) @ weight.T)  # other ops pass
+    assert got.shape == F.linear(x, weight, b).shape
+    assert torch.allclose(got, F.linear(x, weight, b), atol=1e-5)
 
 
 def test_every_prefill_layer_runs_compiled_and_fixed_size_towers_too(pair, monkeypatch) -> None:
@@ -119,7 +159,8 @@ def test_a_failed_compile_falls_back_to_eager_for_good(tiny_model_dir, monkeypat
     model = str(tiny_model_dir("llava"))
     runner = load_runner(model, device="cpu", compile=True)
     calls = []
-    monkeypatch.setattr(runner.compiled_decode, "_fn", broken_compiler(calls))
+    for graph in ("_fn", "_few_rows"):  # whichever the batch size picks
+        monkeypatch.setattr(runner.compiled_decode, graph, broken_compiler(calls))
     with caplog.at_level(logging.WARNING, logger="lightvlm_core.compiled_decode"):
         got = tokens(Engine(runner), requests())
     assert got == tokens(Engine(load_runner(model, device="cpu")), requests())
