@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo import maybe_mark_dynamic
 from torch._dynamo.exc import TorchDynamoException
-from torch.overrides import TorchFunctionMode
 
 from lightvlm_core import forward
 from lightvlm_core.compiling import failure_summary
+from lightvlm_core.cpu_linear import OneDnnLinear, RowLinear, onednn_faster
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import LayerSpec, ModelAdapter
 
@@ -98,38 +98,28 @@ def _layers(adapter: ModelAdapter, keys: list[torch.Tensor], values: list[torch.
 FEW_ROWS = 4  # on CPU, steps of up to this many rows run their linears as multiply-sums (RowLinear)
 
 
-class RowLinear(TorchFunctionMode):
-    """`F.linear` of a few rows as a multiply and a sum over the input features, which inductor
-    generates as one vectorised pass over the weight per row. On CPU the BLAS call for one row
-    reads the weights at a fraction of the memory bandwidth a plain streaming loop reaches:
-    measured in-process on an AMD EPYC VM (2 threads), forty 4096x1024 float32 weights: 23-24 GB/s
-    for `F.linear` (MKL), 72 GB/s for the fused multiply-sum (a bare `sum`: 77). The loop reads the
-    weight once per row, so its lead shrinks with the rows (2.3x at 2, 1.4x at 4, none at 8):
-    only steps of up to FEW_ROWS rows use it. Not bitwise equal to BLAS (another summation order)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.linear:
-            return func(*args, **kwargs)
-        x, weight = args[0], args[1]
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        out = (x.reshape(-1, 1, x.shape[-1]) * weight).sum(-1).reshape(*x.shape[:-1], weight.shape[0])
-        return out if bias is None else out + bias
-
-
 def _few_rows_layers(*args) -> torch.Tensor:
     """What gets compiled for steps of up to FEW_ROWS rows on CPU: `_layers` with row linears."""
     with RowLinear():
         return _layers(*args)
 
 
+def _onednn_layers(*args) -> torch.Tensor:
+    """What gets compiled for larger steps on a CPU where oneDNN's matmul was measured faster."""
+    with OneDnnLinear():
+        return _layers(*args)
+
+
 class CompiledDecode:
-    """`forward.CompiledLayers` with inductor. Compiles on first use: once for batch 1 and once for
-    any larger batch (sizes marked dynamic), so an engine warms up with both (core.warm_up).
-    The runner prepares the model first (`compiling.prepare_to_compile`)."""
+    """`forward.CompiledLayers` with inductor. Compiles on first use: on CPU once for batch 1, once
+    for 2 to FEW_ROWS rows (both with row linears) and once for more rows (sizes marked dynamic), so
+    an engine warms up with each (core.WARM_UP_BATCHES). On CPU the larger steps' linears run on
+    oneDNN where it was measured faster (cpu_linear.py). The runner prepares the model first
+    (`compiling.prepare_to_compile`)."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
-        self._fn = torch.compile(_layers, fullgraph=True)
+        cpu = adapter.model.device.type == "cpu"
+        self._fn = torch.compile(_onednn_layers if cpu and onednn_faster() else _layers, fullgraph=True)
         self._few_rows = torch.compile(_few_rows_layers, fullgraph=True)  # CPU, up to FEW_ROWS rows
         self._sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on

@@ -30,6 +30,7 @@ from torch._dynamo.exc import TorchDynamoException
 
 from lightvlm_core import forward
 from lightvlm_core.compiling import failure_summary
+from lightvlm_core.cpu_linear import OneDnnLinear, onednn_faster
 from lightvlm_core.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,17 @@ def _layer(adapter: ModelAdapter, layer: nn.Module, h: torch.Tensor, cos: torch.
     return forward.prefill_layer(adapter, layer, h, forward.RopeTables(cos, signed_sin), None)
 
 
+def _onednn_layer(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_layer` on a CPU where oneDNN's matmul was measured faster than BLAS (cpu_linear.py)."""
+    with OneDnnLinear():
+        return _layer(*args)
+
+
 class CompiledPrefill:
     """`forward.CompiledPrefillLayers` with inductor, plus the vision tower where its input size is fixed."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
-        self._fn = torch.compile(_layer, fullgraph=True)
+        self._fn = torch.compile(_onednn_layer if onednn_faster() else _layer, fullgraph=True)
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
         name = adapter.fixed_size_vision_tower
         tower = getattr(adapter.model.model, name, None) if name else None

@@ -15,7 +15,7 @@ from PIL import Image
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
-from lightvlm_core import compiled_decode, compiled_prefill, core
+from lightvlm_core import compiled_decode, compiled_prefill, core, cpu_linear
 from lightvlm_core.core import warm_up
 from lightvlm_core.engine import Engine
 from lightvlm_core.compiling import compile_enabled
@@ -94,17 +94,31 @@ def test_steps_of_few_rows_run_their_linears_as_multiply_sums(pair) -> None:
     assert core.WARM_UP_BATCHES == (1, 2, compiled_decode.FEW_ROWS + 1)  # one per graph of the step
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (4, 24)])
+@pytest.mark.parametrize("mode", [cpu_linear.RowLinear, cpu_linear.OneDnnLinear])
+@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (4, 24), (2, 7, 24)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_row_linear_equals_f_linear(shape, bias) -> None:
+def test_rerouted_linears_equal_f_linear(mode, shape, bias) -> None:
     torch.manual_seed(0)
     x, weight = torch.randn(shape), torch.randn(40, 24)
     b = torch.randn(40) if bias else None
-    with compiled_decode.RowLinear():
+    with mode():
         got = F.linear(x, weight, b)
         assert torch.equal(torch.mm(x.reshape(-1, 24), weight.T), x.reshape(-1, 24) @ weight.T)  # other ops pass
     assert got.shape == F.linear(x, weight, b).shape
     assert torch.allclose(got, F.linear(x, weight, b), atol=1e-5)
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_larger_steps_and_prefill_give_the_eager_tokens_with_either_large_linear(tiny_model_dir, monkeypatch,
+                                                                                  onednn) -> None:
+    """Whichever kernel the start-up measurement picks for linears of many rows (cpu_linear.py)."""
+    for module in (compiled_decode, compiled_prefill):
+        monkeypatch.setattr(module, "onednn_faster", lambda: onednn)
+    model = str(tiny_model_dir("qwen2_vl"))  # biases in q/k/v
+    compiled = Engine(load_runner(model, device="cpu", compile=True))
+    six = requests() + requests(preset="aggressive")
+    assert tokens(compiled, six) == tokens(Engine(load_runner(model, device="cpu")), six)
+    assert isinstance(cpu_linear.onednn_faster(), bool)
 
 
 def test_every_prefill_layer_runs_compiled_and_fixed_size_towers_too(pair, monkeypatch) -> None:
