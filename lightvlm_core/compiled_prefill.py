@@ -21,6 +21,7 @@ tests/core/test_compiled.py; parity with transformers is tested eagerly (LIGHTVL
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -56,7 +57,8 @@ class CompiledPrefill:
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
         name = adapter.fixed_size_vision_tower
         tower = getattr(adapter.model.model, name, None) if name else None
-        self.vision = CompiledForward(tower) if tower is not None else None
+        large_linears = OneDnnLinear if onednn_faster() else None
+        self.vision = CompiledForward(tower, large_linears) if tower is not None else None
 
     def layer(self, adapter: ModelAdapter, layer: nn.Module, h: torch.Tensor, rope: forward.RopeTables
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -74,11 +76,13 @@ class CompiledPrefill:
 
 class CompiledForward:
     """Stands for a module's `forward`: the compiled version, or the eager one for good (after one
-    warning) once compiling failed. Graph breaks are allowed: HF towers have a few."""
+    warning) once compiling failed. Graph breaks are allowed: HF towers have a few. `linear_mode`
+    (a cpu_linear mode class, or None) reroutes the module's linears in the compiled version."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, linear_mode: type | None = None) -> None:
         self.module, self.eager = module, module.forward
-        self.compiled = torch.compile(self.eager)
+        self.compiled = torch.compile(self.eager if linear_mode is None else
+                                      functools.partial(_in_mode, linear_mode, self.eager))
         module.forward = self
 
     def __call__(self, *args, **kwargs):
@@ -89,6 +93,11 @@ class CompiledForward:
                         failure_summary(exc))
             self.module.forward = self.eager
             return self.eager(*args, **kwargs)
+
+
+def _in_mode(mode: type, fn, *args, **kwargs):
+    with mode():
+        return fn(*args, **kwargs)
 
 
 def _mark_sizes(h: torch.Tensor, rope: forward.RopeTables) -> None:

@@ -108,13 +108,14 @@ def test_rerouted_linears_equal_f_linear(mode, shape, bias) -> None:
     assert torch.allclose(got, F.linear(x, weight, b), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])  # a compiled (fixed-size) vision tower; q/k/v biases
 @pytest.mark.parametrize("onednn", [False, True])
 def test_larger_steps_and_prefill_give_the_eager_tokens_with_either_large_linear(tiny_model_dir, monkeypatch,
-                                                                                  onednn) -> None:
+                                                                                  onednn, family) -> None:
     """Whichever kernel the start-up measurement picks for linears of many rows (cpu_linear.py)."""
     for module in (compiled_decode, compiled_prefill):
         monkeypatch.setattr(module, "onednn_faster", lambda: onednn)
-    model = str(tiny_model_dir("qwen2_vl"))  # biases in q/k/v
+    model = str(tiny_model_dir(family))
     compiled = Engine(load_runner(model, device="cpu", compile=True))
     six = requests() + requests(preset="aggressive")
     assert tokens(compiled, six) == tokens(Engine(load_runner(model, device="cpu")), six)
