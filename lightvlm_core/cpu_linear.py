@@ -7,8 +7,9 @@ compiled_prefill.py): `F.linear` is rerouted inside them by a TorchFunctionMode.
   measured in-process on an AMD EPYC VM (2 threads), forty 4096x1024 float32 weights: 23-24 GB/s
   for `F.linear` (MKL), 72 GB/s for the fused multiply-sum (a bare `sum`: 77). Per row the weight
   is read again, so its lead shrinks with the rows (2.3x at 2, 1.4x at 4, none at 8).
-- OneDnnLinear, for prefill and larger decode steps: oneDNN's matmul instead of MKL's, as an op
-  the compiler calls without looking in (inductor's own oneDNN linear needs frozen weights). On the
+- OneDnnLinear, for prefill (layers and a compiled vision tower) and larger decode steps:
+  oneDNN's matmul instead of MKL's, as an op the compiler calls without looking in (inductor's
+  own oneDNN linear needs frozen weights). On the
   same VM MKL ran prefill-shaped float32 GEMMs at 194-216 GFLOP/s and oneDNN at 375-478 (MKL takes
   a slower path on AMD processors); on an Intel Xeon earlier the two were within 10%. So it is
   used where a start-up measurement finds it faster (`onednn_faster`).
@@ -74,10 +75,6 @@ class OneDnnLinear(_LinearMode):
         return torch.ops.lightvlm.onednn_linear(x, weight, bias)
 
 
-class NoMode(TorchFunctionMode):
-    """Leaves `F.linear` as it is (where oneDNN was not measured faster)."""
-
-
 @functools.cache
 def onednn_faster(rows: int = 256, width: int = 1024, rounds: int = 7) -> bool:
     """Whether oneDNN's float32 matmul beat `F.linear` by 10% on a prefill-shaped product, measured
@@ -102,8 +99,3 @@ def onednn_faster(rows: int = 256, width: int = 1024, rounds: int = 7) -> bool:
     log.info("float32 linear %dx%dx%d: F.linear %.2f ms, oneDNN %.2f ms", rows, width, width, blas * 1e3,
              onednn * 1e3)
     return onednn < 0.9 * blas
-
-
-def large_linear_mode() -> TorchFunctionMode:
-    """The mode for linears of many rows in compiled CPU graphs: oneDNN where faster, else as is."""
-    return OneDnnLinear() if onednn_faster() else NoMode()
