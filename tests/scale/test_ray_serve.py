@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +214,10 @@ def test_every_replica_exports_its_metrics_and_a_disconnect_cancels(ray_server: 
     assert generated < 400, generated
 
 
-async def long_stream(client: httpx.AsyncClient, url: str) -> tuple[str, str]:
-    """('done' | 'error: ...', replica) of one long /generate stream."""
-    body = {"prompt": "Describe the image.", "max_new_tokens": 300, "ignore_eos": True, "stream": True}
+async def long_stream(client: httpx.AsyncClient, url: str, started: Callable[[], None] = lambda: None
+                      ) -> tuple[str, str]:
+    """('done' | 'error: ...', replica) of one long /generate stream; `started()` at its first event."""
+    body = {"prompt": "Describe the image.", "max_new_tokens": 480, "ignore_eos": True, "stream": True}
     replica = ""
     try:
         async with client.stream("POST", f"{url}/generate", json=body) as resp:
@@ -226,6 +227,8 @@ async def long_stream(client: httpx.AsyncClient, url: str) -> tuple[str, str]:
             last = ""
             async for line in resp.aiter_lines():
                 if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                    if not last:
+                        started()
                     last = json.loads(line[5:])["type"]
             return ("done" if last == "done" else f"error: stream ended after {last!r}"), replica
     except httpx.HTTPError as exc:
@@ -239,9 +242,19 @@ def test_killing_a_replica_under_load(ray_server: Server) -> None:
     assert victim is not None
 
     async def load_then_kill() -> list[tuple[str, str]]:
+        # the kill lands once every stream is streaming (a fixed delay was outrun by a faster engine:
+        # all 300-token streams had ended within 1.5 s)
+        waiting = [12]
+        all_started = asyncio.Event()
+
+        def started() -> None:
+            waiting[0] -= 1
+            if not waiting[0]:
+                all_started.set()
+
         async with httpx.AsyncClient(timeout=httpx.Timeout(60, read=30)) as client:
-            streams = [asyncio.create_task(long_stream(client, ray_server.url)) for _ in range(12)]
-            await asyncio.sleep(1.5)
+            streams = [asyncio.create_task(long_stream(client, ray_server.url, started)) for _ in range(12)]
+            await asyncio.wait_for(all_started.wait(), timeout=60)
             os.kill(victim, signal.SIGKILL)
             return await asyncio.wait_for(asyncio.gather(*streams), timeout=90)  # no request hangs
 
