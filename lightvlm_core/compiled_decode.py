@@ -17,10 +17,10 @@ equal the eager step's in tests/core/test_compiled.py, and parity with transform
 tested on the eager step (LIGHTVLM_COMPILE=0). Applies to steps with no sliding-window layer and
 no KV policy that reads decode-time scores; other steps run eagerly.
 
-No CUDA graphs: the op slices each layer's span from a host-side plan, and the cache buffers are
-reallocated as they grow and as rows join or leave, so a captured graph would replay stale shapes
-and addresses (inductor's cudagraph trees skip graphs that mutate such inputs). That needs static
-cache storage (one preallocated buffer, attention over a fixed capacity with a mask).
+This step is not captured as a CUDA graph: the op slices each layer's span from a host-side plan,
+and the cache buffers are reallocated as they grow and as rows join or leave, so a captured graph
+would replay stale shapes and addresses (inductor's cudagraph trees skip graphs that mutate such
+inputs). graphed_decode.py captures a variant that attends over each buffer's whole capacity.
 """
 
 from __future__ import annotations

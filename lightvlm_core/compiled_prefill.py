@@ -53,12 +53,12 @@ class CompiledPrefill:
     """`forward.CompiledPrefillLayers` with inductor, plus the vision tower where its input size is fixed."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
-        self._fn = torch.compile(_onednn_layer if onednn_faster() else _layer, fullgraph=True)
+        onednn = onednn_faster()
+        self._fn = torch.compile(_onednn_layer if onednn else _layer, fullgraph=True)
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
         name = adapter.fixed_size_vision_tower
         tower = getattr(adapter.model.model, name, None) if name else None
-        large_linears = OneDnnLinear if onednn_faster() else None
-        self.vision = CompiledForward(tower, large_linears) if tower is not None else None
+        self.vision = CompiledForward(tower, OneDnnLinear if onednn else None) if tower is not None else None
 
     def layer(self, adapter: ModelAdapter, layer: nn.Module, h: torch.Tensor, rope: forward.RopeTables
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
-from lightvlm_core.runtime_env import switched_off
+from lightvlm_core.runtime_env import switched_off, switched_on
 
 
 def compile_enabled(environ: Mapping[str, str] = os.environ) -> bool:
@@ -20,7 +20,7 @@ def cuda_graphs_enabled(environ: Mapping[str, str] = os.environ) -> bool:
     """LIGHTVLM_CUDA_GRAPHS (default off): on CUDA, replay the compiled decode step as CUDA graphs
     (graphed_decode.py). Off until measured faster: its tokens equal the eager step's on an H200,
     but no benchmark of it finished there yet (README, "GPU check")."""
-    return environ.get("LIGHTVLM_CUDA_GRAPHS", "0").strip().lower() in ("1", "true", "yes", "on")
+    return switched_on(environ, "LIGHTVLM_CUDA_GRAPHS")
 
 
 def prepare_to_compile(model: torch.nn.Module) -> None:

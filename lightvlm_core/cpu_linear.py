@@ -9,10 +9,10 @@ compiled_prefill.py): `F.linear` is rerouted inside them by a TorchFunctionMode.
   is read again, so its lead shrinks with the rows (2.3x at 2, 1.4x at 4, none at 8).
 - OneDnnLinear, for prefill (layers and a compiled vision tower) and larger decode steps:
   oneDNN's matmul instead of MKL's, as an op the compiler calls without looking in (inductor's
-  own oneDNN linear needs frozen weights). On the
-  same VM MKL ran prefill-shaped float32 GEMMs at 194-216 GFLOP/s and oneDNN at 375-478 (MKL takes
-  a slower path on AMD processors); on an Intel Xeon earlier the two were within 10%. So it is
-  used where a start-up measurement finds it faster (`onednn_faster`).
+  own oneDNN linear needs frozen weights). On the same VM MKL ran prefill-shaped float32 GEMMs
+  at 194-216 GFLOP/s and oneDNN at 375-478 (MKL takes a slower path on AMD processors); on an
+  Intel Xeon earlier the two were within 10%. So it is used where a start-up measurement finds it
+  faster (`onednn_faster`).
 
 Neither is bitwise equal to MKL (other summation orders), like the rest of the compiled graphs;
 parity with transformers is tested on the eager passes.
@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,10 @@ def _(x, weight, bias):
 
 
 class _LinearMode(TorchFunctionMode):
-    """Routes `F.linear` (nn.Linear's forward, and our fused projections) to `self.linear`."""
+    """Routes `F.linear` (nn.Linear's forward, and our fused projections) to `self.linear`, which
+    each subclass defines."""
+
+    linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -55,9 +59,6 @@ class _LinearMode(TorchFunctionMode):
             return func(*args, **kwargs)
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         return self.linear(args[0], args[1], bias)
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
 
 
 class RowLinear(_LinearMode):

@@ -79,13 +79,15 @@ class GraphedDecode:
         self.captures = 0
         self.replays = 0
 
+    def _graphs_apply(self, cache: BatchedKVCache) -> bool:
+        return not (self.failed or self._sliding) and cache.scores is None and cache.lengths.is_cuda
+
     def applies(self, adapter: ModelAdapter, cache: BatchedKVCache) -> bool:
-        graphs = not (self.failed or self._sliding) and cache.scores is None and cache.lengths.is_cuda
-        return graphs or (self.inner is not None and self.inner.applies(adapter, cache))
+        return self._graphs_apply(cache) or (self.inner is not None and self.inner.applies(adapter, cache))
 
     def __call__(self, adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
                  ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor | None:
-        if self.failed or self._sliding or cache.scores is not None or not cache.lengths.is_cuda:
+        if not self._graphs_apply(cache):
             return self._inner(adapter, cache, h, ropes)
         key = _layout(cache, h, ropes)
         graph = self._graphs.get(key)

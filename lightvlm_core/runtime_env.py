@@ -63,6 +63,11 @@ def switched_off(environ: Mapping[str, str], name: str) -> bool:
     return environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
+def switched_on(environ: Mapping[str, str], name: str) -> bool:
+    """Whether an off-by-default LIGHTVLM_* switch is set to on ("1", "true", "yes", "on")."""
+    return environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
     try:
