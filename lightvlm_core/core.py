@@ -40,6 +40,7 @@ from lightvlm_core.types import GenerationRequest, KeptPatches, SamplingParams
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5  # how often an idle loop wakes to check time-outs
+GATHER_S = 0.02  # longest a ready prefill waits for requests still being prepared beside it
 
 
 class Runner(Protocol):
@@ -98,6 +99,7 @@ class EngineCore:
         self._lock = threading.Lock()  # _preparing: the inbox reader adds, the loop removes
         self._preparing: set[str] = set()
         self._cancelled_while_preparing: set[str] = set()
+        self._gather_since: float | None = None  # when waiting requests began to hold for a burst
         self._closed = False
 
     # --- the loop -------------------------------------------------------------------------------
@@ -106,7 +108,13 @@ class EngineCore:
         """Until ("shutdown",) arrives. Every request in flight then ends with an error event."""
         try:
             while not self._closed:
-                self._drain_inbox(block=not self.scheduler.has_work())
+                hold_s = self._gather_s(time.monotonic())
+                if not self.scheduler.has_work():
+                    self._drain_inbox(IDLE_POLL_S)
+                elif hold_s > 0 and not self.scheduler.running:  # nothing to step but the held prefills
+                    self._drain_inbox(hold_s)
+                else:
+                    self._drain_inbox(None)
                 if self._closed:
                     break
                 self._expire()
@@ -116,9 +124,23 @@ class EngineCore:
             self._fail_all("not_ready", "the server is shutting down")
             self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _gather_s(self, now: float) -> float:
+        """How much longer waiting requests hold their prefill for the requests still being prepared
+        beside them (a burst of arrivals): prefilled as one batch they cost less each than one by one
+        (bundled model, per request: 20.5 ms alone, 16.3 ms four together). At most GATHER_S after
+        the first of them was ready; 0: prefills start now."""
+        with self._lock:
+            preparing = bool(self._preparing)
+        if not (preparing and self.scheduler.waiting):
+            self._gather_since = None
+            return 0.0
+        if self._gather_since is None:
+            self._gather_since = now
+        return max(0.0, self._gather_since + GATHER_S - now)
+
     def step(self) -> None:
         now = time.monotonic()
-        scheduled = self.scheduler.schedule(now)
+        scheduled = self.scheduler.schedule(now, admit=self._gather_s(now) == 0)
         if scheduled.is_empty and not scheduled.finished_ids:
             return
         try:
@@ -135,9 +157,10 @@ class EngineCore:
 
     # --- messages ---------------------------------------------------------------------------------
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _drain_inbox(self, wait_s: float | None) -> None:
+        """Handle every message in the inbox; with `wait_s`, first wait up to that long for one."""
         try:
-            message = self.inbox.get(timeout=IDLE_POLL_S) if block else self.inbox.get_nowait()
+            message = self.inbox.get(timeout=wait_s) if wait_s is not None else self.inbox.get_nowait()
         except queue.Empty:
             return
         while True:

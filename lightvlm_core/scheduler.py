@@ -144,15 +144,16 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
-    def schedule(self, now: float, decode: bool = True) -> SchedulerOutput:
-        """This step's work. With `decode=False` running rows sit the step out (offline prefill)."""
+    def schedule(self, now: float, decode: bool = True, admit: bool = True) -> SchedulerOutput:
+        """This step's work. With `decode=False` running rows sit the step out (offline prefill);
+        with `admit=False` no waiting request starts (a prefill in progress goes on)."""
         out = SchedulerOutput(finished_ids=self._finished_ids)
         self._finished_ids = []
         prefilling = self.prefilling
         out.decode = [r for r in self.running if r.num_output_tokens] if decode else []
         out.num_scheduled_tokens = {r.request_id: 1 for r in out.decode}
         budget = self.config.max_num_batched_tokens - len(out.decode)
-        if not prefilling:
+        if not prefilling and admit:
             prefilling = self._admit(out, budget, now)
         if prefilling:
             self._slice_prefill(out, prefilling, budget)

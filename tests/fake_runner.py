@@ -3,7 +3,8 @@
 It runs behind the real EngineCore, Scheduler and EngineClient (in a thread); only the model is
 replaced. Output depends only on the request (prompt, image pixels, seed), never on the batch, so
 a request's text is the same alone or among others. Prompt markers: "[too-long]" fails prepare
-with PromptTooLongError, "[add-fails]" fails its prefill, "[eos@N]" makes the Nth token EOS.
+with PromptTooLongError, "[add-fails]" fails its prefill, "[eos@N]" makes the Nth token EOS,
+"[prepare-ms@N]" makes its preparation take N ms.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class FakeEngine:
     image_tokens_total: tuple[int, int] = (0, 0)
     seen_accelerations: list[AccelerationConfig | None] = field(default_factory=list)
     prepared_prompts: list[str] = field(default_factory=list)
+    prefill_groups: list[list[str]] = field(default_factory=list)  # request ids prefilled together, per step
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
 
     def info(self) -> dict:
@@ -75,6 +77,8 @@ class FakeEngine:
     def prepare(self, request: GenerationRequest) -> Request:
         if "[too-long]" in request.prompt:
             raise PromptTooLongError("prompt (5000 tokens) + max_new_tokens do not fit in 4096")
+        if delay := re.search(r"\[prepare-ms@(\d+)\]", request.prompt):
+            time.sleep(int(delay.group(1)) / 1e3)
         digest = hashlib.sha256(request.prompt.encode())
         for image in request.images:
             digest.update(image.tobytes())
@@ -102,6 +106,8 @@ class FakeEngine:
         if scheduled.is_empty:
             return out
         time.sleep(self.step_delay)
+        if scheduled.prefill:
+            self.prefill_groups.append([r.request_id for r in scheduled.prefill])
         for request in scheduled.decode:
             self.evicted_tokens_total += 1
             out.sampled[request.request_id] = self._token(request, request.num_output_tokens)

@@ -11,6 +11,7 @@ import time
 import pytest
 from fake_runner import EOS_ID, FakeEngine, FakeTokenizer
 
+from lightvlm_core import core
 from lightvlm_core.client import EngineClient, EngineClosedError, QueueFullError, SchedulerObserver
 from lightvlm_core.errors import PromptTooLongError
 from lightvlm_core.scheduler import SchedulerConfig
@@ -97,6 +98,42 @@ def test_eos_ends_the_request_without_text() -> None:
     finally:
         client.shutdown()
     assert events[1].token_id == EOS_ID and events[1].text == "" and events[-1].finish_reason == "stop"
+
+
+def test_a_burst_of_arrivals_prefills_as_one_batch(monkeypatch) -> None:
+    """Requests still being prepared hold the ready ones' prefill (core.GATHER_S), so a burst
+    prefills in one step instead of the first alone and the rest after it."""
+    monkeypatch.setattr(core, "GATHER_S", 0.5)  # generous: CI machines are slow; the test ends sooner
+    runner = FakeEngine()
+    client = start(runner)
+    burst = [request(f"[prepare-ms@{5 * (i + 1)}] q{i}", n=2) for i in range(4)]  # ready 5 to 20 ms apart
+
+    async def main() -> list[list]:
+        return await asyncio.gather(*(events_of(client, r) for r in burst))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        client.shutdown()
+    assert all(isinstance(r[-1], DoneEvent) for r in results)
+    assert sorted(runner.prefill_groups[0]) == sorted(r.request_id for r in burst)
+
+
+def test_a_slow_preparation_holds_a_ready_prefill_at_most_gather_s(monkeypatch) -> None:
+    monkeypatch.setattr(core, "GATHER_S", 0.05)
+    runner = FakeEngine()
+    client = start(runner)
+    quick, slow = request("quick", n=2), request("[prepare-ms@1500] slow", n=2)
+
+    async def main() -> list[list]:
+        return await asyncio.gather(events_of(client, quick), events_of(client, slow))
+
+    try:
+        quick_events, slow_events = asyncio.run(main())
+    finally:
+        client.shutdown()
+    assert runner.prefill_groups == [[quick.request_id], [slow.request_id]]
+    assert quick_events[-1].timings.ttft_ms < 1000  # not held until the slow one was ready
 
 
 def test_queue_full_prepare_errors_and_cancel() -> None:

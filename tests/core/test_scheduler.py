@@ -237,3 +237,22 @@ def test_status_order_and_config_validation() -> None:
     for bad in ({"max_batch_size": 0}, {"max_queue": -1}, {"max_num_batched_tokens": 0}, {"request_timeout_s": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SchedulerConfig(**bad)
+
+
+def test_admit_false_starts_no_waiting_request_but_decodes_and_sliced_prefills_go_on() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_num_batched_tokens=60), num_layers=4)
+    s.add_request(make_request("running", 10, max_new_tokens=50))
+    s.update_from_output(out := s.schedule(0.0), sample_finished_prefills(out), 0.1)
+    s.add_request(make_request("long", 100))
+    step = s.schedule(1.0)
+    assert ids(step.prefill) == ["long"] and step.prefill_until is not None  # sliced: in progress
+    s.update_from_output(step, sample_finished_prefills(step), 1.1)
+    s.add_request(make_request("new", 5))
+    step = s.schedule(2.0, admit=False)
+    assert ids(step.decode) == ["running"] and ids(step.prefill) == ["long"]  # "new" waits
+    assert ids(s.waiting) == ["new"]
+    while s.prefilling:
+        s.update_from_output(step, sample_finished_prefills(step), 2.1)
+        step = s.schedule(3.0, admit=False)
+    assert ids(step.prefill) == [] and ids(s.waiting) == ["new"]
+    assert ids(s.schedule(4.0).prefill) == ["new"]
