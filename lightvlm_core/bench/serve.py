@@ -14,9 +14,10 @@ in a process of its own). Targets:
 The same workload goes to every target: the same images and prompts in the same order, the same
 output length, closed loop at each concurrency and Poisson open loop at each rate. Targets and
 presets are interleaved within each load point and their order rotates between rounds, so a
-shared machine's slow drifts hit all alike; each load point starts once the machine's CPUs are idle
-again (`quiet.py`: vLLM-CPU spins a core for ~1 s after its last response); with `rounds` > 1 every number is the median over
-the rounds (the per-round throughputs are kept in `runs_output_tokens_per_s`).
+shared machine's slow drifts hit all alike; each load point starts once the machine's CPUs are
+idle again (`quiet.py`: vLLM-CPU spins a core for ~1 s after its last response); with `rounds` > 1
+every number is the median over the rounds (the per-round throughputs are kept in
+`runs_output_tokens_per_s`).
 
 Rows: `closed` / `open` per (load, target, preset), and (profiles with `compare`) `compare`:
 plain transformers and the engine's own loop in this process, before any server starts
