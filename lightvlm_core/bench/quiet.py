@@ -4,7 +4,9 @@ Servers keep working after their last response: vLLM-CPU's worker spins a whole 
 second after a load ends (measured here: 100% of one core for ~1 s, then idle). A load point of
 ours that starts in that second runs on half the machine and loses ~25% of its throughput (and a
 peer measured after us would lose the same to any spinning of ours). In production one server owns
-the machine, so every load point starts once the machine's CPUs are idle again.
+the machine, so every load point starts once the machine's CPUs are idle again: busy less than
+QUIET_BUSY above what they were before the first load point (a machine with a constant background
+load would otherwise never count as quiet).
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ def cpu_times() -> tuple[int, int] | None:
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return sum(fields) - idle, sum(fields)
+
+
+def busy_share(window_s: float = 0.5) -> float:
+    """The share of all CPUs' time spent busy over the next `window_s` (0.0 without /proc/stat)."""
+    before = cpu_times()
+    time.sleep(window_s)
+    after = cpu_times()
+    if before is None or after is None or after[1] <= before[1]:
+        return 0.0
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def wait_until_quiet(max_wait_s: float = MAX_WAIT_S, busy_below: float = QUIET_BUSY,

@@ -42,7 +42,7 @@ from PIL import Image
 
 from lightvlm_core.bench import loadgen, service_proc
 from lightvlm_core.bench.common import hardware, progress
-from lightvlm_core.bench.quiet import wait_until_quiet
+from lightvlm_core.bench.quiet import QUIET_BUSY, busy_share, wait_until_quiet
 from lightvlm_core.bench.serve_report import markdown_table, plot
 
 PROMPTS = (
@@ -257,13 +257,14 @@ class _Load:
         for t, p in pairs:  # warm-up: compile, caches, every batch size up to the largest
             self._load(t, p, concurrency=max(self.w.concurrencies), num_requests=max(self.w.concurrencies))
         rows = []
+        quiet_below = min(0.95, busy_share() + QUIET_BUSY)  # the machine's own background load, plus a margin
         for mode, load, t, p in progress(jobs, len(jobs), "serve", quiet):
-            wait_until_quiet()  # a server still busy after the previous point must not slow this one
+            settle_s = wait_until_quiet(busy_below=quiet_below)  # a server still busy must not slow this point
             if mode == "closed":
-                result = self._load(t, p, concurrency=int(load))
-                rows.append(_row(result, "closed", t.name, p or "-", concurrency=int(load)))
+                row = _row(self._load(t, p, concurrency=int(load)), "closed", t.name, p or "-", concurrency=int(load))
             else:
-                rows.append(_row(self._load(t, p, rate=float(load)), "open", t.name, p or "-", rate=float(load)))
+                row = _row(self._load(t, p, rate=float(load)), "open", t.name, p or "-", rate=float(load))
+            rows.append(dict(row, settle_s=round(settle_s, 2)))
         return rows
 
     def _load(self, target: Target, preset: str | None, concurrency: int | None = None, rate: float | None = None,
@@ -334,6 +335,8 @@ def _merge_rounds(rows: list[dict]) -> list[dict]:
                    runs_output_tokens_per_s=[r["output_tokens_per_s"] for r in runs],
                    tokens_per_request=sorted({n for r in runs for n in r["tokens_per_request"]}))
         row["first_error"] = next((r["first_error"] for r in runs if r.get("first_error")), None)
+        if "settle_s" in row:  # how long each round waited for a quiet machine before this point
+            row["settle_s"] = [r["settle_s"] for r in runs]
         merged.append(row)
     return merged
 

@@ -1,5 +1,6 @@
 """bench serve waits for a quiet machine between load points (lightvlm_core/bench/quiet.py)."""
 
+import os
 import subprocess
 import sys
 import time
@@ -53,3 +54,16 @@ def test_without_proc_stat_waits_a_fixed_time(monkeypatch, tmp_path):
     assert quiet.cpu_times() is None
     waited = quiet.wait_until_quiet(max_wait_s=0.2)
     assert 0.2 <= waited < 1.0
+
+
+def test_busy_share_sees_a_spinning_process():
+    idle = quiet.busy_share(0.3)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = quiet.busy_share(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0.0 <= idle <= 1.0
+    assert busy >= idle + 0.5 / (os.cpu_count() or 1)  # one more CPU busy, less scheduling noise

@@ -47,6 +47,7 @@ def test_every_target_preset_and_load_is_measured_cleanly(result: dict) -> None:
     for row in rows:
         assert row["errors"] == 0, row
         assert row["runs"] == WORKLOAD.rounds and len(row["runs_output_tokens_per_s"]) == WORKLOAD.rounds
+        assert len(row["settle_s"]) == WORKLOAD.rounds and all(0 <= s <= 10.5 for s in row["settle_s"])
         assert row["tokens_per_request"] == [WORKLOAD.max_new_tokens], row  # usage == max_tokens (ignore_eos)
         assert row["output_tokens"] == row["requests"] * WORKLOAD.max_new_tokens
         assert row["ttft_ms_p50"] > 0 and row["tpot_ms_p50"] > 0 and row["output_tokens_per_s"] > 0
