@@ -6,7 +6,9 @@ num_output_tokens), ("shutdown",). Messages out (core -> client): ("ready", info
 message) once at start; ("accepted", request_id, num_prompt_tokens) or ("rejected", request_id,
 error class name, message) per request; ("step", CoreStep) after every step that produced news.
 Requests are prepared (templated, tokenised, images processed) on worker threads, never on the
-loop; the loop sends only token ids: text, stop strings and SSE live in the API process.
+loop; the loop sends only token ids: text, stop strings and SSE live in the API process. A ready
+request holds its prefill for at most GATHER_S while others are still being prepared, so a burst
+of arrivals prefills as one batch.
 """
 
 from __future__ import annotations
