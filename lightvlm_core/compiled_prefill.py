@@ -31,6 +31,7 @@ from torch._dynamo.exc import TorchDynamoException
 
 from lightvlm_core import forward
 from lightvlm_core.compiling import failure_summary
+from lightvlm_core.cpu_attention import CausalAttention, causal_kernel_ready
 from lightvlm_core.cpu_linear import OneDnnLinear, onednn_faster
 from lightvlm_core.models.base import ModelAdapter
 
@@ -43,18 +44,14 @@ def _layer(adapter: ModelAdapter, layer: nn.Module, h: torch.Tensor, cos: torch.
     return forward.prefill_layer(adapter, layer, h, forward.RopeTables(cos, signed_sin), None)
 
 
-def _onednn_layer(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_layer` on a CPU where oneDNN's matmul was measured faster than BLAS (cpu_linear.py)."""
-    with OneDnnLinear():
-        return _layer(*args)
-
-
 class CompiledPrefill:
     """`forward.CompiledPrefillLayers` with inductor, plus the vision tower where its input size is fixed."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
         onednn = onednn_faster()
-        self._fn = torch.compile(_onednn_layer if onednn else _layer, fullgraph=True)
+        # the layers' linears on oneDNN and their attention on our kernel where each measured faster
+        modes = [mode for mode, use in ((OneDnnLinear, onednn), (CausalAttention, causal_kernel_ready())) if use]
+        self._fn = torch.compile(functools.partial(_in_modes, modes, _layer) if modes else _layer, fullgraph=True)
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
         name = adapter.fixed_size_vision_tower
         tower = getattr(adapter.model.model, name, None) if name else None
@@ -82,7 +79,7 @@ class CompiledForward:
     def __init__(self, module: nn.Module, linear_mode: type | None = None) -> None:
         self.module, self.eager = module, module.forward
         self.compiled = torch.compile(self.eager if linear_mode is None else
-                                      functools.partial(_in_mode, linear_mode, self.eager))
+                                      functools.partial(_in_modes, [linear_mode], self.eager))
         module.forward = self
 
     def __call__(self, *args, **kwargs):
@@ -95,9 +92,12 @@ class CompiledForward:
             return self.eager(*args, **kwargs)
 
 
-def _in_mode(mode: type, fn, *args, **kwargs):
-    with mode():
+def _in_modes(modes: list[type], fn, *args, **kwargs):
+    """`fn` inside each of `modes` (TorchFunctionMode classes), the first outermost."""
+    if not modes:
         return fn(*args, **kwargs)
+    with modes[0]():
+        return _in_modes(modes[1:], fn, *args, **kwargs)
 
 
 def _mark_sizes(h: torch.Tensor, rope: forward.RopeTables) -> None:
