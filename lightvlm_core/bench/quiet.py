@@ -5,8 +5,9 @@ second after a load ends (measured here: 100% of one core for ~1 s, then idle). 
 ours that starts in that second runs on half the machine and loses ~25% of its throughput (and a
 peer measured after us would lose the same to any spinning of ours). In production one server owns
 the machine, so every load point starts once the machine's CPUs are idle again: busy less than
-QUIET_BUSY above what they were before the first load point (a machine with a constant background
-load would otherwise never count as quiet).
+QUIET_BUSY above what they were before any load (a machine with a constant background load would
+otherwise never count as quiet). That level is measured before the bench's warm-up requests: right
+after them a spinning peer would pass for background.
 """
 
 from __future__ import annotations

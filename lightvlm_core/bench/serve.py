@@ -254,10 +254,12 @@ class _Load:
             order = pairs[r % len(pairs):] + pairs[:r % len(pairs)]  # rotate: no target always goes first
             jobs += [("closed", c, t, p) for c in self.w.concurrencies for t, p in order]
             jobs += [("open", rate, t, p) for rate in self.w.rates for t, p in order]
+        # the machine's own background load, plus a margin: measured before any load (a server still
+        # busy after the warm-up's last request would pass for background)
+        quiet_below = min(0.95, busy_share(1.0) + QUIET_BUSY)
         for t, p in pairs:  # warm-up: compile, caches, every batch size up to the largest
             self._load(t, p, concurrency=max(self.w.concurrencies), num_requests=max(self.w.concurrencies))
         rows = []
-        quiet_below = min(0.95, busy_share() + QUIET_BUSY)  # the machine's own background load, plus a margin
         for mode, load, t, p in progress(jobs, len(jobs), "serve", quiet):
             settle_s = wait_until_quiet(busy_below=quiet_below)  # a server still busy must not slow this point
             if mode == "closed":
