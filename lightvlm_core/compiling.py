@@ -1,10 +1,13 @@
-"""What the compiled parts (compiled_decode.py, compiled_prefill.py, graphed_decode.py) share: the
-settings that turn them on, the process-wide preparation of a model, and how a failed compile is reported."""
+"""What the compiled parts (compiled_decode.py, compiled_prefill.py, graphed_decode.py, and the
+kernels they choose between: cpu_linear.py, cpu_attention.py) share: the settings that turn them
+on, the process-wide preparation of a model, how a failed compile is reported, and how a start-up
+measurement times a kernel."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -23,6 +26,12 @@ def cuda_graphs_enabled(environ: Mapping[str, str] = os.environ) -> bool:
     return switched_on(environ, "LIGHTVLM_CUDA_GRAPHS")
 
 
+def attention_kernel_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """LIGHTVLM_ATTENTION_KERNEL (default on): the compiled CPU prefill's causal attention on our
+    kernel where it is built and measured faster (cpu_attention.py)."""
+    return not switched_off(environ, "LIGHTVLM_ATTENTION_KERNEL")
+
+
 def prepare_to_compile(model: torch.nn.Module) -> None:
     """What torch.compile needs before the first graph of `model`: no autograd (inference only:
     otherwise AOT autograd traces a backward graph, and fails on the cache writes), and no graphs
@@ -38,3 +47,14 @@ def failure_summary(exc: BaseException) -> str:
     """The one line of a compile error that goes into the "runs eagerly from now on" warning."""
     text = str(exc)
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def best_time(fn: Callable[[], object], rounds: int) -> float:
+    """The fastest of `rounds` timed calls of `fn` in seconds, after one untimed call (warm-up)."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)

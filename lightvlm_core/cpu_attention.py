@@ -25,14 +25,13 @@ import logging
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from lightvlm_core.runtime_env import switched_off
+from lightvlm_core.compiling import attention_kernel_enabled, best_time, failure_summary
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +51,7 @@ def _(q, k, v, scale):
 def causal_kernel_ready() -> bool:
     """Whether the kernel is on (LIGHTVLM_ATTENTION_KERNEL, default on), built, correct and faster
     than SDPA here (once per process)."""
-    if switched_off(os.environ, "LIGHTVLM_ATTENTION_KERNEL"):
-        return False
-    return causal_kernel_built() and _checked_and_faster()
+    return attention_kernel_enabled() and causal_kernel_built() and _checked_and_faster()
 
 
 @functools.cache
@@ -73,7 +70,7 @@ def causal_kernel_built() -> bool:
                            "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"])
     except Exception as exc:  # no compiler, a failed build: SDPA
         log.warning("the causal attention kernel could not be built; prefill attention stays on SDPA: %s",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    failure_summary(exc))
         return False
     return True
 
@@ -87,18 +84,8 @@ def _checked_and_faster(tokens: int = 256, rounds: int = 7) -> bool:
         log.warning("the causal attention kernel disagrees with SDPA (max diff %.2e); not used",
                     (out - reference).abs().max().item())
         return False
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    sdpa = best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-    kernel = best(lambda: torch.ops.lightvlm.causal_attention(q, k, v, 64 ** -0.5))
+    sdpa = best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), rounds)
+    kernel = best_time(lambda: torch.ops.lightvlm.causal_attention(q, k, v, 64 ** -0.5), rounds)
     log.info("causal attention, %d tokens: SDPA %.2f ms, kernel %.2f ms", tokens, sdpa * 1e3, kernel * 1e3)
     return kernel < 0.9 * sdpa
 

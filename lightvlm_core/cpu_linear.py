@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from lightvlm_core.compiling import best_time
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +84,9 @@ def onednn_faster(rows: int = 256, width: int = 1024, rounds: int = 7) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     x, weight = torch.randn(rows, width), torch.randn(width, width)
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     try:
-        blas, onednn = best(lambda: F.linear(x, weight)), best(lambda: _onednn_linear(x, weight, None))
+        blas = best_time(lambda: F.linear(x, weight), rounds)
+        onednn = best_time(lambda: _onednn_linear(x, weight, None), rounds)
     except RuntimeError:  # a torch built without oneDNN's linear
         return False
     log.info("float32 linear %dx%dx%d: F.linear %.2f ms, oneDNN %.2f ms", rows, width, width, blas * 1e3,

@@ -46,17 +46,9 @@ def wait_until_quiet(max_wait_s: float = MAX_WAIT_S, busy_below: float = QUIET_B
     """Block until one `window_s` window has the CPUs busy less than `busy_below` of the time (or
     `max_wait_s` passed); returns the seconds waited. Without /proc/stat: one fixed wait of 2 s."""
     start = time.monotonic()
-    before = cpu_times()
-    if before is None:
+    if cpu_times() is None:
         time.sleep(min(2.0, max_wait_s))
         return time.monotonic() - start
-    while time.monotonic() - start < max_wait_s:
-        time.sleep(window_s)
-        after = cpu_times()
-        if after is None:
-            break
-        busy, total = after[0] - before[0], after[1] - before[1]
-        if total > 0 and busy / total < busy_below:
-            break
-        before = after
+    while time.monotonic() - start < max_wait_s and busy_share(window_s) >= busy_below:
+        pass
     return time.monotonic() - start
