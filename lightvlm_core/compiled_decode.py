@@ -26,10 +26,11 @@ inputs). graphed_decode.py captures a variant that attends over each buffer's wh
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch._dynamo import maybe_mark_dynamic
+from torch._dynamo import mark_dynamic
 from torch._dynamo.exc import TorchDynamoException
 
 from lightvlm_core import forward
@@ -111,34 +112,65 @@ def _onednn_layers(*args) -> torch.Tensor:
 
 
 class CompiledDecode:
-    """`forward.CompiledLayers` with inductor. Compiles on first use: on CPU once for batch 1, once
-    for 2 to FEW_ROWS rows (both with row linears) and once for more rows (sizes marked dynamic), so
-    an engine warms up with each (core.WARM_UP_BATCHES). On CPU the larger steps' linears run on
-    oneDNN where it was measured faster (cpu_linear.py). The runner prepares the model first
-    (`compiling.prepare_to_compile`)."""
+    """`forward.CompiledLayers` with inductor. Compiles one program per kind of step on its first
+    call: batch 1; 2 to FEW_ROWS rows (on CPU, both with row linears); more rows (on CPU with
+    oneDNN's matmul where it was measured faster, cpu_linear.py). An engine warms up with each
+    (core.WARM_UP_BATCHES). The runner prepares the model first (`compiling.prepare_to_compile`).
+
+    The programs are compiled ahead of their calls (`aot_compile`) and then called directly, not
+    through dynamo's frame hook: that hook checks every guard of the program before each call,
+    ~3,500 on a 32-layer model (the model's modules and parameters, the cache's tensors), measured
+    at ~1 ms of a 6-8 ms `cpu-small` step. What those guards protect is held here instead: the
+    program is chosen by batch size and device, the model, its dtype and the cache's layout are
+    fixed for the engine's life, and the sizes that change from step to step are compiled as
+    symbols (`_mark_sizes`; a size that would be specialised fails the compile instead)."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
         cpu = adapter.model.device.type == "cpu"
-        self._fn = torch.compile(_onednn_layers if cpu and onednn_faster() else _layers, fullgraph=True)
-        self._few_rows = torch.compile(_few_rows_layers, fullgraph=True)  # CPU, up to FEW_ROWS rows
+        self._bodies = {"one": _few_rows_layers if cpu else _layers,
+                        "few": _few_rows_layers if cpu else _layers,
+                        "many": _onednn_layers if cpu and onednn_faster() else _layers}
+        self._programs: dict[str, Callable[..., torch.Tensor]] = {}
+        self._cpu = cpu
         self._sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
 
     def applies(self, adapter: ModelAdapter, cache: BatchedKVCache) -> bool:
         return not (self.failed or self._sliding) and cache.scores is None
 
+    def kind(self, batch: int) -> str:
+        """Which program a step of `batch` rows runs."""
+        if batch == 1:
+            return "one"
+        return "few" if batch <= FEW_ROWS and self._cpu else "many"
+
     def __call__(self, adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
                  ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor | None:
         rows, masks, plan = op_layout(cache)
-        _mark_sizes(h.shape[0], cache.keys + cache.values, masks, cache.lengths, rows, h, ropes)
-        fn = self._few_rows if h.shape[0] <= FEW_ROWS and h.device.type == "cpu" else self._fn
+        args = (adapter, cache.keys, cache.values, cache.lengths, rows, masks, plan, h, ropes)
+        kind = self.kind(h.shape[0])
+        program = self._programs.get(kind) or self._compile(kind, args)
+        return program(*args) if program is not None else None
+
+    def _compile(self, kind: str, args: tuple) -> Callable[..., torch.Tensor] | None:
+        adapter, keys, values, lengths, rows, masks, plan, h, ropes = args
+        _mark_sizes(h.shape[0], keys + values, masks, lengths, rows, h, ropes)
         try:
-            return fn(adapter, cache.keys, cache.values, cache.lengths, rows, masks, plan, h, ropes)
-        except TorchDynamoException as exc:  # raised while compiling, before the graph ran
+            program = compile_program(self._bodies[kind], args)
+        except (TorchDynamoException, RuntimeError) as exc:  # e.g. no C++ compiler, inductor caches off
             log.warning("the decode step could not be compiled; it runs eagerly from now on: %s",
                         failure_summary(exc))
             self.failed = True
             return None
+        self._programs[kind] = program
+        return program
+
+
+def compile_program(body: Callable[..., torch.Tensor], args: tuple) -> Callable[..., torch.Tensor]:
+    """`body` compiled for calls like `body(*args)`, called from then on without guard checks."""
+    program = torch.compile(body, fullgraph=True).aot_compile((args, {}))
+    program.disable_guard_check()
+    return program
 
 
 def op_layout(cache: BatchedKVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,12 +183,13 @@ def op_layout(cache: BatchedKVCache) -> tuple[torch.Tensor, torch.Tensor, torch.
 def _mark_sizes(batch: int, buffers: list[torch.Tensor], masks: torch.Tensor, lengths: torch.Tensor,
                 rows: torch.Tensor, h: torch.Tensor, ropes: dict[str | None, forward.RopeTables]) -> None:
     """Sizes that change from step to step are compiled as symbols, not constants: the cache's
-    capacity and span (every step) and, beyond one row, the batch size (batch 1 gets a graph of
-    its own). Otherwise each new size would compile the graph again."""
+    capacity and span (every step) and, beyond one row, the batch size (batch 1 gets a program of
+    its own). Marked strictly: the programs run without guards, so a size the compiler would
+    specialise must fail the compile rather than be assumed by later steps."""
     for buffer in buffers:
-        maybe_mark_dynamic(buffer, 2)
-    maybe_mark_dynamic(masks, 2)
+        mark_dynamic(buffer, 2)
+    mark_dynamic(masks, 2)
     if batch > 1:
         for tensor in (*buffers, masks, h, rows, *(t for r in ropes.values() for t in (r.cos, r.signed_sin))):
-            maybe_mark_dynamic(tensor, 1 if tensor is masks else 0)
-        maybe_mark_dynamic(lengths, 1)
+            mark_dynamic(tensor, 1 if tensor is masks else 0)
+        mark_dynamic(lengths, 1)

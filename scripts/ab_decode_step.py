@@ -38,7 +38,10 @@ def base_package(rev: str, into: Path) -> str:
         text = re.sub(r"\blightvlm_core\b", "lightvlm_core_base", source.read_text())
         # custom ops are registered process-wide by name: the base's get a namespace of their own
         text = text.replace('"lightvlm::', '"lightvlmbase::').replace('Library("lightvlm"', 'Library("lightvlmbase"')
+        text = text.replace('load("lightvlm_', 'load("lightvlmbase_')  # C++ extensions: a build of their own
         source.write_text(text.replace("torch.ops.lightvlm.", "torch.ops.lightvlmbase."))
+    for source in package.rglob("*.cpp"):  # their kernels registered under the base's namespace
+        source.write_text(source.read_text().replace("TORCH_LIBRARY_IMPL(lightvlm,", "TORCH_LIBRARY_IMPL(lightvlmbase,"))
     return "lightvlm_core_base"
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
@@ -62,36 +63,53 @@ def test_compiled_engine_gives_the_eager_tokens_alone_and_in_a_ragged_batch(pair
 def test_warm_up_leaves_nothing_to_compile_for_other_batch_sizes(pair) -> None:
     _, compiled = pair
     before = counters["stats"]["unique_graphs"]
+    programs = dict(compiled.runner.compiled_decode._programs)
+    assert set(programs) == {"one", "few", "many"}
     tokens(compiled, requests())  # batch 3, ragged
     tokens(compiled, requests()[:1])  # batch 1, another length
     tokens(compiled, requests(preset="aggressive"))  # merged prompts: other lengths from layer to layer
     tokens(compiled, requests() + requests())  # batch 6: beyond the few-rows graphs
     assert counters["stats"]["unique_graphs"] == before
+    assert compiled.runner.compiled_decode._programs == programs
+
+
+def test_decode_programs_run_without_dynamo_guard_checks(pair) -> None:
+    """The step's programs are called directly, not through dynamo's frame hook (which would check
+    every guard on the model before each step): no frame of the compiled bodies is in its cache."""
+    _, compiled = pair
+    tokens(compiled, requests())
+    for body in (compiled_decode._layers, compiled_decode._few_rows_layers, compiled_decode._onednn_layers):
+        assert _debug_get_cache_entry_list(body.__code__) == []
+    assert all(not program._guard_check_enabled for program in compiled.runner.compiled_decode._programs.values())
 
 
 def test_steps_of_few_rows_run_their_linears_as_multiply_sums(pair) -> None:
-    """Up to FEW_ROWS rows the step runs the graph with RowLinear, beyond it the BLAS one (the
-    token comparisons above cover both: batches of 1, 3 and 6)."""
+    """Up to FEW_ROWS rows the step runs a program with RowLinear, beyond it the BLAS one (the
+    token comparisons above cover all three: batches of 1, 3 and 6)."""
     eager, compiled = pair
     step = compiled.runner.compiled_decode
-    calls = {"few": 0, "many": 0}
+    assert step._bodies["one"] is step._bodies["few"] is compiled_decode._few_rows_layers
+    assert step._bodies["many"] in (compiled_decode._layers, compiled_decode._onednn_layers)
+    calls = {"one": 0, "few": 0, "many": 0}
+    real = dict(step._programs)
 
-    def counting(fn, key):
+    def counting(kind, program):
         def call(*args):
-            calls[key] += 1
-            return fn(*args)
+            calls[kind] += 1
+            return program(*args)
         return call
 
-    few, many = step._few_rows, step._fn
-    step._few_rows, step._fn = counting(few, "few"), counting(many, "many")
+    step._programs = {kind: counting(kind, program) for kind, program in real.items()}
     try:
         assert tokens(compiled, requests()) == tokens(eager, requests())  # 3 rows: 7 steps
-        assert calls == {"few": 7, "many": 0}
+        assert calls == {"one": 0, "few": 7, "many": 0}
         assert tokens(compiled, requests() + requests()) == tokens(eager, requests() + requests())
-        assert calls == {"few": 7, "many": 7}
+        assert calls == {"one": 0, "few": 7, "many": 7}
+        assert tokens(compiled, requests()[:1]) == tokens(eager, requests()[:1])
+        assert calls == {"one": 7, "few": 7, "many": 7}
     finally:
-        step._few_rows, step._fn = few, many
-    assert core.WARM_UP_BATCHES == (1, 2, compiled_decode.FEW_ROWS + 1)  # one per graph of the step
+        step._programs = real
+    assert core.WARM_UP_BATCHES == (1, 2, compiled_decode.FEW_ROWS + 1)  # one per program of the step
 
 
 @pytest.mark.parametrize("mode", [cpu_linear.RowLinear, cpu_linear.OneDnnLinear])
@@ -174,8 +192,7 @@ def test_a_failed_compile_falls_back_to_eager_for_good(tiny_model_dir, monkeypat
     model = str(tiny_model_dir("llava"))
     runner = load_runner(model, device="cpu", compile=True)
     calls = []
-    for graph in ("_fn", "_few_rows"):  # whichever the batch size picks
-        monkeypatch.setattr(runner.compiled_decode, graph, broken_compiler(calls))
+    monkeypatch.setattr(compiled_decode, "compile_program", broken_compiler(calls))
     with caplog.at_level(logging.WARNING, logger="lightvlm_core.compiled_decode"):
         got = tokens(Engine(runner), requests())
     assert got == tokens(Engine(load_runner(model, device="cpu")), requests())
