@@ -25,6 +25,7 @@ inputs). graphed_decode.py captures a variant that attends over each buffer's wh
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch._dynamo import mark_dynamic
 from torch._dynamo.exc import TorchDynamoException
 
-from lightvlm_core import forward
+from lightvlm_core import cpu_attention, forward
 from lightvlm_core.compiling import failure_summary
 from lightvlm_core.cpu_linear import OneDnnLinear, RowLinear, onednn_faster
 from lightvlm_core.kv.cache import BatchedKVCache
@@ -85,13 +86,17 @@ def _(q, k, v, keys, values, lengths, rows, masks, plan, layer, scale):
     return q.new_empty(q.shape)  # contiguous, as the kernel's output
 
 
-def _layers(adapter: ModelAdapter, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor,
-            rows: torch.Tensor, masks: torch.Tensor, plan: torch.Tensor, h: torch.Tensor,
+def _layers(attention: str, adapter: ModelAdapter, keys: list[torch.Tensor], values: list[torch.Tensor],
+            lengths: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor, plan: torch.Tensor, h: torch.Tensor,
             ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor:
-    """What gets compiled: `forward.decode_layers` with the custom op as its attention."""
+    """What gets compiled: `forward.decode_layers` with the op named `attention` as its attention:
+    the custom op above or its C++ kernel (cpu_attention.py), which take the same arguments (a name,
+    not the op: what is compiled ahead of time must pickle)."""
+    op = getattr(torch.ops.lightvlm, attention)
+
     def attend(i: int, spec: LayerSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.ops.lightvlm.decode_attention(q, k[:, :, 0], v[:, :, 0], keys[i], values[i], lengths, rows,
-                                                   masks, plan, i, adapter.scaling)
+        return op(q, k[:, :, 0], v[:, :, 0], keys[i], values[i], lengths, rows, masks, plan, i,
+                         adapter.scaling)
 
     return forward.decode_layers(adapter, h, ropes, attend)
 
@@ -127,9 +132,13 @@ class CompiledDecode:
 
     def __init__(self, adapter: ModelAdapter) -> None:
         cpu = adapter.model.device.type == "cpu"
-        self._bodies = {"one": _few_rows_layers if cpu else _layers,
-                        "few": _few_rows_layers if cpu else _layers,
-                        "many": _onednn_layers if cpu and onednn_faster() else _layers}
+        kernel = (cpu and adapter.model.dtype == torch.float32 and adapter.head_dim in cpu_attention.HEAD_DIMS
+                  and cpu_attention.decode_kernel_ready())
+        self.attention = "cpu_decode_attention" if kernel else "decode_attention"
+        few = _few_rows_layers if cpu else _layers
+        many = _onednn_layers if cpu and onednn_faster() else _layers
+        self._bodies = {kind: functools.partial(body, self.attention)
+                        for kind, body in (("one", few), ("few", few), ("many", many))}
         self._programs: dict[str, Callable[..., torch.Tensor]] = {}
         self._cpu = cpu
         self._sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)

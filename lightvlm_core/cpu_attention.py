@@ -1,5 +1,6 @@
-"""A causal prefill attention kernel for the compiled CPU prefill (compiled_prefill.py), used where
-it was built and measured faster than torch's own.
+"""CPU attention kernels for the compiled passes, used where they were built and measured faster
+than what they replace: a causal prefill attention for the compiled prefill (compiled_prefill.py),
+and the decode step's cache append + attention for the compiled decode step (compiled_decode.py).
 
 Why: a prefill's linears already run at this CPU's float32 peak on oneDNN (cpu_linear.py), and
 what is left is attention: on a 2-vCPU AMD EPYC torch's CPU flash attention took 108 of the 231 ms
@@ -8,7 +9,13 @@ It computes its small GEMMs through MKL, which is slow on AMD processors. The ke
 (kernels/causal_attention.cpp: register-tiled AVX-512 loops, a whole score row per query, grouped
 query heads read their KV head in place) measured 1.33-1.5x faster at 266-791 tokens there.
 
-It is C++ built on first use with torch.utils.cpp_extension (g++, ~20 s, cached per user in
+The decode kernel (kernels/decode_attention.cpp) does in one C++ call what `lightvlm::decode_attention`
+does as a Python function issuing ~15 ATen ops per layer per step (index writes, slicing, SDPA with
+the query groups folded onto their KV head): 78 µs per call of which SDPA took 32 on the 32-layer
+`cpu-small` step, a third of the step. It is used for float32 steps with head_dim 32/64/128 where
+it matches the Python op on a check case and a start-up measurement finds it 10% faster.
+
+Both are C++ built on first use with torch.utils.cpp_extension (g++, ~20 s, cached per user in
 torch's extensions folder; the service's image has g++ for inductor anyway), and used only where:
 the CPU has AVX-512, the build succeeded, its output matches SDPA on a check case, and a start-up
 measurement (~0.1 s) finds it 10% faster; `LIGHTVLM_ATTENTION_KERNEL=0` turns it off. Anything
@@ -25,6 +32,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,11 +43,15 @@ from lightvlm_core.compiling import attention_kernel_enabled, best_time, failure
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "causal_attention.cpp"
+SOURCES = [Path(__file__).resolve().parent / "kernels" / name for name in ("causal_attention.cpp",
+                                                                          "decode_attention.cpp")]
 HEAD_DIMS = (32, 64, 128)
 
 _LIBRARY = torch.library.Library("lightvlm", "FRAGMENT")
 _LIBRARY.define("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor")
+# the schema of lightvlm::decode_attention (compiled_decode.py), whose CPU work it does in C++
+_LIBRARY.define("cpu_decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, "
+                "Tensor(c!) lengths, Tensor rows, Tensor masks, Tensor plan, int layer, float scale) -> Tensor")
 
 
 @torch.library.register_fake("lightvlm::causal_attention")
@@ -47,16 +59,28 @@ def _(q, k, v, scale):
     return q.new_empty(q.shape)
 
 
+@torch.library.register_fake("lightvlm::cpu_decode_attention")
+def _(q, k, v, keys, values, lengths, rows, masks, plan, layer, scale):
+    return q.new_empty(q.shape)
+
+
 @functools.cache
 def causal_kernel_ready() -> bool:
     """Whether the kernel is on (LIGHTVLM_ATTENTION_KERNEL, default on), built, correct and faster
     than SDPA here (once per process)."""
-    return attention_kernel_enabled() and causal_kernel_built() and _checked_and_faster()
+    return attention_kernel_enabled() and kernels_built() and _checked_and_faster()
 
 
 @functools.cache
-def causal_kernel_built() -> bool:
-    """Whether `lightvlm::causal_attention` has its CPU kernel: an AVX-512 CPU and a build that worked."""
+def decode_kernel_ready() -> bool:
+    """Whether the decode step's attention runs on `lightvlm::cpu_decode_attention` (once per process):
+    LIGHTVLM_ATTENTION_KERNEL, built, equal to the Python op and faster than it here."""
+    return attention_kernel_enabled() and kernels_built() and _decode_checked_and_faster()
+
+
+@functools.cache
+def kernels_built() -> bool:
+    """Whether the kernels are built: an AVX-512 CPU and a build that worked."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return False
     venv_bin = Path(sys.executable).parent  # pip's ninja, where the venv is not on PATH
@@ -65,11 +89,11 @@ def causal_kernel_built() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load("lightvlm_causal_attention", [str(SOURCE)], is_python_module=False, verbose=False,
+        load("lightvlm_cpu_attention", [str(source) for source in SOURCES], is_python_module=False, verbose=False,
              extra_cflags=["-O3", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma",
                            "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"])
     except Exception as exc:  # no compiler, a failed build: SDPA
-        log.warning("the causal attention kernel could not be built; prefill attention stays on SDPA: %s",
+        log.warning("the CPU attention kernels could not be built; attention stays on SDPA: %s",
                     failure_summary(exc))
         return False
     return True
@@ -88,6 +112,48 @@ def _checked_and_faster(tokens: int = 256, rounds: int = 7) -> bool:
     kernel = best_time(lambda: torch.ops.lightvlm.causal_attention(q, k, v, 64 ** -0.5), rounds)
     log.info("causal attention, %d tokens: SDPA %.2f ms, kernel %.2f ms", tokens, sdpa * 1e3, kernel * 1e3)
     return kernel < 0.9 * sdpa
+
+
+def _decode_checked_and_faster(entries: int = 600, rounds: int = 20) -> bool:
+    """The C++ op against the Python one on a step of two rows of different lengths: the same
+    output, cache writes and lengths, and 10% faster."""
+    python, cpp = decode_step_inputs(entries), decode_step_inputs(entries)
+    expected = torch.ops.lightvlm.decode_attention(*python)
+    out = torch.ops.lightvlm.cpu_decode_attention(*cpp)
+    same_cache = all(torch.equal(a, b) for a, b in zip(python[3:6], cpp[3:6]))
+    if not (same_cache and torch.allclose(out, expected, atol=1e-5, rtol=1e-4)):
+        log.warning("the decode attention kernel disagrees with the Python op (max diff %.2e); not used",
+                    (out - expected).abs().max().item())
+        return False
+
+    def timed(op) -> Callable[[], object]:
+        args = decode_step_inputs(entries)
+
+        def step() -> None:
+            args[5] -= 1  # the lengths: the same step again
+            op(*args)
+        return step
+
+    python_time = best_time(timed(torch.ops.lightvlm.decode_attention), rounds)
+    kernel_time = best_time(timed(torch.ops.lightvlm.cpu_decode_attention), rounds)
+    log.info("decode attention, %d entries: Python op %.1f us, kernel %.1f us", entries, python_time * 1e6,
+             kernel_time * 1e6)
+    return kernel_time < 0.9 * python_time
+
+
+def decode_step_inputs(entries: int, heads: int = 4, kv_heads: int = 2, dim: int = 64, batch: int = 2,
+                       seed: int = 0) -> list:
+    """Arguments of `lightvlm::decode_attention` for one layer's step, random contents: `batch` rows
+    of `entries`, `entries` - 7, ... cached entries (ragged), in buffers with room to spare."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([[max(entries - 7 * row, 1) for row in range(batch)]])
+    keys, values = (torch.randn(batch, kv_heads, entries + 16, dim, generator=gen) for _ in range(2))
+    span = entries + 1
+    masks = torch.arange(span)[None, None, :] < (lengths + 1)[:, :, None]
+    plan = torch.tensor([[span], [int(batch > 1)]])
+    q = torch.randn(batch, heads, 1, dim, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, dim, generator=gen) for _ in range(2))
+    return [q, k, v, keys, values, lengths, torch.arange(batch), masks, plan, 0, dim ** -0.5]
 
 
 class CausalAttention(TorchFunctionMode):

@@ -1,6 +1,7 @@
-"""The causal prefill attention kernel (lightvlm_core/cpu_attention.py, kernels/causal_attention.cpp):
-equal to SDPA on every shape it takes, used only for plain causal calls, and the compiled prefill of
-a model with 64-wide heads gives the eager tokens with it."""
+"""The CPU attention kernels (lightvlm_core/cpu_attention.py, kernels/*.cpp): the causal prefill kernel
+equal to SDPA on every shape it takes and used only for plain causal calls; the decode kernel equal
+to the Python decode op (output, cache writes, lengths) on every layout; the compiled passes of a
+model with 64-wide heads give the eager tokens with both."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lightvlm_core.engine import Engine
 from lightvlm_core.runner import load_runner
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
-built = pytest.mark.skipif(not cpu_attention.causal_kernel_built(), reason="needs an AVX-512 CPU and g++")
+built = pytest.mark.skipif(not cpu_attention.kernels_built(), reason="needs an AVX-512 CPU and g++")
 
 
 @built
@@ -75,24 +76,68 @@ def test_the_mode_gives_sdpa_results_either_way() -> None:
 
 def test_the_setting_turns_it_off(monkeypatch) -> None:
     cpu_attention.causal_kernel_ready.cache_clear()
+    cpu_attention.decode_kernel_ready.cache_clear()
     monkeypatch.setenv("LIGHTVLM_ATTENTION_KERNEL", "0")
     try:
         assert cpu_attention.causal_kernel_ready() is False
+        assert cpu_attention.decode_kernel_ready() is False
     finally:
         cpu_attention.causal_kernel_ready.cache_clear()
+        cpu_attention.decode_kernel_ready.cache_clear()
 
 
 @built
-def test_compiled_prefill_of_the_demo_model_uses_it_and_gives_the_eager_tokens(monkeypatch) -> None:
-    """The bundled model's heads are 64 wide (the tiny test models' are not)."""
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (8, 2), (16, 2)])
+def test_decode_kernel_equals_the_python_op(dim, heads) -> None:
+    """Alone and in ragged batches, short and long rows: with more than two query heads per KV head
+    long steps take the kernel's SDPA branch (kLargeStep), the others its own loops."""
+    for batch, entries in ((1, 1), (1, 17), (3, 16), (3, 100), (8, 600), (2, 2100)):
+        python = cpu_attention.decode_step_inputs(entries, *heads, dim, batch, seed=entries)
+        kernel = cpu_attention.decode_step_inputs(entries, *heads, dim, batch, seed=entries)
+        expected = torch.ops.lightvlm.decode_attention(*python)
+        got = torch.ops.lightvlm.cpu_decode_attention(*kernel)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        for name, a, b in zip(("keys", "values", "lengths"), python[3:6], kernel[3:6]):
+            assert torch.equal(a, b), name
+
+
+@built
+def test_decode_kernel_refuses_what_it_does_not_take() -> None:
+    args = cpu_attention.decode_step_inputs(10)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.lightvlm.cpu_decode_attention(args[0].double(), *args[1:])
+    full = cpu_attention.decode_step_inputs(10)
+    full[5] += full[3].shape[2] - 10  # every slot taken
+    with pytest.raises(RuntimeError, match="no room"):
+        torch.ops.lightvlm.cpu_decode_attention(*full)
+    narrow = cpu_attention.decode_step_inputs(10, dim=48)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        torch.ops.lightvlm.cpu_decode_attention(*narrow)
+
+
+@built
+def test_compiled_passes_of_the_demo_model_use_the_kernels_and_give_the_eager_tokens(monkeypatch) -> None:
+    """The bundled model's heads are 64 wide (the tiny test models' are not, so their compiled
+    decode step keeps the Python op: checked here too)."""
     monkeypatch.setattr(compiled_prefill, "causal_kernel_ready", lambda: True)
+    monkeypatch.setattr(cpu_attention, "decode_kernel_ready", lambda: True)
     compiled = Engine(load_runner(str(DEMO_MODEL_DIR), device="cpu", compile=True))
     eager = Engine(load_runner(str(DEMO_MODEL_DIR), device="cpu"))
+    assert compiled.runner.compiled_decode.attention == "cpu_decode_attention"
     sampling = SamplingParams(max_new_tokens=6, ignore_eos=True)
     batch = [GenerationRequest("What shape is in the image?", [Image.new("RGB", (224, 224), (200, 40, 40))],
                                sampling, AccelerationConfig(preset))
              for preset in ("none", "aggressive")] + [GenerationRequest("Describe.", [], sampling)]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         got = [r.token_ids for r in compiled.generate(batch)]
-    assert any(e.name == "lightvlm::causal_attention" for e in prof.events())
+    names = {e.name for e in prof.events()}
+    assert {"lightvlm::causal_attention", "lightvlm::cpu_decode_attention"} <= names
+    assert "lightvlm::decode_attention" not in names
     assert got == [r.token_ids for r in eager.generate(batch)]
+
+
+def test_the_decode_kernel_is_not_taken_for_heads_it_does_not_handle(tiny_model_dir, monkeypatch) -> None:
+    monkeypatch.setattr(cpu_attention, "decode_kernel_ready", lambda: True)
+    runner = load_runner(str(tiny_model_dir("llava")), device="cpu", compile=True)  # head_dim 16
+    assert runner.compiled_decode.attention == "decode_attention"

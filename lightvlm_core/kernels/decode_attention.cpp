@@ -1,0 +1,204 @@
+// lightvlm::cpu_decode_attention (AVX-512, float32): one decode step's cache append and attention
+// for one layer, the same arithmetic as lightvlm::decode_attention (lightvlm_core/compiled_decode.py,
+// whose schema it shares), in one C++ call instead of a Python function issuing ~15 ATen ops.
+//
+// Per (batch row, KV head) task: write the new key and value at the row's length, then attend the
+// query heads that share the KV head over the row's entries: scores by a dot product per key (16
+// keys' products reduced to one vector by a transpose-and-add tree), a softmax with ATen's
+// vectorised exp, and the weighted sum of values with the group's output rows in registers. The
+// key mask of the Python op is always a prefix of each row (slot < length, see
+// BatchedKVCache.reserve), so each row attends exactly its own entries and the mask is not read.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLargeStep = 4096;  // rows x entries beyond which SDPA does better with > 2 query heads per KV head
+
+// out[i] = sum of the 16 lanes of v[i], for 16 vectors
+inline __m512 sum16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // u[i]'s 128-bit lane l holds lane l's partial sums of v[4i .. 4i+3]: add the four lanes
+  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
+}
+
+// s[j] = scale * q . k[j] for j < n; NV = head_dim / 16
+template <int NV>
+void scores(const float* q, const float* k, int64_t ks, int64_t n, float scale, float* s) {
+  __m512 qv[NV];
+  for (int c = 0; c < NV; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  const __m512 sc = _mm512_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 p[16];
+    for (int i = 0; i < 16; ++i) {
+      const float* row = k + (j + i) * ks;
+      __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row));
+      for (int c = 1; c < NV; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(row + 16 * c), acc);
+      p[i] = acc;
+    }
+    _mm512_storeu_ps(s + j, _mm512_mul_ps(sum16(p), sc));
+  }
+  for (; j < n; ++j) {
+    const float* row = k + j * ks;
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row));
+    for (int c = 1; c < NV; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(row + 16 * c), acc);
+    s[j] = _mm512_reduce_add_ps(acc) * scale;
+  }
+}
+
+// s[0:n] = exp(s - max s); returns the sum
+float softmax_numerators(float* s, int64_t n) {
+  __m512 vtop = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) vtop = _mm512_max_ps(vtop, _mm512_loadu_ps(s + j));
+  float top = _mm512_reduce_max_ps(vtop);
+  for (; j < n; ++j) top = std::max(top, s[j]);
+  __m512 vsum = _mm512_setzero_ps();
+  const Vec shift(top);
+  for (j = 0; j + 16 <= n; j += 16) {
+    const __m512 e = (Vec::loadu(s + j) - shift).exp_u20();
+    _mm512_storeu_ps(s + j, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  float sum = _mm512_reduce_add_ps(vsum);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - top);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// out[g] = (sum_j p[g][j] v[j]) / total[g] for G query rows of one group; NV = head_dim / 16
+template <int NV, int G>
+void weighted_values(const float* p, int64_t ps, const float* v, int64_t vs, int64_t n, const float* total,
+                     float* out, int64_t os) {
+  __m512 acc[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < NV; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_ps(v + j * vs + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g * ps + j]);
+      for (int c = 0; c < NV; ++c) acc[g][c] = _mm512_fmadd_ps(w, vv[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m512 inv = _mm512_set1_ps(1.f / total[g]);
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(out + g * os + 16 * c, _mm512_mul_ps(acc[g][c], inv));
+  }
+}
+
+// the query rows of one group in blocks that keep (rows x NV) accumulators within 16 registers
+template <int NV>
+void group_values(const float* p, int64_t ps, const float* v, int64_t vs, int64_t n, const float* total,
+                  float* out, int64_t os, int64_t groups) {
+  constexpr int B = std::max(1, 16 / NV);
+  int64_t g = 0;
+  for (; g + B <= groups; g += B) weighted_values<NV, B>(p + g * ps, ps, v, vs, n, total + g, out + g * os, os);
+  for (; g < groups; ++g) weighted_values<NV, 1>(p + g * ps, ps, v, vs, n, total + g, out + g * os, os);
+}
+
+template <int NV>
+void attend(const float* q, const float* k, const float* v, int64_t ks, int64_t vs, int64_t n, int64_t groups,
+            float scale, float* out) {
+  constexpr int64_t D = 16 * NV;
+  std::vector<float> p(groups * n), total(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    scores<NV>(q + g * D, k, ks, n, scale, p.data() + g * n);
+    total[g] = softmax_numerators(p.data() + g * n, n);
+  }
+  group_values<NV>(p.data(), n, v, vs, n, total.data(), out, D, groups);
+}
+
+at::Tensor cpu_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor keys,
+                                at::Tensor values, at::Tensor lengths, const at::Tensor& rows,
+                                const at::Tensor& masks, const at::Tensor& plan, int64_t layer, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
+              "cpu_decode_attention: float32 only");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && keys.dim() == 4 && values.dim() == 4, "cpu_decode_attention: shapes");
+  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "cpu_decode_attention: the cache's rows must be dense");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && rows.scalar_type() == at::kLong, "cpu_decode_attention: index types");
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(3), kv_heads = keys.size(1);
+  TORCH_CHECK(dim == 32 || dim == 64 || dim == 128, "cpu_decode_attention: head_dim 32, 64 or 128");
+  TORCH_CHECK(heads % kv_heads == 0 && keys.size(3) == dim && k.size(0) == batch && rows.size(0) == batch,
+              "cpu_decode_attention: head layout");
+  const int64_t groups = heads / kv_heads;
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), rc = rows.contiguous();
+  at::Tensor out = at::empty_like(qc);  // (B, H, 1, D)
+  int64_t* len = lengths.data_ptr<int64_t>() + layer * lengths.stride(0);
+  const int64_t ls = lengths.stride(1);
+  const int64_t* row = rc.data_ptr<int64_t>();
+  int64_t min_length = keys.size(2), max_length = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(len[b * ls] >= 0 && len[b * ls] < keys.size(2) && row[b] >= 0 && row[b] < keys.size(0),
+                "cpu_decode_attention: no room");
+    min_length = std::min(min_length, len[b * ls]);
+    max_length = std::max(max_length, len[b * ls]);
+  }
+  float* kb = keys.data_ptr<float>();
+  float* vb = values.data_ptr<float>();
+  const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), ks2 = keys.stride(2);
+  const int64_t vs0 = values.stride(0), vs1 = values.stride(1), vs2 = values.stride(2);
+  const float* qp = qc.data_ptr<float>();
+  const float* kn = kc.data_ptr<float>();
+  const float* vn = vc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  if (groups > 2 && batch * (max_length + 1) > kLargeStep) {
+    // many query heads per KV head over many entries: SDPA's blocked matmuls do better there (our
+    // dot products re-read each key once per query head); its mask is the rows' prefixes
+    for (int64_t b = 0; b < batch; ++b) {
+      keys.select(0, row[b]).select(1, len[b * ls]).copy_(kc.select(0, b));
+      values.select(0, row[b]).select(1, len[b * ls]).copy_(vc.select(0, b));
+    }
+    const int64_t span = max_length + 1;
+    std::optional<at::Tensor> mask;
+    if (min_length != max_length) mask = masks.select(0, layer).slice(1, 0, span).view({batch, 1, 1, span});
+    out = at::scaled_dot_product_attention(qc.view({batch, kv_heads, groups, dim}), keys.slice(2, 0, span),
+                                           values.slice(2, 0, span), mask, 0.0, false, scale)
+              .view({batch, heads, 1, dim});
+  } else {
+    at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / kv_heads, h = task % kv_heads, pos = len[b * ls];
+        // the new entry, in the buffer row `rows[b]` (as the Python op writes it)
+        std::memcpy(kb + row[b] * ks0 + h * ks1 + pos * ks2, kn + (b * kv_heads + h) * dim, dim * sizeof(float));
+        std::memcpy(vb + row[b] * vs0 + h * vs1 + pos * vs2, vn + (b * kv_heads + h) * dim, dim * sizeof(float));
+        // queries of row b attend buffer row b (as SDPA over keys[:, :, :span] does), pos + 1 entries
+        const float* qg = qp + (b * heads + h * groups) * dim;
+        const float* kr = kb + b * ks0 + h * ks1;
+        const float* vr = vb + b * vs0 + h * vs1;
+        float* o = op + (b * heads + h * groups) * dim;
+        if (dim == 32) attend<2>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o);
+        else if (dim == 64) attend<4>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o);
+        else attend<8>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o);
+      }
+    });
+  }
+  for (int64_t b = 0; b < batch; ++b) len[b * ls] += 1;
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lightvlm, CPU, m) { m.impl("cpu_decode_attention", cpu_decode_attention); }
