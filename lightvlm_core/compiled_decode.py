@@ -14,8 +14,9 @@ but for the batch size and the cache's capacity, which it only passes along.
 
 Not bitwise equal to the eager step (the fused kernels reduce in another order): greedy tokens
 equal the eager step's in tests/core/test_compiled.py, and parity with transformers is
-tested on the eager step (LIGHTVLM_COMPILE=0). Applies to steps with no sliding-window layer and
-no KV policy that reads decode-time scores; other steps run eagerly.
+tested on the eager step (LIGHTVLM_COMPILE=0). Applies to steps with no sliding-window layer
+(those run eagerly); steps of rows whose KV policy reads decode-time attention (heavy hitters)
+run it too, the op adding each step's attention probabilities into the cache's scores.
 
 This step is not captured as a CUDA graph: the op slices each layer's span from a host-side plan,
 and the cache buffers are reallocated as they grow and as rows join or leave, so a captured graph
@@ -48,28 +49,38 @@ log = logging.getLogger(__name__)
 # ~35 us per call, once per layer per step; this op is dispatched in C++ straight to its kernel.
 _LIBRARY = torch.library.Library("lightvlm", "DEF")
 _LIBRARY.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, "
-                "Tensor(c!) lengths, Tensor rows, Tensor masks, Tensor plan, int layer, float scale) -> Tensor")
+                "Tensor(c!) lengths, Tensor rows, Tensor masks, Tensor plan, Tensor(d!) scores, Tensor score_rows, "
+                "int layer, float scale) -> Tensor")
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      lengths: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor, plan: torch.Tensor,
-                     layer: int, scale: float) -> torch.Tensor:
+                     scores: torch.Tensor, score_rows: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
     """Layer `layer`'s cache append and attention, as `BatchedKVCache.append` + SDPA do eagerly.
 
     q (B, H, 1, D); k, v (B, H_kv, D) the new entries; keys, values (B, H_kv, S_cap, D) the layer's
-    buffers; lengths (L, B); rows (B,); masks (L, B, S); plan (2, L): each layer's span after the
-    append and whether its rows differ in length (then the key mask is applied).
+    buffers; lengths (L, B); rows (B,); masks (L, B, S); plan (3, L): each layer's span after the
+    append, whether its rows differ in length (then the key mask is applied) and whether the cache
+    keeps scores (KEPT: the new entries' scores start at 0) and some row accumulates them (SCORING);
+    scores (B, H_kv, S_cap) float32, the layer's heavy-hitter scores (a spare, not touched, where
+    the cache keeps none), score_rows (B,) bool: where SCORING, those rows add this step's attention
+    probabilities into `scores`, as `BatchedKVCache.append` + `forward.decode` do eagerly.
 
     With one query per row, the query heads that share a KV head attend as that head's queries
     (B, H_kv, H / H_kv, D): the same arithmetic as grouped-query SDPA without expanding the keys
     and values to every query head first (half the time at 900 entries).
     """
+    span, ragged, scores_kept = plan[:, layer].tolist()
     pos = lengths[layer]
     keys[rows, :, pos] = k
     values[rows, :, pos] = v
+    if scores_kept:
+        scores[rows, :, pos] = 0.0  # a new entry starts from no attention received
     pos.add_(1)
-    span, ragged = plan[:, layer].tolist()
     batch, heads, _, dim = q.shape
+    if scores_kept == SCORING:
+        return forward.attend_and_score(q, keys[:, :, :span], values[:, :, :span], masks[layer, :, :span], scale,
+                                        heads // keys.shape[1], scores, score_rows)
     grouped = q.reshape(batch, keys.shape[1], heads // keys.shape[1], dim)
     mask = masks[layer, :, None, None, :span] if ragged else None
     out = F.scaled_dot_product_attention(grouped, keys[:, :, :span], values[:, :, :span], attn_mask=mask,
@@ -82,12 +93,16 @@ _LIBRARY.impl("decode_attention", decode_attention, "CUDA")  # `plan` stays on t
 
 
 @torch.library.register_fake("lightvlm::decode_attention")
-def _(q, k, v, keys, values, lengths, rows, masks, plan, layer, scale):
+def _(q, k, v, keys, values, lengths, rows, masks, plan, scores, score_rows, layer, scale):
     return q.new_empty(q.shape)  # contiguous, as the kernel's output
 
 
+NOT_KEPT, KEPT, SCORING = 0, 1, 2  # plan[2]: the cache keeps no scores / keeps them / and this step scores
+
+
 def _layers(attention: str, adapter: ModelAdapter, keys: list[torch.Tensor], values: list[torch.Tensor],
-            lengths: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor, plan: torch.Tensor, h: torch.Tensor,
+            lengths: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor, plan: torch.Tensor,
+            scores: list[torch.Tensor], score_rows: torch.Tensor, h: torch.Tensor,
             ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor:
     """What gets compiled: `forward.decode_layers` with the op named `attention` as its attention:
     the custom op above or its C++ kernel (cpu_attention.py), which take the same arguments (a name,
@@ -95,8 +110,8 @@ def _layers(attention: str, adapter: ModelAdapter, keys: list[torch.Tensor], val
     op = getattr(torch.ops.lightvlm, attention)
 
     def attend(i: int, spec: LayerSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return op(q, k[:, :, 0], v[:, :, 0], keys[i], values[i], lengths, rows, masks, plan, i,
-                         adapter.scaling)
+        return op(q, k[:, :, 0], v[:, :, 0], keys[i], values[i], lengths, rows, masks, plan, scores[i], score_rows,
+                  i, adapter.scaling)
 
     return forward.decode_layers(adapter, h, ropes, attend)
 
@@ -140,12 +155,13 @@ class CompiledDecode:
         self._bodies = {kind: functools.partial(body, self.attention)
                         for kind, body in (("one", few), ("few", few), ("many", many))}
         self._programs: dict[str, Callable[..., torch.Tensor]] = {}
+        self._spare: list[torch.Tensor] = []  # score buffers for steps that do not score
         self._cpu = cpu
         self._sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
 
     def applies(self, adapter: ModelAdapter, cache: BatchedKVCache) -> bool:
-        return not (self.failed or self._sliding) and cache.scores is None
+        return not (self.failed or self._sliding)
 
     def kind(self, batch: int) -> str:
         """Which program a step of `batch` rows runs."""
@@ -156,14 +172,25 @@ class CompiledDecode:
     def __call__(self, adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
                  ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor | None:
         rows, masks, plan = op_layout(cache)
-        args = (adapter, cache.keys, cache.values, cache.lengths, rows, masks, plan, h, ropes)
+        scores, score_rows = self._scores(cache)
+        args = (adapter, cache.keys, cache.values, cache.lengths, rows, masks, plan, scores, score_rows, h, ropes)
         kind = self.kind(h.shape[0])
         program = self._programs.get(kind) or self._compile(kind, args)
         return program(*args) if program is not None else None
 
+    def _scores(self, cache: BatchedKVCache) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The step's score buffers and scoring rows. Without scores, spare buffers of the same
+        shapes (each program takes one layout of inputs: it runs without guards), kept while the
+        capacities hold; the plan tells the op not to read them."""
+        if cache.scores is not None:
+            return cache.scores, cache.decode_scored_rows()
+        if [s.shape for s in self._spare] != [k.shape[:3] for k in cache.keys]:
+            self._spare = [k.new_empty(k.shape[:3], dtype=torch.float32) for k in cache.keys]
+        return self._spare, cache.decode_scored_rows()
+
     def _compile(self, kind: str, args: tuple) -> Callable[..., torch.Tensor] | None:
-        adapter, keys, values, lengths, rows, masks, plan, h, ropes = args
-        _mark_sizes(h.shape[0], keys + values, masks, lengths, rows, h, ropes)
+        adapter, keys, values, lengths, rows, masks, plan, scores, score_rows, h, ropes = args
+        _mark_sizes(h.shape[0], keys + values, scores, masks, lengths, rows, score_rows, h, ropes)
         try:
             program = compile_program(self._bodies[kind], args)
         except (TorchDynamoException, RuntimeError) as exc:  # e.g. no C++ compiler, inductor caches off
@@ -184,21 +211,28 @@ def compile_program(body: Callable[..., torch.Tensor], args: tuple) -> Callable[
 
 def op_layout(cache: BatchedKVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `decode_attention` takes of this step's layout (after `cache.reserve(1)`): the row index,
-    every layer's key mask, and the plan (2, L) of each layer's span and raggedness."""
+    every layer's key mask, and the plan (3, L) of each layer's span, raggedness and scores (kept,
+    and scoring where some row accumulates them, as in `forward.decode`)."""
     rows, masks, spans, ragged = cache.step_layout()
-    return rows, masks, torch.tensor([spans, ragged], dtype=torch.long)
+    if cache.scores is None:
+        kept = NOT_KEPT
+    else:
+        kept = SCORING if cache.score_rows is None or bool(cache.score_rows.any()) else KEPT
+    return rows, masks, torch.tensor([spans, ragged, [kept] * len(spans)], dtype=torch.long)
 
 
-def _mark_sizes(batch: int, buffers: list[torch.Tensor], masks: torch.Tensor, lengths: torch.Tensor,
-                rows: torch.Tensor, h: torch.Tensor, ropes: dict[str | None, forward.RopeTables]) -> None:
+def _mark_sizes(batch: int, buffers: list[torch.Tensor], scores: list[torch.Tensor], masks: torch.Tensor,
+                lengths: torch.Tensor, rows: torch.Tensor, score_rows: torch.Tensor, h: torch.Tensor,
+                ropes: dict[str | None, forward.RopeTables]) -> None:
     """Sizes that change from step to step are compiled as symbols, not constants: the cache's
     capacity and span (every step) and, beyond one row, the batch size (batch 1 gets a program of
     its own). Marked strictly: the programs run without guards, so a size the compiler would
     specialise must fail the compile rather than be assumed by later steps."""
-    for buffer in buffers:
+    for buffer in (*buffers, *scores):
         mark_dynamic(buffer, 2)
     mark_dynamic(masks, 2)
     if batch > 1:
-        for tensor in (*buffers, masks, h, rows, *(t for r in ropes.values() for t in (r.cos, r.signed_sin))):
+        for tensor in (*buffers, *scores, masks, h, rows, score_rows,
+                       *(t for r in ropes.values() for t in (r.cos, r.signed_sin))):
             mark_dynamic(tensor, 1 if tensor is masks else 0)
         mark_dynamic(lengths, 1)

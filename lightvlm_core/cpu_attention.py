@@ -51,7 +51,8 @@ _LIBRARY = torch.library.Library("lightvlm", "FRAGMENT")
 _LIBRARY.define("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor")
 # the schema of lightvlm::decode_attention (compiled_decode.py), whose CPU work it does in C++
 _LIBRARY.define("cpu_decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, "
-                "Tensor(c!) lengths, Tensor rows, Tensor masks, Tensor plan, int layer, float scale) -> Tensor")
+                "Tensor(c!) lengths, Tensor rows, Tensor masks, Tensor plan, Tensor(d!) scores, Tensor score_rows, "
+                "int layer, float scale) -> Tensor")
 
 
 @torch.library.register_fake("lightvlm::causal_attention")
@@ -60,7 +61,7 @@ def _(q, k, v, scale):
 
 
 @torch.library.register_fake("lightvlm::cpu_decode_attention")
-def _(q, k, v, keys, values, lengths, rows, masks, plan, layer, scale):
+def _(q, k, v, keys, values, lengths, rows, masks, plan, scores, score_rows, layer, scale):
     return q.new_empty(q.shape)
 
 
@@ -121,6 +122,7 @@ def _decode_checked_and_faster(entries: int = 600, rounds: int = 20) -> bool:
     expected = torch.ops.lightvlm.decode_attention(*python)
     out = torch.ops.lightvlm.cpu_decode_attention(*cpp)
     same_cache = all(torch.equal(a, b) for a, b in zip(python[3:6], cpp[3:6]))
+    same_cache = same_cache and torch.allclose(python[9], cpp[9], atol=1e-6)
     if not (same_cache and torch.allclose(out, expected, atol=1e-5, rtol=1e-4)):
         log.warning("the decode attention kernel disagrees with the Python op (max diff %.2e); not used",
                     (out - expected).abs().max().item())
@@ -142,18 +144,21 @@ def _decode_checked_and_faster(entries: int = 600, rounds: int = 20) -> bool:
 
 
 def decode_step_inputs(entries: int, heads: int = 4, kv_heads: int = 2, dim: int = 64, batch: int = 2,
-                       seed: int = 0) -> list:
+                       seed: int = 0, scoring: bool = True) -> list:
     """Arguments of `lightvlm::decode_attention` for one layer's step, random contents: `batch` rows
-    of `entries`, `entries` - 7, ... cached entries (ragged), in buffers with room to spare."""
+    of `entries`, `entries` - 7, ... cached entries (ragged), in buffers with room to spare; with
+    `scoring`, every row but the second adds its probabilities into the scores."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.tensor([[max(entries - 7 * row, 1) for row in range(batch)]])
     keys, values = (torch.randn(batch, kv_heads, entries + 16, dim, generator=gen) for _ in range(2))
     span = entries + 1
     masks = torch.arange(span)[None, None, :] < (lengths + 1)[:, :, None]
-    plan = torch.tensor([[span], [int(batch > 1)]])
+    plan = torch.tensor([[span], [int(batch > 1)], [2 if scoring else 0]])  # compiled_decode.SCORING / NOT_KEPT
     q = torch.randn(batch, heads, 1, dim, generator=gen)
     k, v = (torch.randn(batch, kv_heads, dim, generator=gen) for _ in range(2))
-    return [q, k, v, keys, values, lengths, torch.arange(batch), masks, plan, 0, dim ** -0.5]
+    scores = torch.rand(batch, kv_heads, entries + 16, generator=gen)
+    score_rows = torch.arange(batch) != 1
+    return [q, k, v, keys, values, lengths, torch.arange(batch), masks, plan, scores, score_rows, 0, dim ** -0.5]
 
 
 class CausalAttention(TorchFunctionMode):

@@ -322,7 +322,7 @@ def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor
             entry_pos = cache.positions[i][:, :, : mask.shape[1]]
             mask = mask[:, None, :] & _decode_window(entry_pos, text_pos, spec.window)
         if scoring:
-            return _attend_and_score(q, keys, values, mask, adapter.scaling, groups, cache.scores[i],
+            return attend_and_score(q, keys, values, mask, adapter.scaling, groups, cache.scores[i],
                                      cache.score_rows)
         # rows of equal length need no mask (all True: the same result, a faster kernel)
         needed = spec.attention == "sliding" or cache.ragged(i)
@@ -376,7 +376,7 @@ def _query_head_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
     return mask.repeat_interleave(groups, dim=1)[:, :, None, :]
 
 
-def _attend_and_score(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+def attend_and_score(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                       scale: float, groups: int, scores: torch.Tensor, rows: torch.Tensor | None = None
                       ) -> torch.Tensor:
     """Single-query attention with explicit probabilities; adds them into scores (B, H_kv, S_cap)

@@ -1,5 +1,5 @@
 // lightvlm::cpu_decode_attention (AVX-512, float32): one decode step's cache append and attention
-// for one layer, the same arithmetic as lightvlm::decode_attention (lightvlm_core/compiled_decode.py,
+// (and, where the step scores, the heavy-hitter score update) for one layer, the same arithmetic as lightvlm::decode_attention (lightvlm_core/compiled_decode.py,
 // whose schema it shares), in one C++ call instead of a Python function issuing ~15 ATen ops.
 //
 // Per (batch row, KV head) task: write the new key and value at the row's length, then attend the
@@ -42,7 +42,7 @@ inline __m512 sum16(const __m512* v) {
 
 // s[j] = scale * q . k[j] for j < n; NV = head_dim / 16
 template <int NV>
-void scores(const float* q, const float* k, int64_t ks, int64_t n, float scale, float* s) {
+void scores_of(const float* q, const float* k, int64_t ks, int64_t n, float scale, float* s) {
   __m512 qv[NV];
   for (int c = 0; c < NV; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
   const __m512 sc = _mm512_set1_ps(scale);
@@ -118,21 +118,32 @@ void group_values(const float* p, int64_t ps, const float* v, int64_t vs, int64_
   for (; g < groups; ++g) weighted_values<NV, 1>(p + g * ps, ps, v, vs, n, total + g, out + g * os, os);
 }
 
+// the group's attention over one row's n entries into out; with `scores`, each entry's probability
+// summed over the group's query heads is added to scores[j]
 template <int NV>
 void attend(const float* q, const float* k, const float* v, int64_t ks, int64_t vs, int64_t n, int64_t groups,
-            float scale, float* out) {
+            float scale, float* out, float* scores) {
   constexpr int64_t D = 16 * NV;
   std::vector<float> p(groups * n), total(groups);
   for (int64_t g = 0; g < groups; ++g) {
-    scores<NV>(q + g * D, k, ks, n, scale, p.data() + g * n);
+    scores_of<NV>(q + g * D, k, ks, n, scale, p.data() + g * n);
     total[g] = softmax_numerators(p.data() + g * n, n);
   }
   group_values<NV>(p.data(), n, v, vs, n, total.data(), out, D, groups);
+  if (scores != nullptr) {
+    std::vector<float> received(n, 0.f);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float inv = 1.f / total[g];
+      for (int64_t j = 0; j < n; ++j) received[j] += p[g * n + j] * inv;
+    }
+    for (int64_t j = 0; j < n; ++j) scores[j] += received[j];
+  }
 }
 
 at::Tensor cpu_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor keys,
                                 at::Tensor values, at::Tensor lengths, const at::Tensor& rows,
-                                const at::Tensor& masks, const at::Tensor& plan, int64_t layer, double scale) {
+                                const at::Tensor& masks, const at::Tensor& plan, at::Tensor scores,
+                                const at::Tensor& score_rows, int64_t layer, double scale) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
               "cpu_decode_attention: float32 only");
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && keys.dim() == 4 && values.dim() == 4, "cpu_decode_attention: shapes");
@@ -143,6 +154,19 @@ at::Tensor cpu_decode_attention(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(heads % kv_heads == 0 && keys.size(3) == dim && k.size(0) == batch && rows.size(0) == batch,
               "cpu_decode_attention: head layout");
   const int64_t groups = heads / kv_heads;
+  TORCH_CHECK(plan.scalar_type() == at::kLong && plan.dim() == 2 && plan.size(0) == 3, "cpu_decode_attention: plan");
+  // plan[2]: 0 the cache keeps no scores (`scores` is a spare), 1 it keeps them (new entries start at
+  // 0), 2 and this step adds the rows' attention to them (compiled_decode.py: NOT_KEPT, KEPT, SCORING)
+  const int64_t kept = plan.accessor<int64_t, 2>()[2][layer];
+  const bool scoring = kept == 2;
+  const at::Tensor scored = score_rows.to(at::kBool).contiguous();
+  if (kept != 0)
+    TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.dim() == 3 && scores.stride(2) == 1 &&
+                    scores.size(0) >= batch && scored.size(0) == batch,
+                "cpu_decode_attention: scores");
+  float* sp = kept != 0 ? scores.data_ptr<float>() : nullptr;
+  const int64_t ss0 = scores.dim() == 3 ? scores.stride(0) : 0, ss1 = scores.dim() == 3 ? scores.stride(1) : 0;
+  const bool* srow = scored.data_ptr<bool>();
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), rc = rows.contiguous();
   at::Tensor out = at::empty_like(qc);  // (B, H, 1, D)
   int64_t* len = lengths.data_ptr<int64_t>() + layer * lengths.stride(0);
@@ -164,7 +188,10 @@ at::Tensor cpu_decode_attention(const at::Tensor& q, const at::Tensor& k, const 
   const float* vn = vc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
-  if (groups > 2 && batch * (max_length + 1) > kLargeStep) {
+  if (sp != nullptr)  // a new entry starts from no attention received
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t h = 0; h < kv_heads; ++h) sp[row[b] * ss0 + h * ss1 + len[b * ls]] = 0.f;
+  if (!scoring && groups > 2 && batch * (max_length + 1) > kLargeStep) {
     // many query heads per KV head over many entries: SDPA's blocked matmuls do better there (our
     // dot products re-read each key once per query head); its mask is the rows' prefixes
     for (int64_t b = 0; b < batch; ++b) {
@@ -189,9 +216,10 @@ at::Tensor cpu_decode_attention(const at::Tensor& q, const at::Tensor& k, const 
         const float* kr = kb + b * ks0 + h * ks1;
         const float* vr = vb + b * vs0 + h * vs1;
         float* o = op + (b * heads + h * groups) * dim;
-        if (dim == 32) attend<2>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o);
-        else if (dim == 64) attend<4>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o);
-        else attend<8>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o);
+        float* sc = scoring && srow[b] ? sp + b * ss0 + h * ss1 : nullptr;
+        if (dim == 32) attend<2>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o, sc);
+        else if (dim == 64) attend<4>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o, sc);
+        else attend<8>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o, sc);
       }
     });
   }

@@ -16,7 +16,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
-from lightvlm_core import compiled_decode, compiled_prefill, core, cpu_linear
+from lightvlm_core import compiled_decode, compiled_prefill, core, cpu_linear, forward
 from lightvlm_core.core import warm_up
 from lightvlm_core.engine import Engine
 from lightvlm_core.compiling import compile_enabled
@@ -159,18 +159,32 @@ def test_kv_eviction_without_scores_runs_compiled_and_gives_the_eager_tokens(pai
     assert tokens(compiled, batch) == tokens(eager, batch)
 
 
+def test_kv_policies_reading_decode_scores_run_compiled_and_give_the_eager_tokens(pair) -> None:
+    """Heavy-hitter eviction reads the attention of every decode step: the compiled step adds it to
+    the scores as the eager one does, alone and beside rows that do not score."""
+    eager, compiled = pair
+    step = compiled.runner.compiled_decode
+    real, calls = dict(step._programs), []
+    step._programs = {kind: (lambda program: lambda *a: calls.append(1) or program(*a))(program)
+                      for kind, program in real.items()}
+    try:
+        scored = requests(n_tokens=12, kv={"kv_budget": 24, "kv_policy": "heavy_hitter"})
+        assert tokens(compiled, scored) == tokens(eager, scored)
+        assert len(calls) == 11
+        mixed = scored[:2] + requests(n_tokens=12)[2:]
+        assert tokens(compiled, mixed) == tokens(eager, mixed)
+        assert tokens(compiled, scored[:1]) == tokens(eager, scored[:1])
+    finally:
+        step._programs = real
+
+
 def test_steps_it_does_not_apply_to_run_eagerly(tiny_model_dir, monkeypatch) -> None:
-    """A KV policy reading decode-time scores (its prefill still runs compiled); a model with
-    sliding-window layers and bidirectional images (Gemma 3), whose vision tower runs compiled."""
+    """A model with sliding-window layers and bidirectional images (Gemma 3), whose vision tower
+    runs compiled."""
     def fail(*args, **kwargs):
         raise AssertionError("the compiled layers ran")
 
     monkeypatch.setattr(compiled_decode.CompiledDecode, "__call__", fail)
-    scored = Engine(load_runner(str(tiny_model_dir("llava")), device="cpu", compile=True))
-    plain = Engine(load_runner(str(tiny_model_dir("llava")), device="cpu"))
-    batch = requests(kv={"kv_budget": 24, "kv_policy": "heavy_hitter"})
-    assert tokens(scored, batch) == tokens(plain, batch)
-    monkeypatch.setattr(compiled_prefill.CompiledPrefill, "layer", fail)
     sliding = Engine(load_runner(str(tiny_model_dir("gemma3")), device="cpu", compile=True))
     assert not sliding.runner.compiled_decode.applies(sliding.adapter, sliding.runner.cache)
     assert sliding.runner.compiled_prefill.vision is not None
@@ -258,9 +272,47 @@ def test_decode_attention_op_appends_and_attends_as_the_eager_cache_and_sdpa(gro
         q, keys, values, attn_mask=mask[:, None, None, :], scale=0.3, enable_gqa=groups > 1)
     compiled.reserve(1)
     rows, masks, plan = compiled_decode.op_layout(compiled)
+    spare = torch.full((batch, kv_heads, 12), 7.0)
     got = torch.ops.lightvlm.decode_attention(q, k, v, compiled.keys[0], compiled.values[0], compiled.lengths, rows,
-                                              masks, plan, 0, 0.3)
-    assert bool(plan[1, 0]) == ragged
+                                              masks, plan, spare, torch.zeros(batch, dtype=torch.bool), 0, 0.3)
+    assert bool(plan[1, 0]) == ragged and not plan[2].any()
+    assert torch.equal(spare, torch.full((batch, kv_heads, 12), 7.0))  # not a scoring step: not read
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.equal(compiled.lengths, eager.lengths)
     assert torch.equal(compiled.keys[0], eager.keys[0]) and torch.equal(compiled.values[0], eager.values[0])
+
+
+def test_decode_attention_op_scores_as_the_eager_step() -> None:
+    """Where the cache keeps scores, the op adds each entry's attention probability (summed over
+    the query heads of its KV head) for the scoring rows, as `forward.attend_and_score` does."""
+    from lightvlm_core.kv.cache import BatchedKVCache
+
+    torch.manual_seed(1)
+    batch, kv_heads, groups, dim = 3, 2, 2, 16
+    keys = [torch.randn(batch, kv_heads, 12, dim)]
+    values = [torch.randn(batch, kv_heads, 12, dim)]
+    cache = BatchedKVCache(keys, values, torch.tensor([[5, 9, 7]]), [None])
+    cache.enable_scores()
+    cache.scores[0].uniform_()
+    cache.score_rows = torch.tensor([True, False, True])
+    before = cache.scores[0].clone()
+    q = torch.randn(batch, kv_heads * groups, 1, dim)
+    k, v = torch.randn(batch, kv_heads, dim), torch.randn(batch, kv_heads, dim)
+    cache.reserve(1)
+    rows, masks, plan = compiled_decode.op_layout(cache)
+    assert (plan[2] == compiled_decode.SCORING).all()
+    pos = cache.lengths[0].clone()
+    got = torch.ops.lightvlm.decode_attention(q, k, v, cache.keys[0], cache.values[0], cache.lengths, rows, masks,
+                                              plan, cache.scores[0], cache.decode_scored_rows(), 0, 0.3)
+    span = int(plan[0, 0])
+    expected_scores = before.clone()
+    expected_scores[torch.arange(batch), :, pos] = 0.0  # the new entries' scores start from 0, as in append
+    expected = forward.attend_and_score(q, cache.keys[0][:, :, :span], cache.values[0][:, :, :span],
+                                        masks[0, :, :span], 0.3, groups, expected_scores, cache.score_rows)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(cache.scores[0], expected_scores, atol=1e-6)
+    assert torch.equal(cache.scores[0][1], expected_scores[1])  # a row that does not score: only its new slot reset
+    assert not torch.equal(expected_scores[1], before[1])
+    before[torch.arange(batch), :, pos] = 0.0
+    added = (cache.scores[0] - before)[0].sum(dim=-1)  # each KV head's groups: probabilities summing to 1
+    assert torch.allclose(added, torch.full((kv_heads,), float(groups)), atol=1e-5)

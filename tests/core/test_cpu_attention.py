@@ -93,13 +93,15 @@ def test_decode_kernel_equals_the_python_op(dim, heads) -> None:
     """Alone and in ragged batches, short and long rows: with more than two query heads per KV head
     long steps take the kernel's SDPA branch (kLargeStep), the others its own loops."""
     for batch, entries in ((1, 1), (1, 17), (3, 16), (3, 100), (8, 600), (2, 2100)):
-        python = cpu_attention.decode_step_inputs(entries, *heads, dim, batch, seed=entries)
-        kernel = cpu_attention.decode_step_inputs(entries, *heads, dim, batch, seed=entries)
-        expected = torch.ops.lightvlm.decode_attention(*python)
-        got = torch.ops.lightvlm.cpu_decode_attention(*kernel)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-        for name, a, b in zip(("keys", "values", "lengths"), python[3:6], kernel[3:6]):
-            assert torch.equal(a, b), name
+        for scoring in (False, True):  # with scores: heavy-hitter statistics for the scoring rows
+            python = cpu_attention.decode_step_inputs(entries, *heads, dim, batch, seed=entries, scoring=scoring)
+            kernel = cpu_attention.decode_step_inputs(entries, *heads, dim, batch, seed=entries, scoring=scoring)
+            expected = torch.ops.lightvlm.decode_attention(*python)
+            got = torch.ops.lightvlm.cpu_decode_attention(*kernel)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+            for name, a, b in zip(("keys", "values", "lengths"), python[3:6], kernel[3:6]):
+                assert torch.equal(a, b), name
+            torch.testing.assert_close(kernel[9], python[9], atol=1e-6, rtol=1e-5)
 
 
 @built

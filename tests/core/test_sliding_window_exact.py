@@ -157,7 +157,7 @@ class MaskSpy:
     def __init__(self, monkeypatch, groups: int) -> None:
         self.groups = groups
         self.masks: list[torch.Tensor] = []
-        sdpa, score = forward.F.scaled_dot_product_attention, forward._attend_and_score
+        sdpa, score = forward.F.scaled_dot_product_attention, forward.attend_and_score
 
         def spy_sdpa(q, k, v, attn_mask=None, **kw):
             if attn_mask is None:  # no mask: every entry is visible
@@ -172,7 +172,7 @@ class MaskSpy:
             return score(q, keys, values, mask, *args, **kw)
 
         monkeypatch.setattr(forward.F, "scaled_dot_product_attention", spy_sdpa)
-        monkeypatch.setattr(forward, "_attend_and_score", spy_score)
+        monkeypatch.setattr(forward, "attend_and_score", spy_score)
 
 
 def follow_eviction(before: torch.Tensor, after: torch.Tensor, tracked: torch.Tensor) -> torch.Tensor:
