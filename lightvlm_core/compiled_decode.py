@@ -155,7 +155,7 @@ class CompiledDecode:
         self._bodies = {kind: functools.partial(body, self.attention)
                         for kind, body in (("one", few), ("few", few), ("many", many))}
         self._programs: dict[str, Callable[..., torch.Tensor]] = {}
-        self._spare: list[torch.Tensor] = []  # score buffers for steps that do not score
+        self._spare: list[torch.Tensor] = []  # score buffers for steps whose cache keeps none
         self._cpu = cpu
         self._sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
