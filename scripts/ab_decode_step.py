@@ -41,7 +41,8 @@ def base_package(rev: str, into: Path) -> str:
         text = text.replace('load("lightvlm_', 'load("lightvlmbase_')  # C++ extensions: a build of their own
         source.write_text(text.replace("torch.ops.lightvlm.", "torch.ops.lightvlmbase."))
     for source in package.rglob("*.cpp"):  # their kernels registered under the base's namespace
-        source.write_text(source.read_text().replace("TORCH_LIBRARY_IMPL(lightvlm,", "TORCH_LIBRARY_IMPL(lightvlmbase,"))
+        text = source.read_text().replace("TORCH_LIBRARY_IMPL(lightvlm,", "TORCH_LIBRARY_IMPL(lightvlmbase,")
+        source.write_text(text)
     return "lightvlm_core_base"
 
 
