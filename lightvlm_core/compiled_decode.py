@@ -217,7 +217,7 @@ def op_layout(cache: BatchedKVCache) -> tuple[torch.Tensor, torch.Tensor, torch.
     if cache.scores is None:
         kept = NOT_KEPT
     else:
-        kept = SCORING if cache.score_rows is None or bool(cache.score_rows.any()) else KEPT
+        kept = SCORING if cache.scoring_step() else KEPT
     return rows, masks, torch.tensor([spans, ragged, [kept] * len(spans)], dtype=torch.long)
 
 

@@ -16,10 +16,10 @@ the query groups folded onto their KV head): 78 µs per call of which SDPA took 
 it matches the Python op on a check case and a start-up measurement finds it 10% faster.
 
 Both are C++ built on first use with torch.utils.cpp_extension (g++, ~20 s, cached per user in
-torch's extensions folder; the service's image has g++ for inductor anyway), and used only where:
-the CPU has AVX-512, the build succeeded, its output matches SDPA on a check case, and a start-up
-measurement (~0.1 s) finds it 10% faster; `LIGHTVLM_ATTENTION_KERNEL=0` turns it off. Anything
-else keeps SDPA. Only plain causal calls (no
+torch's extensions folder; the service's image has g++ for inductor anyway), and each is used only
+where: the CPU has AVX-512, the build succeeded, its output matches what it replaces (SDPA, the
+Python op) on a check case, and a start-up measurement (~0.1 s) finds it 10% faster;
+`LIGHTVLM_ATTENTION_KERNEL=0` turns both off. Anything else keeps SDPA. Only plain causal calls (no
 mask, no dropout, float32, head_dim 32/64/128, as many keys as queries) are rerouted, by a
 TorchFunctionMode inside the compiled prefill layers; parity with transformers is tested on the
 eager pass, the compiled pass's tokens against the eager one (tests/core/test_compiled.py).

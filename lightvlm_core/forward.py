@@ -311,7 +311,7 @@ def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor
             return logits
     groups = adapter.num_heads // adapter.num_kv_heads
     # only rows whose KV policy reads decode-time scores pay for the explicit softmax
-    scoring = cache.scores is not None and (cache.score_rows is None or bool(cache.score_rows.any()))
+    scoring = cache.scoring_step()
     # the step's 1-D position (M-RoPE: the temporal row), only where a sliding layer needs it
     sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)
     text_pos = (pos[0] if pos.dim() == 2 else pos).to(torch.int32) if sliding else None
@@ -323,7 +323,7 @@ def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor
             mask = mask[:, None, :] & _decode_window(entry_pos, text_pos, spec.window)
         if scoring:
             return attend_and_score(q, keys, values, mask, adapter.scaling, groups, cache.scores[i],
-                                     cache.score_rows)
+                                    cache.score_rows)
         # rows of equal length need no mask (all True: the same result, a faster kernel)
         needed = spec.attention == "sliding" or cache.ragged(i)
         return F.scaled_dot_product_attention(q, keys, values, scale=adapter.scaling, enable_gqa=groups > 1,
@@ -377,8 +377,8 @@ def _query_head_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def attend_and_score(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                      scale: float, groups: int, scores: torch.Tensor, rows: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+                     scale: float, groups: int, scores: torch.Tensor, rows: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """Single-query attention with explicit probabilities; adds them into scores (B, H_kv, S_cap)
     for the `rows` (B,) bool that accumulate (all when None). mask: (B, S) or (B, H_kv, S)."""
     b, h_kv, s, d = keys.shape

@@ -167,6 +167,11 @@ class BatchedKVCache:
             copy.score_rows = None if self.score_rows is None else self.score_rows[index]
         return copy
 
+    def scoring_step(self) -> bool:
+        """Whether a decode step adds its attention to the scores: they are kept and some row
+        accumulates them (`decode_scored_rows`)."""
+        return self.scores is not None and (self.score_rows is None or bool(self.score_rows.any()))
+
     def decode_scored_rows(self) -> torch.Tensor:
         """(B,) bool: which rows accumulate decode scores (none without scores; all by default)."""
         if self.scores is None:
