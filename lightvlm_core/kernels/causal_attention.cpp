@@ -5,20 +5,17 @@
 // Per (batch, head, block of BQ query rows) the block's whole score rows are formed at once (prompts
 // of up to a few thousand tokens: no online softmax needed): Q K^T by an 8-row x 32-key register
 // tile over keys packed 32 at a time (K^T tiles, once per batch row and KV head), a softmax per row
-// with ATen's vectorised exp, then P V by a (4-row x 64-dim) register tile over 32 KB chunks of V.
+// in base 2 with a polynomial exp (AVX-512 scalef), then P V by a (4-row x 64-dim) register tile over 32 KB chunks of V.
 // Causal: a block reads only the keys up to its last row. Measured against torch's flash attention
 // on a 2-vCPU AMD EPYC (2 threads): 1.33-1.5x at 266-791 tokens, 4 heads over 2 KV heads.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/cpu/vec/functional.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-using Vec = at::vec::Vectorized<float>;
 constexpr int64_t KT = 32;  // keys per packed tile
 constexpr int64_t BQ = 32;  // query rows per task
 
@@ -65,6 +62,57 @@ static inline void pv(const float* p, int64_t ldp, const float* v, int64_t j0, i
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * D + c * 16, a[r][c]);
 }
 
+// 2^x for x <= 0 as 2^n * p(f), n = round(x), f in [-0.5, 0.5]: a degree-5 polynomial fitted to 2^f
+// (relative error 1.5e-7) and AVX-512's scalef for 2^n; x is clamped at -120 (a weight below 1e-36).
+static inline __m512 exp2_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-120.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0013276431f), f, _mm512_set1_ps(0.009675541f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055507135f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402212f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314694f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One score row (base-2 logits) in place: 2^(s - max) over its first `valid` entries, zeros up to
+// `npad`; returns 1 / sum. The partial last vector is read masked, so no scalar tail.
+static inline float softmax_row(float* row, int64_t valid, int64_t npad) {
+  const int64_t full = valid & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (valid - full)) - 1);
+  const __m512 lowest = _mm512_set1_ps(-INFINITY);
+  __m512 m0 = lowest, m1 = _mm512_mask_loadu_ps(lowest, tail, row + full);
+  int64_t j = 0;
+  for (; j + 32 <= full; j += 32) {
+    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(row + j));
+    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(row + j + 16));
+  }
+  if (j < full) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(row + j));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(m0, m1)));
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  for (j = 0; j + 32 <= full; j += 32) {
+    const __m512 e0 = exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + j), mx));
+    const __m512 e1 = exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + j + 16), mx));
+    _mm512_storeu_ps(row + j, e0);
+    _mm512_storeu_ps(row + j + 16, e1);
+    s0 = _mm512_add_ps(s0, e0);
+    s1 = _mm512_add_ps(s1, e1);
+  }
+  if (j < full) {
+    const __m512 e = exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + j), mx));
+    _mm512_storeu_ps(row + j, e);
+    s0 = _mm512_add_ps(s0, e);
+  }
+  if (full < npad) {  // the partial vector, zero past `valid`
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + full), mx)));
+    _mm512_storeu_ps(row + full, e);
+    s1 = _mm512_add_ps(s1, e);
+    std::fill(row + full + 16, row + npad, 0.f);
+  }
+  return 1.f / _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
 template <int64_t D>
 static at::Tensor run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale) {
   constexpr int RT = D >= 128 ? 2 : (D >= 64 ? 4 : 8);
@@ -86,7 +134,7 @@ static at::Tensor run(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   });
   const float* qp = q.data_ptr<float>(); const float* vp = v.data_ptr<float>(); float* op = out.data_ptr<float>();
   const int64_t nblocks = (T + BQ - 1) / BQ, offset = S - T;
-  const float fscale = static_cast<float>(scale);
+  const float fscale = static_cast<float>(scale * M_LOG2E);  // base-2 logits: softmax by 2^x
   at::parallel_for(0, B * H * nblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> pbuf(BQ * Spad), qbuf(BQ * D), obuf(BQ * D), inv(BQ);
     for (int64_t task = begin; task < end; ++task) {
@@ -102,27 +150,8 @@ static at::Tensor run(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       float* P = pbuf.data();
       for (int64_t t = 0; t < nt; ++t)  // a key tile stays in L1 for every row group
         for (int64_t r = 0; r < BQ; r += 8) qk8<D>(qbuf.data() + r * D, Kt + t * D * KT, P + r * npad + t * KT, npad, fscale);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* row = P + r * npad;
-        const int64_t valid = causal ? std::min(n, r0 + r + 1 + offset) : n;
-        Vec vmax(-INFINITY);
-        int64_t m = 0;
-        for (; m + Vec::size() <= valid; m += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(row + m));
-        float mx = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax);
-        for (; m < valid; ++m) mx = std::max(mx, row[m]);
-        const Vec vmx(mx);
-        Vec vsum(0.f);
-        int64_t j = 0;
-        for (; j + Vec::size() <= valid; j += Vec::size()) {
-          Vec e = (Vec::loadu(row + j) - vmx).exp_u20();
-          e.store(row + j);
-          vsum = vsum + e;
-        }
-        float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
-        for (; j < valid; ++j) { row[j] = std::exp(row[j] - mx); sum += row[j]; }
-        std::fill(row + valid, row + npad, 0.f);
-        inv[r] = 1.f / sum;
-      }
+      for (int64_t r = 0; r < rows; ++r)
+        inv[r] = softmax_row(P + r * npad, causal ? std::min(n, r0 + r + 1 + offset) : n, npad);
       for (int64_t r = rows; r < BQ; ++r) { std::fill(P + r * npad, P + (r + 1) * npad, 0.f); inv[r] = 0.f; }
       constexpr int64_t JC = 8192 / D;  // keys per chunk: 32 KB of values stay in L1 for every row group
       for (int64_t j0 = 0; j0 < n; j0 += JC)
