@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from torch._dynamo.exc import TorchDynamoException
 
 from lightvlm_core import forward
 from lightvlm_core.compiling import failure_summary
-from lightvlm_core.cpu_attention import CausalAttention, causal_kernel_ready
+from lightvlm_core.cpu_attention import PrefillAttention, prefill_kernel_ready
 from lightvlm_core.cpu_linear import OneDnnLinear, onednn_faster
 from lightvlm_core.models.base import ModelAdapter
 
@@ -48,14 +49,14 @@ class CompiledPrefill:
     """`forward.CompiledPrefillLayers` with inductor, plus the vision tower where its input size is fixed."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
-        onednn = onednn_faster()
-        # the layers' linears on oneDNN and their attention on our kernel where each measured faster
-        modes = [mode for mode, use in ((OneDnnLinear, onednn), (CausalAttention, causal_kernel_ready())) if use]
+        # linears on oneDNN and attention on our kernel, each where it measured faster
+        modes = [mode for mode, use in ((OneDnnLinear, onednn_faster()), (PrefillAttention, prefill_kernel_ready()))
+                 if use]
         self._fn = torch.compile(functools.partial(_in_modes, modes, _layer) if modes else _layer, fullgraph=True)
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
         name = adapter.fixed_size_vision_tower
         tower = getattr(adapter.model.model, name, None) if name else None
-        self.vision = CompiledForward(tower, OneDnnLinear if onednn else None) if tower is not None else None
+        self.vision = CompiledForward(tower, modes) if tower is not None else None
 
     def layer(self, adapter: ModelAdapter, layer: nn.Module, h: torch.Tensor, rope: forward.RopeTables
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -73,13 +74,13 @@ class CompiledPrefill:
 
 class CompiledForward:
     """Stands for a module's `forward`: the compiled version, or the eager one for good (after one
-    warning) once compiling failed. Graph breaks are allowed: HF towers have a few. `linear_mode`
-    (a cpu_linear mode class, or None) reroutes the module's linears in the compiled version."""
+    warning) once compiling failed. Graph breaks are allowed: HF towers have a few. `modes`
+    (TorchFunctionMode classes: cpu_linear's, cpu_attention's) reroute the module's linears and
+    attention in the compiled version."""
 
-    def __init__(self, module: nn.Module, linear_mode: type | None = None) -> None:
+    def __init__(self, module: nn.Module, modes: Sequence[type] = ()) -> None:
         self.module, self.eager = module, module.forward
-        self.compiled = torch.compile(self.eager if linear_mode is None else
-                                      functools.partial(_in_modes, [linear_mode], self.eager))
+        self.compiled = torch.compile(functools.partial(_in_modes, list(modes), self.eager) if modes else self.eager)
         module.forward = self
 
     def __call__(self, *args, **kwargs):

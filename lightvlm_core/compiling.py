@@ -27,7 +27,7 @@ def cuda_graphs_enabled(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def attention_kernel_enabled(environ: Mapping[str, str] = os.environ) -> bool:
-    """LIGHTVLM_ATTENTION_KERNEL (default on): the compiled CPU prefill's causal attention and the
+    """LIGHTVLM_ATTENTION_KERNEL (default on): the compiled CPU prefill's attention (LLM and vision) and the
     compiled decode step's attention on our kernels where built and measured faster (cpu_attention.py)."""
     return not switched_off(environ, "LIGHTVLM_ATTENTION_KERNEL")
 

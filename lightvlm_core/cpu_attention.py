@@ -1,13 +1,15 @@
 """CPU attention kernels for the compiled passes, used where they were built and measured faster
-than what they replace: a causal prefill attention for the compiled prefill (compiled_prefill.py),
-and the decode step's cache append + attention for the compiled decode step (compiled_decode.py).
+than what they replace: a prefill attention (causal for the LLM's layers, bidirectional for vision
+towers) for the compiled prefill (compiled_prefill.py), and the decode step's cache append +
+attention for the compiled decode step (compiled_decode.py).
 
 Why: a prefill's linears already run at this CPU's float32 peak on oneDNN (cpu_linear.py), and
 what is left is attention: on a 2-vCPU AMD EPYC torch's CPU flash attention took 108 of the 231 ms
 of the LLM-heavy model's prefill (32 layers, 791 tokens) and a quarter of the bundled model's.
 It computes its small GEMMs through MKL, which is slow on AMD processors. The kernel
-(kernels/causal_attention.cpp: register-tiled AVX-512 loops, a whole score row per query, grouped
-query heads read their KV head in place) measured 1.33-1.5x faster at 266-791 tokens there.
+(kernels/prefill_attention.cpp: register-tiled AVX-512 loops, a whole score row per query, grouped
+query heads read their KV head in place, a polynomial exp) measured 2.5-3.6x faster than SDPA there
+(README, "Prefill attention kernel").
 
 The decode kernel (kernels/decode_attention.cpp) does in one C++ call what `lightvlm::decode_attention`
 does as a Python function issuing ~15 ATen ops per layer per step (index writes, slicing, SDPA with
@@ -15,14 +17,15 @@ the query groups folded onto their KV head): 78 µs per call of which SDPA took 
 `cpu-small` step, a third of the step. It is used for float32 steps with head_dim 32/64/128 where
 it matches the Python op on a check case and a start-up measurement finds it 10% faster.
 
-Both are C++ built on first use with torch.utils.cpp_extension (g++, ~20 s, cached per user in
-torch's extensions folder; the service's image has g++ for inductor anyway), and each is used only
-where: the CPU has AVX-512, the build succeeded, its output matches what it replaces (SDPA, the
-Python op) on a check case, and a start-up measurement (~0.1 s) finds it 10% faster;
-`LIGHTVLM_ATTENTION_KERNEL=0` turns both off. Anything else keeps SDPA. Only plain causal calls (no
-mask, no dropout, float32, head_dim 32/64/128, as many keys as queries) are rerouted, by a
-TorchFunctionMode inside the compiled prefill layers; parity with transformers is tested on the
-eager pass, the compiled pass's tokens against the eager one (tests/core/test_compiled.py).
+Both are C++ built on first use with torch.utils.cpp_extension (g++ with OpenMP, ~20 s, cached per
+user in torch's extensions folder; the service's image has g++ for inductor anyway), and each is used
+only where: the CPU has AVX-512, the build succeeded, its output matches what it replaces (SDPA, the
+Python op) on check cases, and a start-up measurement (~0.1 s) finds it 10% faster;
+`LIGHTVLM_ATTENTION_KERNEL=0` turns both off. Anything else keeps SDPA. Only plain calls (no mask,
+no dropout, float32, head_dim 32/64/128, as many keys as queries; causal, or bidirectional) are
+rerouted, by a TorchFunctionMode inside the compiled prefill layers and vision tower; parity with
+transformers is tested on the eager pass, the compiled pass's tokens against the eager one
+(tests/core/test_compiled.py, tests/core/test_cpu_attention.py).
 """
 
 from __future__ import annotations
@@ -43,20 +46,20 @@ from lightvlm_core.compiling import attention_kernel_enabled, best_time, failure
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "kernels" / name for name in ("causal_attention.cpp",
+SOURCES = [Path(__file__).resolve().parent / "kernels" / name for name in ("prefill_attention.cpp",
                                                                           "decode_attention.cpp")]
 HEAD_DIMS = (32, 64, 128)
 
 _LIBRARY = torch.library.Library("lightvlm", "FRAGMENT")
-_LIBRARY.define("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor")
+_LIBRARY.define("prefill_attention(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> Tensor")
 # the schema of lightvlm::decode_attention (compiled_decode.py), whose CPU work it does in C++
 _LIBRARY.define("cpu_decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, "
                 "Tensor(c!) lengths, Tensor rows, Tensor masks, Tensor plan, Tensor(d!) scores, Tensor score_rows, "
                 "int layer, float scale) -> Tensor")
 
 
-@torch.library.register_fake("lightvlm::causal_attention")
-def _(q, k, v, scale):
+@torch.library.register_fake("lightvlm::prefill_attention")
+def _(q, k, v, scale, causal):
     return q.new_empty(q.shape)
 
 
@@ -66,9 +69,9 @@ def _(q, k, v, keys, values, lengths, rows, masks, plan, scores, score_rows, lay
 
 
 @functools.cache
-def causal_kernel_ready() -> bool:
-    """Whether the kernel is on (LIGHTVLM_ATTENTION_KERNEL, default on), built, correct and faster
-    than SDPA here (once per process)."""
+def prefill_kernel_ready() -> bool:
+    """Whether the prefill kernel is on (LIGHTVLM_ATTENTION_KERNEL, default on), built, correct and
+    faster than SDPA here, causal and bidirectional (once per process)."""
     return attention_kernel_enabled() and kernels_built() and _checked_and_faster()
 
 
@@ -90,9 +93,11 @@ def kernels_built() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
+        # -fopenmp: at::parallel_for is a header template, serial unless the extension itself is
+        # built with OpenMP (it was, before: both kernels ran on one thread)
         load("lightvlm_cpu_attention", [str(source) for source in SOURCES], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma",
-                           "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"])
+             extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma",
+                           "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"], extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler, a failed build: SDPA
         log.warning("the CPU attention kernels could not be built; attention stays on SDPA: %s",
                     failure_summary(exc))
@@ -100,19 +105,29 @@ def kernels_built() -> bool:
     return True
 
 
-def _checked_and_faster(tokens: int = 256, rounds: int = 7) -> bool:
+def _checked_and_faster(rounds: int = 7) -> bool:
+    """Against SDPA on a causal case (4 query heads over 2 KV heads, 256 tokens) and a bidirectional
+    one (3 heads, 257 tokens: a small CLIP tower's): the same output, and each 10% faster."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, heads, tokens, 64, generator=gen) for heads in (4, 2, 2))
-    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    out = torch.ops.lightvlm.causal_attention(q, k, v, 64 ** -0.5)
-    if not torch.allclose(out, reference, atol=1e-4, rtol=1e-4):
-        log.warning("the causal attention kernel disagrees with SDPA (max diff %.2e); not used",
-                    (out - reference).abs().max().item())
-        return False
-    sdpa = best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), rounds)
-    kernel = best_time(lambda: torch.ops.lightvlm.causal_attention(q, k, v, 64 ** -0.5), rounds)
-    log.info("causal attention, %d tokens: SDPA %.2f ms, kernel %.2f ms", tokens, sdpa * 1e3, kernel * 1e3)
-    return kernel < 0.9 * sdpa
+    for causal, heads, tokens in ((True, (4, 2, 2), 256), (False, (3, 3, 3), 257)):
+        q, k, v = (torch.randn(1, n, tokens, 64, generator=gen) for n in heads)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+        def kernel():
+            return torch.ops.lightvlm.prefill_attention(q, k, v, 64 ** -0.5, causal)
+
+        if not torch.allclose(kernel(), sdpa(), atol=1e-4, rtol=1e-4):
+            log.warning("the prefill attention kernel disagrees with SDPA (causal=%s, max diff %.2e); not used",
+                        causal, (kernel() - sdpa()).abs().max().item())
+            return False
+        sdpa_time, kernel_time = best_time(sdpa, rounds), best_time(kernel, rounds)
+        log.info("prefill attention, %d tokens, causal=%s: SDPA %.2f ms, kernel %.2f ms", tokens, causal,
+                 sdpa_time * 1e3, kernel_time * 1e3)
+        if kernel_time >= 0.9 * sdpa_time:
+            return False
+    return True
 
 
 def _decode_checked_and_faster(entries: int = 600, rounds: int = 20) -> bool:
@@ -161,19 +176,25 @@ def decode_step_inputs(entries: int, heads: int = 4, kv_heads: int = 2, dim: int
     return [q, k, v, keys, values, lengths, torch.arange(batch), masks, plan, scores, score_rows, 0, dim ** -0.5]
 
 
-class CausalAttention(TorchFunctionMode):
-    """Routes plain causal `F.scaled_dot_product_attention` calls to `lightvlm::causal_attention`."""
+class PrefillAttention(TorchFunctionMode):
+    """Routes plain `F.scaled_dot_product_attention` calls (causal, or bidirectional with no mask) to
+    `lightvlm::prefill_attention`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and _plain_causal(*args, **kwargs):
-            q, k, v = args[:3]
-            scale = kwargs.get("scale")
-            return torch.ops.lightvlm.causal_attention(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5)
+        if func is F.scaled_dot_product_attention:
+            call = _plain_call(*args, **kwargs)
+            if call is not None:
+                return torch.ops.lightvlm.prefill_attention(*call)
         return func(*args, **kwargs)
 
 
-def _plain_causal(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> bool:
-    return (is_causal and attn_mask is None and dropout_p == 0.0 and q.dtype == torch.float32
+def _plain_call(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+                ) -> tuple | None:
+    """The kernel's arguments for a call it takes (no mask, no dropout, float32 on the CPU, a head
+    size it has, as many keys as queries); None for any other."""
+    if not (attn_mask is None and dropout_p == 0.0 and q.dtype == torch.float32
             and q.device.type == "cpu" and q.dim() == 4 and q.shape[-1] in HEAD_DIMS
-            and q.shape[-2] == k.shape[-2] and (enable_gqa or q.shape[1] == k.shape[1]))
+            and q.shape[-2] == k.shape[-2] and (enable_gqa or q.shape[1] == k.shape[1])):
+        return None
+    return q, k, v, scale if scale is not None else q.shape[-1] ** -0.5, bool(is_causal)

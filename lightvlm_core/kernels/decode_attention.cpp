@@ -1,6 +1,7 @@
 // lightvlm::cpu_decode_attention (AVX-512, float32): one decode step's cache append and attention
-// (and, where the step scores, the heavy-hitter score update) for one layer, the same arithmetic as lightvlm::decode_attention (lightvlm_core/compiled_decode.py,
-// whose schema it shares), in one C++ call instead of a Python function issuing ~15 ATen ops.
+// (and, where the step scores, the heavy-hitter score update) for one layer, the same arithmetic as
+// lightvlm::decode_attention (lightvlm_core/compiled_decode.py, whose schema it shares), in one C++
+// call instead of a Python function issuing ~15 ATen ops, its loops spread over the OpenMP threads.
 //
 // Per (batch row, KV head) task: write the new key and value at the row's length, then attend the
 // query heads that share the KV head over the row's entries: scores by a dot product per key (16
@@ -17,13 +18,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <optional>
 #include <vector>
 
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLargeStep = 4096;  // rows x entries beyond which SDPA does better with > 2 query heads per KV head
 
 // out[i] = sum of the 16 lanes of v[i], for 16 vectors
 inline __m512 sum16(const __m512* v) {
@@ -148,7 +147,8 @@ at::Tensor cpu_decode_attention(const at::Tensor& q, const at::Tensor& k, const 
               "cpu_decode_attention: float32 only");
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && keys.dim() == 4 && values.dim() == 4, "cpu_decode_attention: shapes");
   TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "cpu_decode_attention: the cache's rows must be dense");
-  TORCH_CHECK(lengths.scalar_type() == at::kLong && rows.scalar_type() == at::kLong, "cpu_decode_attention: index types");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && rows.scalar_type() == at::kLong,
+              "cpu_decode_attention: index types");
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(3), kv_heads = keys.size(1);
   TORCH_CHECK(dim == 32 || dim == 64 || dim == 128, "cpu_decode_attention: head_dim 32, 64 or 128");
   TORCH_CHECK(heads % kv_heads == 0 && keys.size(3) == dim && k.size(0) == batch && rows.size(0) == batch,
@@ -172,13 +172,9 @@ at::Tensor cpu_decode_attention(const at::Tensor& q, const at::Tensor& k, const 
   int64_t* len = lengths.data_ptr<int64_t>() + layer * lengths.stride(0);
   const int64_t ls = lengths.stride(1);
   const int64_t* row = rc.data_ptr<int64_t>();
-  int64_t min_length = keys.size(2), max_length = 0;
-  for (int64_t b = 0; b < batch; ++b) {
+  for (int64_t b = 0; b < batch; ++b)
     TORCH_CHECK(len[b * ls] >= 0 && len[b * ls] < keys.size(2) && row[b] >= 0 && row[b] < keys.size(0),
                 "cpu_decode_attention: no room");
-    min_length = std::min(min_length, len[b * ls]);
-    max_length = std::max(max_length, len[b * ls]);
-  }
   float* kb = keys.data_ptr<float>();
   float* vb = values.data_ptr<float>();
   const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), ks2 = keys.stride(2);
@@ -191,38 +187,23 @@ at::Tensor cpu_decode_attention(const at::Tensor& q, const at::Tensor& k, const 
   if (sp != nullptr)  // a new entry starts from no attention received
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t h = 0; h < kv_heads; ++h) sp[row[b] * ss0 + h * ss1 + len[b * ls]] = 0.f;
-  if (!scoring && groups > 2 && batch * (max_length + 1) > kLargeStep) {
-    // many query heads per KV head over many entries: SDPA's blocked matmuls do better there (our
-    // dot products re-read each key once per query head); its mask is the rows' prefixes
-    for (int64_t b = 0; b < batch; ++b) {
-      keys.select(0, row[b]).select(1, len[b * ls]).copy_(kc.select(0, b));
-      values.select(0, row[b]).select(1, len[b * ls]).copy_(vc.select(0, b));
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, h = task % kv_heads, pos = len[b * ls];
+      // the new entry, in the buffer row `rows[b]` (as the Python op writes it)
+      std::memcpy(kb + row[b] * ks0 + h * ks1 + pos * ks2, kn + (b * kv_heads + h) * dim, dim * sizeof(float));
+      std::memcpy(vb + row[b] * vs0 + h * vs1 + pos * vs2, vn + (b * kv_heads + h) * dim, dim * sizeof(float));
+      // queries of row b attend buffer row b (as SDPA over keys[:, :, :span] does), pos + 1 entries
+      const float* qg = qp + (b * heads + h * groups) * dim;
+      const float* kr = kb + b * ks0 + h * ks1;
+      const float* vr = vb + b * vs0 + h * vs1;
+      float* o = op + (b * heads + h * groups) * dim;
+      float* sc = scoring && srow[b] ? sp + b * ss0 + h * ss1 : nullptr;
+      if (dim == 32) attend<2>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o, sc);
+      else if (dim == 64) attend<4>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o, sc);
+      else attend<8>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o, sc);
     }
-    const int64_t span = max_length + 1;
-    std::optional<at::Tensor> mask;
-    if (min_length != max_length) mask = masks.select(0, layer).slice(1, 0, span).view({batch, 1, 1, span});
-    out = at::scaled_dot_product_attention(qc.view({batch, kv_heads, groups, dim}), keys.slice(2, 0, span),
-                                           values.slice(2, 0, span), mask, 0.0, false, scale)
-              .view({batch, heads, 1, dim});
-  } else {
-    at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / kv_heads, h = task % kv_heads, pos = len[b * ls];
-        // the new entry, in the buffer row `rows[b]` (as the Python op writes it)
-        std::memcpy(kb + row[b] * ks0 + h * ks1 + pos * ks2, kn + (b * kv_heads + h) * dim, dim * sizeof(float));
-        std::memcpy(vb + row[b] * vs0 + h * vs1 + pos * vs2, vn + (b * kv_heads + h) * dim, dim * sizeof(float));
-        // queries of row b attend buffer row b (as SDPA over keys[:, :, :span] does), pos + 1 entries
-        const float* qg = qp + (b * heads + h * groups) * dim;
-        const float* kr = kb + b * ks0 + h * ks1;
-        const float* vr = vb + b * vs0 + h * vs1;
-        float* o = op + (b * heads + h * groups) * dim;
-        float* sc = scoring && srow[b] ? sp + b * ss0 + h * ss1 : nullptr;
-        if (dim == 32) attend<2>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o, sc);
-        else if (dim == 64) attend<4>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o, sc);
-        else attend<8>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o, sc);
-      }
-    });
-  }
+  });
   for (int64_t b = 0; b < batch; ++b) len[b * ls] += 1;
   return out;
 }

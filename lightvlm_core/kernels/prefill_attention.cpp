@@ -1,13 +1,13 @@
-// lightvlm::causal_attention on CPU (AVX-512, float32): softmax(scale * q k^T, causal) v for a
-// prefill, with grouped-query heads. Registered for the schema defined in lightvlm_core/cpu_attention.py,
-// which builds this file with torch.utils.cpp_extension on first use.
+// lightvlm::prefill_attention on CPU (AVX-512, float32): softmax(scale * q k^T) v for a prefill, causal
+// (the LLM's layers, grouped-query heads) or bidirectional (vision towers). Registered for the schema
+// defined in lightvlm_core/cpu_attention.py, which builds this file with torch.utils.cpp_extension on
+// first use (with OpenMP: at::parallel_for spreads the tasks over the threads).
 //
 // Per (batch, head, block of BQ query rows) the block's whole score rows are formed at once (prompts
 // of up to a few thousand tokens: no online softmax needed): Q K^T by an 8-row x 32-key register
 // tile over keys packed 32 at a time (K^T tiles, once per batch row and KV head), a softmax per row
-// in base 2 with a polynomial exp (AVX-512 scalef), then P V by a (4-row x 64-dim) register tile over 32 KB chunks of V.
-// Causal: a block reads only the keys up to its last row. Measured against torch's flash attention
-// on a 2-vCPU AMD EPYC (2 threads): 1.33-1.5x at 266-791 tokens, 4 heads over 2 KV heads.
+// in base 2 with a polynomial exp (AVX-512 scalef), then P V by a (4-row x 64-dim) register tile
+// over 32 KB chunks of V. Causal: a block reads only the keys up to its last row.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -149,7 +149,8 @@ static at::Tensor run(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const float* V = vp + (b * Hkv + h / G) * S * D;
       float* P = pbuf.data();
       for (int64_t t = 0; t < nt; ++t)  // a key tile stays in L1 for every row group
-        for (int64_t r = 0; r < BQ; r += 8) qk8<D>(qbuf.data() + r * D, Kt + t * D * KT, P + r * npad + t * KT, npad, fscale);
+        for (int64_t r = 0; r < BQ; r += 8)
+          qk8<D>(qbuf.data() + r * D, Kt + t * D * KT, P + r * npad + t * KT, npad, fscale);
       for (int64_t r = 0; r < rows; ++r)
         inv[r] = softmax_row(P + r * npad, causal ? std::min(n, r0 + r + 1 + offset) : n, npad);
       for (int64_t r = rows; r < BQ; ++r) { std::fill(P + r * npad, P + (r + 1) * npad, 0.f); inv[r] = 0.f; }
@@ -165,18 +166,19 @@ static at::Tensor run(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return out;
 }
 
-at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                             bool causal) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, T, D)");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "float32 only");
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && k.sizes() == v.sizes() && q.size(2) == k.size(2), "shape mismatch");
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   switch (q.size(3)) {
-    case 32: return run<32>(qc, kc, vc, true, scale);
-    case 64: return run<64>(qc, kc, vc, true, scale);
-    case 128: return run<128>(qc, kc, vc, true, scale);
+    case 32: return run<32>(qc, kc, vc, causal, scale);
+    case 64: return run<64>(qc, kc, vc, causal, scale);
+    case 128: return run<128>(qc, kc, vc, causal, scale);
     default: TORCH_CHECK(false, "head_dim ", q.size(3), " not supported (32, 64, 128)");
   }
 }
 
-TORCH_LIBRARY_IMPL(lightvlm, CPU, m) { m.impl("causal_attention", causal_attention); }
+TORCH_LIBRARY_IMPL(lightvlm, CPU, m) { m.impl("prefill_attention", prefill_attention); }
