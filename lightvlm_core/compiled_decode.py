@@ -37,7 +37,7 @@ from torch._dynamo.exc import TorchDynamoException
 
 from lightvlm_core import cpu_attention, forward
 from lightvlm_core.compiling import failure_summary
-from lightvlm_core.cpu_linear import OneDnnLinear, RowLinear, onednn_faster
+from lightvlm_core.cpu_linear import KernelRowLinear, OneDnnLinear, RowLinear, onednn_faster, row_kernel_ready
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import LayerSpec, ModelAdapter
 
@@ -116,12 +116,18 @@ def _layers(attention: str, adapter: ModelAdapter, keys: list[torch.Tensor], val
     return forward.decode_layers(adapter, h, ropes, attend)
 
 
-FEW_ROWS = 4  # on CPU, steps of up to this many rows run their linears as multiply-sums (RowLinear)
+FEW_ROWS = 4  # on CPU, steps of up to this many rows run their linears row by row (cpu_linear.py)
 
 
 def _few_rows_layers(*args) -> torch.Tensor:
     """What gets compiled for steps of up to FEW_ROWS rows on CPU: `_layers` with row linears."""
     with RowLinear():
+        return _layers(*args)
+
+
+def _kernel_rows_layers(*args) -> torch.Tensor:
+    """The same with our C++ row linear (float32, where it is built and measured faster)."""
+    with KernelRowLinear():
         return _layers(*args)
 
 
@@ -150,7 +156,8 @@ class CompiledDecode:
         kernel = (cpu and adapter.model.dtype == torch.float32 and adapter.head_dim in cpu_attention.HEAD_DIMS
                   and cpu_attention.decode_kernel_ready())
         self.attention = "cpu_decode_attention" if kernel else "decode_attention"
-        few = _few_rows_layers if cpu else _layers
+        row_kernel = cpu and adapter.model.dtype == torch.float32 and row_kernel_ready()
+        few = (_kernel_rows_layers if row_kernel else _few_rows_layers) if cpu else _layers
         many = _onednn_layers if cpu and onednn_faster() else _layers
         self._bodies = {kind: functools.partial(body, self.attention)
                         for kind, body in (("one", few), ("few", few), ("many", many))}

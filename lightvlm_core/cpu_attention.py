@@ -17,9 +17,8 @@ the query groups folded onto their KV head): 78 µs per call of which SDPA took 
 `cpu-small` step, a third of the step. It is used for float32 steps with head_dim 32/64/128 where
 it matches the Python op on a check case and a start-up measurement finds it 10% faster.
 
-Both are C++ built on first use with torch.utils.cpp_extension (g++ with OpenMP, ~20 s, cached per
-user in torch's extensions folder; the service's image has g++ for inductor anyway), and each is used
-only where: the CPU has AVX-512, the build succeeded, its output matches what it replaces (SDPA, the
+Both are C++ built on first use (cpu_kernels.py), and each is used only where: the CPU has
+AVX-512, the build succeeded, its output matches what it replaces (SDPA, the
 Python op) on check cases, and a start-up measurement (~0.1 s) finds it 10% faster;
 `LIGHTVLM_ATTENTION_KERNEL=0` turns both off. Anything else keeps SDPA. Only plain calls (no mask,
 no dropout, float32, head_dim 32/64/128, as many keys as queries; causal, or bidirectional) are
@@ -32,22 +31,17 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import shutil
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from lightvlm_core.compiling import attention_kernel_enabled, best_time, failure_summary
+from lightvlm_core.compiling import attention_kernel_enabled, best_time
+from lightvlm_core.cpu_kernels import kernels_built
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "kernels" / name for name in ("prefill_attention.cpp",
-                                                                          "decode_attention.cpp")]
 HEAD_DIMS = (32, 64, 128)
 
 _LIBRARY = torch.library.Library("lightvlm", "FRAGMENT")
@@ -80,29 +74,6 @@ def decode_kernel_ready() -> bool:
     """Whether the decode step's attention runs on `lightvlm::cpu_decode_attention` (once per process):
     LIGHTVLM_ATTENTION_KERNEL, built, equal to the Python op and faster than it here."""
     return attention_kernel_enabled() and kernels_built() and _decode_checked_and_faster()
-
-
-@functools.cache
-def kernels_built() -> bool:
-    """Whether the kernels are built: an AVX-512 CPU and a build that worked."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return False
-    venv_bin = Path(sys.executable).parent  # pip's ninja, where the venv is not on PATH
-    if shutil.which("ninja") is None and (venv_bin / "ninja").exists():
-        os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
-    try:
-        from torch.utils.cpp_extension import load
-
-        # -fopenmp: at::parallel_for is a header template, serial unless the extension itself is
-        # built with OpenMP (it was, before: both kernels ran on one thread)
-        load("lightvlm_cpu_attention", [str(source) for source in SOURCES], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma",
-                           "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"], extra_ldflags=["-fopenmp"])
-    except Exception as exc:  # no compiler, a failed build: SDPA
-        log.warning("the CPU attention kernels could not be built; attention stays on SDPA: %s",
-                    failure_summary(exc))
-        return False
-    return True
 
 
 def _checked_and_faster(rounds: int = 7) -> bool:

@@ -1,12 +1,16 @@
 """Which kernel a linear layer runs on in the compiled CPU graphs (compiled_decode.py,
 compiled_prefill.py): `F.linear` is rerouted inside them by a TorchFunctionMode.
 
-- RowLinear, for decode steps of a few rows: a multiply and a sum over the input features, which
-  inductor generates as one vectorised pass over the weight per row. On CPU the BLAS call for one
-  row reads the weights at a fraction of the memory bandwidth a plain streaming loop reaches:
-  measured in-process on an AMD EPYC VM (2 threads), forty 4096x1024 float32 weights: 23-24 GB/s
-  for `F.linear` (MKL), 72 GB/s for the fused multiply-sum (a bare `sum`: 77). Per row the weight
-  is read again, so its lead shrinks with the rows (2.3x at 2, 1.4x at 4, none at 8).
+- KernelRowLinear, for decode steps of 1-4 rows where our C++ kernel is built (cpu_kernels.py):
+  `lightvlm::row_linear` (kernels/row_linear.cpp) reads each weight row once for all rows of x,
+  the weight rows spread over the threads. Else RowLinear: a multiply and a sum over the input
+  features, which inductor generates as one vectorised pass over the weight per row; but it
+  inlines the producer of x (an RMSNorm) into that pass, and per row of x the weight is read
+  again. On the AMD EPYC VM (2 threads), 32 layers of `cpu-small` weights (109 MB) after an
+  RMSNorm: kernel 1.8-2.3 / 2.3-2.6 / 3.4-3.5 ms at 1 / 2 / 4 rows, compiled multiply-sum 2.6 / 4.3
+  / 6.8 ms. On CPU the BLAS call for one row reads the weights at a fraction of the memory
+  bandwidth a plain streaming loop reaches: forty 4096x1024 float32 weights, 23-24 GB/s for
+  `F.linear` (MKL), 72 GB/s for the fused multiply-sum (a bare `sum`: 77).
 - OneDnnLinear, for prefill (layers and a compiled vision tower) and larger decode steps:
   oneDNN's matmul instead of MKL's, as an op the compiler calls without looking in (inductor's
   own oneDNN linear needs frozen weights). On the same VM MKL ran prefill-shaped float32 GEMMs
@@ -28,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from lightvlm_core.compiling import best_time
+from lightvlm_core.compiling import attention_kernel_enabled, best_time
+from lightvlm_core.cpu_kernels import kernels_built
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,15 @@ _LIBRARY.impl("onednn_linear", _onednn_linear, "CPU")
 
 
 @torch.library.register_fake("lightvlm::onednn_linear")
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# kernels/row_linear.cpp (built by cpu_kernels.py): the few-row product in C++
+_LIBRARY.define("row_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+
+
+@torch.library.register_fake("lightvlm::row_linear")
 def _(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -68,6 +82,34 @@ class RowLinear(_LinearMode):
     def linear(self, x, weight, bias):
         out = (x.reshape(-1, 1, x.shape[-1]) * weight).sum(-1).reshape(*x.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
+
+
+class KernelRowLinear(_LinearMode):
+    """Each row's output by `lightvlm::row_linear` (kernels/row_linear.cpp; see the module docstring)."""
+
+    def linear(self, x, weight, bias):
+        return torch.ops.lightvlm.row_linear(x, weight, bias)
+
+
+@functools.cache
+def row_kernel_ready(rows: int = 4, width: int = 1024, rounds: int = 7) -> bool:
+    """Whether `lightvlm::row_linear` is on (LIGHTVLM_ATTENTION_KERNEL: our CPU kernels), built,
+    equal to `F.linear` for 1-`rows` rows and 10% faster than it (once per process, ~0.1 s)."""
+    if not (attention_kernel_enabled() and kernels_built()):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(width, width, generator=gen), torch.randn(width, generator=gen)
+    for n in range(1, rows + 1):
+        x = torch.randn(n, width, generator=gen)
+        if not torch.allclose(torch.ops.lightvlm.row_linear(x, weight, bias), F.linear(x, weight, bias),
+                              atol=1e-4, rtol=1e-4):
+            log.warning("the row linear kernel disagrees with F.linear at %d rows; not used", n)
+            return False
+    blas = best_time(lambda: F.linear(x, weight), rounds)
+    kernel = best_time(lambda: torch.ops.lightvlm.row_linear(x, weight, None), rounds)
+    log.info("float32 linear %dx%dx%d: F.linear %.1f us, row kernel %.1f us", rows, width, width, blas * 1e6,
+             kernel * 1e6)
+    return kernel < 0.9 * blas
 
 
 class OneDnnLinear(_LinearMode):

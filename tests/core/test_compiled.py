@@ -78,17 +78,20 @@ def test_decode_programs_run_without_dynamo_guard_checks(pair) -> None:
     every guard on the model before each step): no frame of the compiled bodies is in its cache."""
     _, compiled = pair
     tokens(compiled, requests())
-    for body in (compiled_decode._layers, compiled_decode._few_rows_layers, compiled_decode._onednn_layers):
+    for body in (compiled_decode._layers, compiled_decode._few_rows_layers, compiled_decode._kernel_rows_layers,
+                 compiled_decode._onednn_layers):
         assert _debug_get_cache_entry_list(body.__code__) == []
     assert all(not program._guard_check_enabled for program in compiled.runner.compiled_decode._programs.values())
 
 
-def test_steps_of_few_rows_run_their_linears_as_multiply_sums(pair) -> None:
-    """Up to FEW_ROWS rows the step runs a program with RowLinear, beyond it the BLAS one (the
-    token comparisons above cover all three: batches of 1, 3 and 6)."""
+def test_steps_of_few_rows_run_their_linears_row_by_row(pair) -> None:
+    """Up to FEW_ROWS rows the step runs a program with row linears (our C++ kernel where built, else
+    inductor's multiply-sums), beyond it the BLAS one (the token comparisons above cover all three:
+    batches of 1, 3 and 6)."""
     eager, compiled = pair
     step = compiled.runner.compiled_decode
-    assert step._bodies["one"].func is step._bodies["few"].func is compiled_decode._few_rows_layers
+    rows = compiled_decode._kernel_rows_layers if cpu_linear.row_kernel_ready() else compiled_decode._few_rows_layers
+    assert step._bodies["one"].func is step._bodies["few"].func is rows
     assert step._bodies["many"].func in (compiled_decode._layers, compiled_decode._onednn_layers)
     calls = {"one": 0, "few": 0, "many": 0}
     real = dict(step._programs)
@@ -112,16 +115,22 @@ def test_steps_of_few_rows_run_their_linears_as_multiply_sums(pair) -> None:
     assert core.WARM_UP_BATCHES == (1, 2, compiled_decode.FEW_ROWS + 1)  # one per program of the step
 
 
-@pytest.mark.parametrize("mode", [cpu_linear.RowLinear, cpu_linear.OneDnnLinear])
-@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (4, 24), (2, 7, 24)])
+kernel_modes = [cpu_linear.KernelRowLinear] if cpu_linear.kernels_built() else []
+
+
+@pytest.mark.parametrize("mode", [cpu_linear.RowLinear, cpu_linear.OneDnnLinear] + kernel_modes)
+@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (4, 24), (2, 7, 24), (1, 40), (2, 16), (9, 2, 17)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_rerouted_linears_equal_f_linear(mode, shape, bias) -> None:
+    """Widths off the kernels' 16-lane vectors, output counts off their tiles, 1-18 rows."""
     torch.manual_seed(0)
-    x, weight = torch.randn(shape), torch.randn(40, 24)
-    b = torch.randn(40) if bias else None
+    width = shape[-1]
+    x, weight = torch.randn(shape), torch.randn(43, width)
+    b = torch.randn(43) if bias else None
     with mode():
         got = F.linear(x, weight, b)
-        assert torch.equal(torch.mm(x.reshape(-1, 24), weight.T), x.reshape(-1, 24) @ weight.T)  # other ops pass
+        flat = x.reshape(-1, width)
+        assert torch.equal(torch.mm(flat, weight.T), flat @ weight.T)  # other ops pass
     assert got.shape == F.linear(x, weight, b).shape
     assert torch.allclose(got, F.linear(x, weight, b), atol=1e-5)
 

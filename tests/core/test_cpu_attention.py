@@ -100,7 +100,7 @@ def test_the_kernels_run_their_loops_on_openmp_threads() -> None:
     """at::parallel_for is a header template: without OpenMP in the extension's own build its loops
     run on one thread (as they did until 2026-12-04). The library must call OpenMP's fork."""
     maps = Path("/proc/self/maps").read_text()
-    library = next(line.split()[-1] for line in maps.splitlines() if line.endswith("lightvlm_cpu_attention.so"))
+    library = next(line.split()[-1] for line in maps.splitlines() if line.endswith("lightvlm_cpu_kernels.so"))
     assert b"GOMP_parallel" in Path(library).read_bytes()
 
 

@@ -1,0 +1,99 @@
+// lightvlm::row_linear on CPU (AVX-512, float32): x W^T (+ bias) for a few rows of x (a decode step
+// of 1-4 rows; more are taken 4 at a time), a memory-bound pass over the weight. Registered for the schema defined in
+// lightvlm_core/cpu_linear.py, built with the attention kernels (cpu_attention.py).
+//
+// Why not inductor's multiply-sum (cpu_linear.RowLinear): inductor inlines the producer of x (an
+// RMSNorm: a division and a square root) into the reduction over each weight row, so it is computed
+// again for every 16 weights of every output, and the weight streams at a third of the bandwidth.
+// Here x is an input, each weight row is read once for all rows of x, the outputs are spread over
+// the threads in blocks of weight rows.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <optional>
+
+namespace {
+
+// weight rows per parallel task, and per register tile for 1, 2 and 3-4 rows of x (tried 4-8 and
+// 16-96 on an AMD EPYC VM: within its noise of each other but for 4 rows of x)
+constexpr int64_t kRowsPerTask = 48;
+constexpr int kTile1 = 8, kTile2 = 6, kTile4 = 3;
+
+// out[m][n0:n1] for M rows of x: R weight rows at a time, M x R accumulators
+template <int M, int R>
+void rows(const float* x, const float* w, const float* bias, float* out, int64_t K, int64_t N, int64_t n0,
+          int64_t n1) {
+  const int64_t full = K & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K - full)) - 1);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    const float* wn = w + n * K;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mask = k < full ? __mmask16(0xFFFF) : tail;
+      __m512 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, wn + r * K + k);
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r)
+        out[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]) + (bias != nullptr ? bias[n + r] : 0.f);
+  }
+  for (; n < n1; ++n) {  // the last weight rows
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mask = k < full ? __mmask16(0xFFFF) : tail;
+      const __m512 wv = _mm512_maskz_loadu_ps(mask, w + n * K + k);
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + m * K + k), wv, acc[m]);
+    }
+    for (int m = 0; m < M; ++m) out[m * N + n] = _mm512_reduce_add_ps(acc[m]) + (bias != nullptr ? bias[n] : 0.f);
+  }
+}
+
+at::Tensor row_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "row_linear: float32 only");
+  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1) && x.numel() > 0,
+              "row_linear: shapes");
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const int64_t M = xc.numel() / K;
+  at::Tensor bc;
+  if (bias.has_value()) {
+    bc = bias->contiguous();
+    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N, "row_linear: bias");
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  const float* bp = bias.has_value() ? bc.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t n0 = begin * kRowsPerTask, n1 = std::min(N, end * kRowsPerTask);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {  // beyond 4 rows of x, the weight is read again per 4
+      const float* xm = xp + m0 * K;
+      float* om = op + m0 * N;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: rows<1, kTile1>(xm, wp, bp, om, K, N, n0, n1); break;
+        case 2: rows<2, kTile2>(xm, wp, bp, om, K, N, n0, n1); break;
+        case 3: rows<3, kTile4>(xm, wp, bp, om, K, N, n0, n1); break;
+        default: rows<4, kTile4>(xm, wp, bp, om, K, N, n0, n1); break;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lightvlm, CPU, m) { m.impl("row_linear", row_linear); }
