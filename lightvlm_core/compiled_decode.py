@@ -116,11 +116,16 @@ def _layers(attention: str, adapter: ModelAdapter, keys: list[torch.Tensor], val
     return forward.decode_layers(adapter, h, ropes, attend)
 
 
-FEW_ROWS = 4  # on CPU, steps of up to this many rows run their linears row by row (cpu_linear.py)
+# On CPU, steps of up to this many rows run their linears row by row (cpu_linear.py): with inductor's
+# multiply-sums up to FEW_ROWS (they read the weight again per row), with our C++ kernel up to
+# KERNEL_ROWS (one read of the weight for them all: 1.22-1.39x oneDNN's matmul at 5-8 rows on the
+# AMD EPYC VM, 32 layers of `cpu-small` / LLM-heavy weights)
+FEW_ROWS = 4
+KERNEL_ROWS = 8
 
 
 def _few_rows_layers(*args) -> torch.Tensor:
-    """What gets compiled for steps of up to FEW_ROWS rows on CPU: `_layers` with row linears."""
+    """What gets compiled for steps of a few rows on CPU: `_layers` with row linears."""
     with RowLinear():
         return _layers(*args)
 
@@ -139,7 +144,8 @@ def _onednn_layers(*args) -> torch.Tensor:
 
 class CompiledDecode:
     """`forward.CompiledLayers` with inductor. Compiles one program per kind of step on its first
-    call: batch 1; 2 to FEW_ROWS rows (on CPU, both with row linears); more rows (on CPU with
+    call: batch 1; 2 to `few_rows` rows (on CPU, both with row linears: FEW_ROWS or, with our
+    kernel, KERNEL_ROWS); more rows (on CPU with
     oneDNN's matmul where it was measured faster, cpu_linear.py). An engine warms up with each
     (core.WARM_UP_BATCHES). The runner prepares the model first (`compiling.prepare_to_compile`).
 
@@ -158,6 +164,7 @@ class CompiledDecode:
         self.attention = "cpu_decode_attention" if kernel else "decode_attention"
         row_kernel = cpu and adapter.model.dtype == torch.float32 and row_kernel_ready()
         few = (_kernel_rows_layers if row_kernel else _few_rows_layers) if cpu else _layers
+        self.few_rows = (KERNEL_ROWS if row_kernel else FEW_ROWS) if cpu else 1
         many = _onednn_layers if cpu and onednn_faster() else _layers
         self._bodies = {kind: functools.partial(body, self.attention)
                         for kind, body in (("one", few), ("few", few), ("many", many))}
@@ -174,7 +181,7 @@ class CompiledDecode:
         """Which program a step of `batch` rows runs."""
         if batch == 1:
             return "one"
-        return "few" if batch <= FEW_ROWS and self._cpu else "many"
+        return "few" if batch <= self.few_rows else "many"
 
     def __call__(self, adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
                  ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor | None:

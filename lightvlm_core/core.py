@@ -305,13 +305,14 @@ class EngineCore:
                          kv_bytes, kv_tokens, counters)
 
 
-# The compiled decode step's graphs (compiled_decode.py): batch 1, 2 to FEW_ROWS (4) rows, more rows
-WARM_UP_BATCHES = (1, 2, 5)
+# The compiled decode step's graphs (compiled_decode.py): batch 1, 2 to its `few_rows` (at most
+# KERNEL_ROWS, 8) rows, more rows
+WARM_UP_BATCHES = (1, 2, 9)
 
 
 def warm_up(runner: Runner) -> None:
     """Tiny requests through the runner, so the first real ones do not pay for lazy init: one alone,
-    then two together, then five (a compiled decode step compiles once for each of
+    then two together, then nine (a compiled decode step compiles once for each of
     WARM_UP_BATCHES' batch-size ranges)."""
     from PIL import Image
 

@@ -85,14 +85,15 @@ def test_decode_programs_run_without_dynamo_guard_checks(pair) -> None:
 
 
 def test_steps_of_few_rows_run_their_linears_row_by_row(pair) -> None:
-    """Up to FEW_ROWS rows the step runs a program with row linears (our C++ kernel where built, else
-    inductor's multiply-sums), beyond it the BLAS one (the token comparisons above cover all three:
-    batches of 1, 3 and 6)."""
+    """Up to `few_rows` rows the step runs a program with row linears (our C++ kernel up to
+    KERNEL_ROWS where built, else inductor's multiply-sums up to FEW_ROWS), beyond it the BLAS one."""
     eager, compiled = pair
     step = compiled.runner.compiled_decode
-    rows = compiled_decode._kernel_rows_layers if cpu_linear.row_kernel_ready() else compiled_decode._few_rows_layers
+    kernel = cpu_linear.row_kernel_ready()
+    rows = compiled_decode._kernel_rows_layers if kernel else compiled_decode._few_rows_layers
     assert step._bodies["one"].func is step._bodies["few"].func is rows
     assert step._bodies["many"].func in (compiled_decode._layers, compiled_decode._onednn_layers)
+    assert step.few_rows == (compiled_decode.KERNEL_ROWS if kernel else compiled_decode.FEW_ROWS)
     calls = {"one": 0, "few": 0, "many": 0}
     real = dict(step._programs)
 
@@ -103,16 +104,20 @@ def test_steps_of_few_rows_run_their_linears_row_by_row(pair) -> None:
         return call
 
     step._programs = {kind: counting(kind, program) for kind, program in real.items()}
+    six = "few" if step.few_rows >= 6 else "many"
     try:
         assert tokens(compiled, requests()) == tokens(eager, requests())  # 3 rows: 7 steps
         assert calls == {"one": 0, "few": 7, "many": 0}
         assert tokens(compiled, requests() + requests()) == tokens(eager, requests() + requests())
-        assert calls == {"one": 0, "few": 7, "many": 7}
+        assert calls[six] == (14 if six == "few" else 7) and sum(calls.values()) == 14
+        nine = [requests() + requests() + requests() for _ in range(2)]
+        assert tokens(compiled, nine[0]) == tokens(eager, nine[1])
+        assert calls["many"] == 7 + (six == "many") * 7
         assert tokens(compiled, requests()[:1]) == tokens(eager, requests()[:1])
-        assert calls == {"one": 7, "few": 7, "many": 7}
+        assert calls["one"] == 7
     finally:
         step._programs = real
-    assert core.WARM_UP_BATCHES == (1, 2, compiled_decode.FEW_ROWS + 1)  # one per program of the step
+    assert core.WARM_UP_BATCHES == (1, 2, compiled_decode.KERNEL_ROWS + 1)  # one per program of the step
 
 
 kernel_modes = [cpu_linear.KernelRowLinear] if cpu_linear.kernels_built() else []
