@@ -145,9 +145,8 @@ def _onednn_layers(*args) -> torch.Tensor:
 class CompiledDecode:
     """`forward.CompiledLayers` with inductor. Compiles one program per kind of step on its first
     call: batch 1; 2 to `few_rows` rows (on CPU, both with row linears: FEW_ROWS or, with our
-    kernel, KERNEL_ROWS); more rows (on CPU with
-    oneDNN's matmul where it was measured faster, cpu_linear.py). An engine warms up with each
-    (core.WARM_UP_BATCHES). The runner prepares the model first (`compiling.prepare_to_compile`).
+    kernel, KERNEL_ROWS); more rows (on CPU with oneDNN's matmul where it was measured faster,
+    cpu_linear.py). An engine warms up with each (core.WARM_UP_BATCHES). The runner prepares the model first (`compiling.prepare_to_compile`).
 
     The programs are compiled ahead of their calls (`aot_compile`) and then called directly, not
     through dynamo's frame hook: that hook checks every guard of the program before each call,
@@ -170,7 +169,6 @@ class CompiledDecode:
                         for kind, body in (("one", few), ("few", few), ("many", many))}
         self._programs: dict[str, Callable[..., torch.Tensor]] = {}
         self._spare: list[torch.Tensor] = []  # score buffers for steps whose cache keeps none
-        self._cpu = cpu
         self._sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
 

@@ -18,9 +18,9 @@ the query groups folded onto their KV head): 78 µs per call of which SDPA took 
 it matches the Python op on a check case and a start-up measurement finds it 10% faster.
 
 Both are C++ built on first use (cpu_kernels.py), and each is used only where: the CPU has
-AVX-512, the build succeeded, its output matches what it replaces (SDPA, the
-Python op) on check cases, and a start-up measurement (~0.1 s) finds it 10% faster;
-`LIGHTVLM_ATTENTION_KERNEL=0` turns both off. Anything else keeps SDPA. Only plain calls (no mask,
+AVX-512, the build succeeded, its output matches what it replaces (SDPA, the Python op) on check
+cases, and a start-up measurement (~0.1 s) finds it 10% faster; `LIGHTVLM_ATTENTION_KERNEL=0`
+turns both off (and cpu_linear.py's row linear). Anything else keeps SDPA. Only plain calls (no mask,
 no dropout, float32, head_dim 32/64/128, as many keys as queries; causal, or bidirectional) are
 rerouted, by a TorchFunctionMode inside the compiled prefill layers and vision tower; parity with
 transformers is tested on the eager pass, the compiled pass's tokens against the eager one
