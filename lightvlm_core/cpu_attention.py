@@ -89,9 +89,10 @@ def _checked_and_faster(rounds: int = 7) -> bool:
         def kernel():
             return torch.ops.lightvlm.prefill_attention(q, k, v, 64 ** -0.5, causal)
 
-        if not torch.allclose(kernel(), sdpa(), atol=1e-4, rtol=1e-4):
+        out, reference = kernel(), sdpa()
+        if not torch.allclose(out, reference, atol=1e-4, rtol=1e-4):
             log.warning("the prefill attention kernel disagrees with SDPA (causal=%s, max diff %.2e); not used",
-                        causal, (kernel() - sdpa()).abs().max().item())
+                        causal, (out - reference).abs().max().item())
             return False
         sdpa_time, kernel_time = best_time(sdpa, rounds), best_time(kernel, rounds)
         log.info("prefill attention, %d tokens, causal=%s: SDPA %.2f ms, kernel %.2f ms", tokens, causal,

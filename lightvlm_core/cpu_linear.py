@@ -1,7 +1,7 @@
 """Which kernel a linear layer runs on in the compiled CPU graphs (compiled_decode.py,
 compiled_prefill.py): `F.linear` is rerouted inside them by a TorchFunctionMode.
 
-- KernelRowLinear, for decode steps of 1-4 rows where our C++ kernel is built (cpu_kernels.py):
+- KernelRowLinear, for decode steps of 1-8 rows where our C++ kernel is built (cpu_kernels.py):
   `lightvlm::row_linear` (kernels/row_linear.cpp) reads each weight row once for all rows of x,
   the weight rows spread over the threads. Else RowLinear: a multiply and a sum over the input
   features, which inductor generates as one vectorised pass over the weight per row; but it
@@ -94,7 +94,8 @@ class KernelRowLinear(_LinearMode):
 @functools.cache
 def row_kernel_ready(rows: int = 4, width: int = 1024, rounds: int = 7) -> bool:
     """Whether `lightvlm::row_linear` is on (LIGHTVLM_ATTENTION_KERNEL: our CPU kernels), built,
-    equal to `F.linear` for 1-`rows` rows and 10% faster than it (once per process, ~0.1 s)."""
+    equal to `F.linear` for 1-`rows` rows and 10% faster than it (once per process, ~0.1 s). Four
+    rows cover its code paths: more are taken four at a time."""
     if not (attention_kernel_enabled() and kernels_built()):
         return False
     gen = torch.Generator().manual_seed(0)

@@ -1,7 +1,7 @@
 // lightvlm::prefill_attention on CPU (AVX-512, float32): softmax(scale * q k^T) v for a prefill, causal
 // (the LLM's layers, grouped-query heads) or bidirectional (vision towers). Registered for the schema
-// defined in lightvlm_core/cpu_attention.py, which builds this file with torch.utils.cpp_extension on
-// first use (with OpenMP: at::parallel_for spreads the tasks over the threads).
+// defined in lightvlm_core/cpu_attention.py; lightvlm_core/cpu_kernels.py builds this file on first
+// use (with OpenMP: at::parallel_for spreads the tasks over the threads).
 //
 // Per (batch, head, block of BQ query rows) the block's whole score rows are formed at once (prompts
 // of up to a few thousand tokens: no online softmax needed): Q K^T by an 8-row x 32-key register
