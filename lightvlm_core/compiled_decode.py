@@ -146,7 +146,7 @@ class CompiledDecode:
     """`forward.CompiledLayers` with inductor. Compiles one program per kind of step on its first
     call: batch 1; 2 to `few_rows` rows (on CPU, both with row linears: FEW_ROWS or, with our
     kernel, KERNEL_ROWS); more rows (on CPU with oneDNN's matmul where it was measured faster,
-    cpu_linear.py). An engine warms up with each (core.WARM_UP_BATCHES). The runner prepares the
+    cpu_linear.py). An engine warms up with each (warmup.WARM_UP_BATCHES). The runner prepares the
     model first (`compiling.prepare_to_compile`).
 
     The programs are compiled ahead of their calls (`aot_compile`) and then called directly, not

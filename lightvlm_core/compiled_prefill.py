@@ -9,7 +9,7 @@ at batch 1 and 4, `none` and `aggressive` (README, "Compiled prefill").
 
 One graph serves every layer (the layer's weights are graph inputs, not constants) and every
 prompt length (the token count, and beyond one row the batch, are symbols): an engine's warm-up
-(core.warm_up: one row, then two) compiles all there is. Token reduction acts between layers, as
+(warmup.warm_up: one row, then two) compiles all there is. Token reduction acts between layers, as
 in the eager pass; only causal layers run compiled (bidirectional images and sliding windows need
 the explicit mask, and run eagerly). The vision tower is compiled only where its input has a fixed
 size (`ModelAdapter.fixed_size_vision_tower`): towers fed a variable number of patches per image

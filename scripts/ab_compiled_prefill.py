@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_engine import drain, requests  # noqa: E402
 
-from lightvlm_core.core import warm_up  # noqa: E402
+from lightvlm_core.warmup import warm_up  # noqa: E402
 from lightvlm_core.demo.scenes import heldout_scene, sample_question  # noqa: E402
 from lightvlm_core.engine import Engine  # noqa: E402
 from lightvlm_core.runner import load_runner  # noqa: E402

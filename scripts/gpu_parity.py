@@ -29,7 +29,7 @@ from PIL import Image
 
 from torch._dynamo.utils import counters
 
-from lightvlm_core.core import warm_up
+from lightvlm_core.warmup import warm_up
 from lightvlm_core.engine import Engine, load_engine
 from lightvlm_core.graphed_decode import GraphedDecode
 from lightvlm_core.runner import load_runner

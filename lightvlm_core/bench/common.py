@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from lightvlm_core.compiling import compile_enabled
-from lightvlm_core.core import warm_up
+from lightvlm_core.warmup import warm_up
 from lightvlm_core.loading import LoadedModel
 from lightvlm_core.runner import ModelRunner
 

@@ -16,8 +16,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
-from lightvlm_core import compiled_decode, compiled_prefill, core, cpu_linear, forward
-from lightvlm_core.core import warm_up
+from lightvlm_core import compiled_decode, compiled_prefill, cpu_linear, forward, warmup
 from lightvlm_core.engine import Engine
 from lightvlm_core.compiling import compile_enabled
 from lightvlm_core.runner import load_runner
@@ -45,7 +44,7 @@ def pair(request, tiny_model_dir) -> tuple[Engine, Engine]:
     """(eager engine, compiled engine) on one tiny model, the compiled one warmed up."""
     model = str(tiny_model_dir(request.param))
     compiled = load_runner(model, device="cpu", compile=True)
-    warm_up(compiled)
+    warmup.warm_up(compiled)
     return Engine(load_runner(model, device="cpu")), Engine(compiled)
 
 
@@ -117,7 +116,7 @@ def test_steps_of_few_rows_run_their_linears_row_by_row(pair) -> None:
         assert calls["one"] == 7
     finally:
         step._programs = real
-    assert core.WARM_UP_BATCHES == (1, 2, compiled_decode.KERNEL_ROWS + 1)  # one per program of the step
+    assert warmup.WARM_UP_BATCHES == (1, 2, compiled_decode.KERNEL_ROWS + 1)  # one per program of the step
 
 
 kernel_modes = [cpu_linear.KernelRowLinear] if cpu_linear.kernels_built() else []
