@@ -37,7 +37,8 @@ from torch._dynamo.exc import TorchDynamoException
 
 from lightvlm_core import cpu_attention, forward
 from lightvlm_core.compiling import failure_summary
-from lightvlm_core.cpu_linear import KernelRowLinear, OneDnnLinear, RowLinear, onednn_faster, row_kernel_ready
+from lightvlm_core.cpu_linear import (KernelRowLinear, OneDnnLinear, RowLinear, onednn_faster, row_kernel_beats_matmul,
+                                      row_kernel_ready)
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import LayerSpec, ModelAdapter
 
@@ -118,8 +119,8 @@ def _layers(attention: str, adapter: ModelAdapter, keys: list[torch.Tensor], val
 
 # On CPU, steps of up to this many rows run their linears row by row (cpu_linear.py): with inductor's
 # multiply-sums up to FEW_ROWS (they read the weight again per row), with our C++ kernel up to
-# KERNEL_ROWS (one read of the weight for them all: 1.22-1.39x oneDNN's matmul at 5-8 rows on the
-# AMD EPYC VM, 32 layers of `cpu-small` / LLM-heavy weights)
+# KERNEL_ROWS where it beat the matmul at that many rows on the model's own weights at start-up
+# (2.2x oneDNN at 8 rows on 32 layers of `cpu-small` weights, 0.8x on 2048-wide layers), else FEW_ROWS
 FEW_ROWS = 4
 KERNEL_ROWS = 8
 
@@ -164,7 +165,7 @@ class CompiledDecode:
         self.attention = "cpu_decode_attention" if kernel else "decode_attention"
         row_kernel = cpu and adapter.model.dtype == torch.float32 and row_kernel_ready()
         few = (_kernel_rows_layers if row_kernel else _few_rows_layers) if cpu else _layers
-        self.few_rows = (KERNEL_ROWS if row_kernel else FEW_ROWS) if cpu else 1
+        self.few_rows = (_kernel_rows(adapter) if row_kernel else FEW_ROWS) if cpu else 1
         many = _onednn_layers if cpu and onednn_faster() else _layers
         self._bodies = {kind: functools.partial(body, self.attention)
                         for kind, body in (("one", few), ("few", few), ("many", many))}
@@ -213,6 +214,13 @@ class CompiledDecode:
             return None
         self._programs[kind] = program
         return program
+
+
+def _kernel_rows(adapter: ModelAdapter) -> int:
+    """KERNEL_ROWS where our row kernel beat the matmul at that many rows on the model's decoder
+    linears, else FEW_ROWS."""
+    weights = [module.weight for module in adapter.text_model.modules() if isinstance(module, torch.nn.Linear)]
+    return KERNEL_ROWS if row_kernel_beats_matmul(weights, KERNEL_ROWS) else FEW_ROWS
 
 
 def compile_program(body: Callable[..., torch.Tensor], args: tuple) -> Callable[..., torch.Tensor]:

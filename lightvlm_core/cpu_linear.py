@@ -113,6 +113,33 @@ def row_kernel_ready(rows: int = 4, width: int = 1024, rounds: int = 7) -> bool:
     return kernel < 0.9 * blas
 
 
+def row_kernel_beats_matmul(weights: list[torch.Tensor], rows: int, budget_bytes: int = 256 * 2**20,
+                            rounds: int = 3) -> bool:
+    """Whether `lightvlm::row_linear` multiplied `rows` rows of x by `weights` (a model's decode
+    linears, as many as fit in `budget_bytes`, so they come from memory as in a step) faster than
+    the matmul larger steps use. Beyond 4 rows the kernel reads each block of weight rows again per
+    4 rows of x and turns compute-bound: at 8 rows on the AMD EPYC VM it was 2.2x oneDNN on 256-wide
+    layers but 0.8x on 2048-wide ones."""
+    chosen, total = [], 0
+    for weight in weights:
+        if total and total + weight.numel() * weight.element_size() > budget_bytes:
+            break
+        chosen.append(weight)
+        total += weight.numel() * weight.element_size()
+    inputs = [torch.randn(rows, weight.shape[1]) for weight in chosen]
+    matmul = _onednn_linear if onednn_faster() else (lambda x, weight, bias: F.linear(x, weight, bias))
+
+    def run(linear) -> None:
+        for x, weight in zip(inputs, chosen):
+            linear(x, weight, None)
+
+    kernel = best_time(lambda: run(torch.ops.lightvlm.row_linear), rounds)
+    other = best_time(lambda: run(matmul), rounds)
+    log.info("decode linears at %d rows (%.0f MB): row kernel %.2f ms, matmul %.2f ms", rows, total / 2**20,
+             kernel * 1e3, other * 1e3)
+    return kernel < other
+
+
 class OneDnnLinear(_LinearMode):
     """oneDNN's matmul through `lightvlm::onednn_linear` (see the module docstring)."""
 

@@ -16,8 +16,9 @@
 
 namespace {
 
-// weight rows per parallel task (tried 16-96 on an AMD EPYC VM: within its noise of each other)
-constexpr int64_t kRowsPerTask = 48;
+// weight rows per parallel task: 48 (tried 16-96 at 256-wide layers: within noise of each other),
+// fewer where 48 rows of the weight would not stay in L2 while each 4 rows of x read them again
+constexpr int64_t kRowsPerTask = 48, kMinRowsPerTask = 16, kBlockBytes = 256 * 1024;
 
 // lane i = the sum of v[i]'s 16 lanes, for i = 0..15: 15 adds and 30 shuffles for all 16 sums, where
 // 16 separate reductions take ~8 dependent steps each (at 256-wide rows and 2-4 rows of x these
@@ -93,9 +94,10 @@ at::Tensor row_linear(const at::Tensor& x, const at::Tensor& weight, const std::
   const float* wp = wc.data_ptr<float>();
   const float* bp = bias.has_value() ? bc.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t per_task = std::clamp<int64_t>(kBlockBytes / (K * 4) / 16 * 16, kMinRowsPerTask, kRowsPerTask);
+  const int64_t tasks = (N + per_task - 1) / per_task;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t n0 = begin * kRowsPerTask, n1 = std::min(N, end * kRowsPerTask);
+    const int64_t n0 = begin * per_task, n1 = std::min(N, end * per_task);
     for (int64_t m0 = 0; m0 < M; m0 += 4) {  // beyond 4 rows of x, the block is read again (from cache)
       const float* xm = xp + m0 * K;
       float* om = op + m0 * N;
