@@ -53,3 +53,16 @@ def test_a_child_started_with_it_really_maps_the_libraries() -> None:
                           capture_output=True, text=True, check=True).stdout
     for lib in env["LD_PRELOAD"].split(":"):
         assert Path(lib).name in maps
+
+
+def test_a_missing_tcmalloc_is_warned_about(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(runtime_env, "find_tcmalloc", lambda: None)
+    monkeypatch.setattr(runtime_env.sys, "platform", "linux")
+    with caplog.at_level("WARNING", logger="lightvlm_core.runtime_env"):
+        runtime_env.runtime_env({})
+    assert "apt-get install libtcmalloc-minimal4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightvlm_core.runtime_env"):
+        runtime_env.runtime_env({"LD_PRELOAD": "/opt/lib/libtcmalloc.so.4"})  # the caller preloads one
+        runtime_env.runtime_env({}, search=False)  # nothing searched: nothing to warn about
+    assert caplog.text == ""
