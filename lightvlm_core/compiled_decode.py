@@ -224,8 +224,11 @@ def _kernel_rows(adapter: ModelAdapter) -> int:
 
 
 def compile_program(body: Callable[..., torch.Tensor], args: tuple) -> Callable[..., torch.Tensor]:
-    """`body` compiled for calls like `body(*args)`, called from then on without guard checks."""
-    program = torch.compile(body, fullgraph=True).aot_compile((args, {}))
+    """`body` compiled for calls like `body(*args)`, called from then on without guard checks.
+    Without inductor's size asserts either: ~500 Python calls a step on a 32-layer model checking
+    each op's output strides (`cpu-small`, one process, both kinds alternating: batch 1 3.51 vs
+    3.59 ms, batch 8 8.31 vs 8.60; the compiled-vs-eager token tests still check the programs)."""
+    program = torch.compile(body, fullgraph=True, options={"size_asserts": False}).aot_compile((args, {}))
     program.disable_guard_check()
     return program
 

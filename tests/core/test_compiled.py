@@ -83,6 +83,24 @@ def test_decode_programs_run_without_dynamo_guard_checks(pair) -> None:
     assert all(not program._guard_check_enabled for program in compiled.runner.compiled_decode._programs.values())
 
 
+def test_decode_programs_skip_inductors_size_asserts(pair) -> None:
+    """The programs are compiled without inductor's per-op output-stride checks (hundreds of Python
+    calls a step): none of them runs during a generation's decode steps."""
+    import cProfile
+    import pstats
+
+    _, compiled = pair
+    compiled.add([compiled.prepare(r) for r in requests()])  # the prefill (its graphs keep them)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    while compiled.num_running:
+        compiled.step()
+    profiler.disable()
+    called = {name for (_, _, name) in pstats.Stats(profiler).stats}
+    assert "<built-in method torch._C._dynamo.guards.assert_size_stride>" not in called
+    assert "assert_tensor_metadata" not in called
+
+
 def test_steps_of_few_rows_run_their_linears_row_by_row(pair) -> None:
     """Up to `few_rows` rows the step runs a program with row linears (our C++ kernel up to
     KERNEL_ROWS where built, else inductor's multiply-sums up to FEW_ROWS), beyond it the BLAS one."""
