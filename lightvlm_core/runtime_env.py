@@ -99,8 +99,8 @@ def runtime_env(base: Mapping[str, str] | None = None, *, threads: int | None = 
     if search and libs[0] is None and sys.platform == "linux" and not any("tcmalloc" in p for p in preload):
         # measured on the AMD EPYC VM (LLM-heavy model, one stream): prefill 173-182 ms in the
         # engine without it, 152-155 ms with it
-        log.warning("tcmalloc is not installed (Debian/Ubuntu: apt-get install libtcmalloc-minimal4): "
-                    "the engine runs on glibc's allocator, ~10-15%% slower on this project's CPU measurements")
+        log.warning("tcmalloc is not installed (Debian/Ubuntu: apt-get install libtcmalloc-minimal4): the "
+                    "engine runs on glibc's allocator (prefills 12-20% longer in this project's measurements)")
     libs = [lib for lib in libs if lib]
     env: dict[str, str] = {}
     new = [lib for lib in libs if lib not in preload]

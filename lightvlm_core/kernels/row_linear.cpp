@@ -14,27 +14,13 @@
 #include <algorithm>
 #include <optional>
 
+#include "sum16.h"
+
 namespace {
 
-// weight rows per parallel task: 48 (tried 16-96 at 256-wide layers: within noise of each other),
-// fewer where 48 rows of the weight would not stay in L2 while each 4 rows of x read them again
-constexpr int64_t kRowsPerTask = 48, kMinRowsPerTask = 16, kBlockBytes = 256 * 1024;
-
-// lane i = the sum of v[i]'s 16 lanes, for i = 0..15: 15 adds and 30 shuffles for all 16 sums, where
-// 16 separate reductions take ~8 dependent steps each (at 256-wide rows and 2-4 rows of x these
-// reductions cost about as much as the multiply-adds: summing them together measured 13-20% faster)
-inline __m512 sum16(const __m512* v) {
-  __m512 t[8], u[4];
-  for (int i = 0; i < 8; ++i)
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
-    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
-  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
-}
+// weight rows per parallel task (tried 16-96 on an AMD EPYC VM: within its noise of each other; on
+// 2048-wide layers, fewer rows so that a block stays in L2 for every 4 rows of x: no faster either)
+constexpr int64_t kRowsPerTask = 48;
 
 // out[m][n0:n1] for M rows of x: R weight rows at a time, M x R <= 16 accumulators summed together
 // by sum16
@@ -94,10 +80,9 @@ at::Tensor row_linear(const at::Tensor& x, const at::Tensor& weight, const std::
   const float* wp = wc.data_ptr<float>();
   const float* bp = bias.has_value() ? bc.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t per_task = std::clamp<int64_t>(kBlockBytes / (K * 4) / 16 * 16, kMinRowsPerTask, kRowsPerTask);
-  const int64_t tasks = (N + per_task - 1) / per_task;
+  const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t n0 = begin * per_task, n1 = std::min(N, end * per_task);
+    const int64_t n0 = begin * kRowsPerTask, n1 = std::min(N, end * kRowsPerTask);
     for (int64_t m0 = 0; m0 < M; m0 += 4) {  // beyond 4 rows of x, the block is read again (from cache)
       const float* xm = xp + m0 * K;
       float* om = op + m0 * N;
