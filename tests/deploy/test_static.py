@@ -688,3 +688,15 @@ def test_compose_gives_the_service_time_to_drain_on_stop():
         assert service["stop_grace_period"].endswith("s")
         assert float(service["stop_grace_period"][:-1]) > grace
         assert any(str(e).startswith("LIGHTVLM_SHUTDOWN_GRACE_S") for e in service["environment"])
+
+
+def test_every_kernel_source_is_package_data():
+    """The C++ kernels are built from the installed package on first use: every file of
+    lightvlm_core/kernels (sources and the headers they include) must ship in the wheel."""
+    from fnmatch import fnmatch
+
+    patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["lightvlm_core"]
+    kernels = REPO_ROOT / "lightvlm_core" / "kernels"
+    files = [p.relative_to(kernels.parent).as_posix() for p in kernels.iterdir() if p.is_file()]
+    assert any(f.endswith(".h") for f in files)
+    assert [f for f in files if not any(fnmatch(f, pattern) for pattern in patterns)] == []
