@@ -8,7 +8,7 @@
 # Both install the project exactly as the test suite does: `pip install .` against pyproject.toml
 # (same pins, same index, no extra wheels), without the dev extras. Both serve the bundled demo
 # model (models/shapes-demo) unless LIGHTVLM_MODEL names another one (hub id or local directory).
-# tests/deploy/test_static.py checks the pins, the pip commands and the runtime contract below.
+# tests/deploy/test_dockerfile.py checks the pins, the pip commands and the runtime contract below.
 
 ARG VARIANT=gpu
 # Python 3.11, the version everything is tested on, for both variants. The GPU variant needs no

@@ -5,7 +5,7 @@ query filters on the `model` template variable. Edit this file, then run
 
     python docker/grafana/build_dashboard.py
 
-tests/deploy/test_static.py fails when the committed JSON and this script's output differ.
+tests/deploy/test_dashboard.py fails when the committed JSON and this script's output differ.
 Metric names are the contract in the design doc ARCHITECTURE.md ("Metrics"); the tests check that too.
 """
 
