@@ -14,6 +14,7 @@ from lightvlm_core.errors import ImageError, InvalidRequestError, PromptTooLongE
 from lightvlm_core.models.base import ModelAdapter, PromptInputs
 from lightvlm_core.prompt_text import TextGuard
 from lightvlm_core.reduction import resolve_acceleration
+from lightvlm_core.reduction.cost import prefill_cost
 from lightvlm_core.request import Request
 from lightvlm_core.types import AccelerationConfig, GenerationRequest
 
@@ -84,6 +85,7 @@ class InputProcessor:
         vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         prompt = PromptInputs(input_ids=input_ids, vision=vision, num_images=len(images))
         positions, next_position = self.adapter.position_ids(prompt)
+        spans = [end - start for start, end in self.adapter.image_spans(input_ids)]
         return Request(
             request_id=request.request_id,
             num_prompt_tokens=n,
@@ -92,7 +94,8 @@ class InputProcessor:
             arrival_time=request.arrival_time,
             max_context=self.max_context,
             eos_token_ids=self.eos_token_ids,
-            num_image_tokens=int((input_ids == self.adapter.image_token_id).sum()),
+            num_image_tokens=sum(spans),
+            prefill_cost=prefill_cost(accel, len(self.adapter.layers), n, spans),
             prompt=ModelInputs(prompt, positions, next_position),
             return_kept_patches=request.return_kept_patches,
         )

@@ -43,7 +43,9 @@ class Request:
     """A prepared request and its lifecycle.
 
     `prompt` holds what the model consumes (token ids and processed vision tensors: opaque to
-    the scheduler); `num_prompt_tokens` and `num_image_tokens` are what scheduling budgets count.
+    the scheduler); `prefill_cost` is what the step's token budget counts for its prefill: the
+    tokens it runs through one LLM layer, averaged over the layers (lightvlm_core/reduction/cost.py;
+    the prompt's length where no image token is reduced, and where left at 0).
     Timestamps are `time.monotonic()` seconds, comparable across processes on one machine.
     """
 
@@ -55,6 +57,7 @@ class Request:
     max_context: int
     eos_token_ids: frozenset[int] = frozenset()
     num_image_tokens: int = 0
+    prefill_cost: int = 0
     prompt: Any = None  # runner-specific (PromptInputs + positions for the model runner)
     return_kept_patches: bool = False
     status: RequestStatus = RequestStatus.WAITING
@@ -71,6 +74,10 @@ class Request:
     image_kept_fraction_layer_avg: float = 1.0
     kv_cache_bytes: int = 0  # peak over its life
     kept_patches: list[KeptPatches] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefill_cost <= 0:
+            self.prefill_cost = self.num_prompt_tokens
 
     @property
     def num_output_tokens(self) -> int:

@@ -3,15 +3,18 @@ no model, no clock of its own (callers pass `now`), so every decision is testabl
 runner outputs.
 
 One step = every running request decodes one token, and waiting requests join with their
-prefill while rows are free and the step's token budget allows: a decode costs 1 token, a prefill
-its prompt length. A burst of prefills spreads over several steps instead of freezing the running
-streams for one long step, and the first prefill of a step may exceed what is left of the budget
-(it cannot starve).
+prefill while rows are free and the step's token budget lasts: a decode costs 1 token, a prefill
+the tokens it runs through one LLM layer averaged over the layers (`Request.prefill_cost`: its
+prompt length, less the image tokens that token reduction removes). A burst of prefills spreads
+over several steps instead of freezing the running streams for one long step. The last prefill
+to join may overrun what is left of the budget by up to one more step's budget (the group then
+runs over two steps, sliced by layers), so a step's budget is filled as vLLM's token chunks fill
+it; the first prefill of a step may be longer still (it cannot starve) and then runs alone.
 
-A prefill that does not fit the budget is sliced by layers, not by tokens: it runs as many of
-its layers per step as the budget pays for (a layer of a T-token prompt costs T / num_layers
-tokens), between the decode steps of the running rows, and samples its first token after its
-last layer. Token chunks would split an image span, and the pyramid cut needs the whole span at
+A prefill group that does not fit the budget is sliced by layers, not by tokens: it runs as many
+of its layers per step as the budget pays for (a layer of a prefill costs prefill_cost /
+num_layers tokens), between the decode steps of the running rows, and samples its first tokens
+after the last layer. Token chunks would split an image span, and the pyramid cut needs the whole span at
 the cut layer; layer slices keep every layer's view of the prompt whole, so the result is bitwise
 that of an unsliced prefill. While one group of prefills is in progress, no other starts.
 """
@@ -39,7 +42,7 @@ class SchedulerConfig:
     max_queue: int = 64
     """Most requests waiting for a free batch row (beyond the free rows); more get QueueFullError."""
     max_num_batched_tokens: int = 2048
-    """Per-step token budget: decode rows count 1, a prefill its prompt tokens."""
+    """Per-step token budget: decode rows count 1, a prefill its `Request.prefill_cost`."""
     request_timeout_s: float | None = 300.0
     """Arrival -> done limit per request; None: no limit."""
 
@@ -169,9 +172,11 @@ class Scheduler:
         admitted: list[Request] = []
         free_rows = self.config.max_batch_size - len(out.decode)
         while self.waiting and free_rows > 0:
-            cost = self.waiting[0].num_prompt_tokens
-            if cost > budget and (admitted or out.decode and budget <= 0):
-                break  # waits for the next step; the first prefill of a step may exceed the budget
+            cost = self.waiting[0].prefill_cost
+            if budget <= 0:
+                break  # the step is full (its first prefill joins however long it is: no starving)
+            if admitted and cost > budget + self.config.max_num_batched_tokens:
+                break  # it would hold the group's others up for more than one more step
             request = self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.scheduled_time = now
@@ -184,13 +189,13 @@ class Scheduler:
     def _slice_prefill(self, out: SchedulerOutput, prefilling: list[Request], budget: int) -> None:
         """Schedule as many layers of the prefills as `budget` pays for (at least one)."""
         start = prefilling[0].num_computed_layers
-        tokens = sum(r.num_prompt_tokens for r in prefilling)
+        tokens = sum(r.prefill_cost for r in prefilling)
         end = min(self.num_layers, start + max(1, max(budget, 0) * self.num_layers // max(tokens, 1)))
         out.prefill = list(prefilling)
         out.prefill_until = None if end >= self.num_layers else end
         for request in prefilling:
             request.num_computed_layers = end
-            share = request.num_prompt_tokens * (end - start) // self.num_layers
+            share = request.prefill_cost * (end - start) // self.num_layers
             out.num_scheduled_tokens[request.request_id] = max(share, 1)
 
     def update_from_output(self, scheduled: SchedulerOutput, output: RunnerOutput, now: float

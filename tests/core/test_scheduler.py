@@ -32,6 +32,13 @@ def ids(requests: list[Request]) -> list[str]:
     return [r.request_id for r in requests]
 
 
+def sample_finished_prefills(scheduled: SchedulerOutput, token: int = 7) -> RunnerOutput:
+    """What the model runner returns: a token for every decode row, and for the prefills only in
+    the step that runs their last layer."""
+    done = scheduled.prefill if scheduled.prefill_until is None else []
+    return RunnerOutput(sampled={r.request_id: token for r in done + scheduled.decode})
+
+
 def test_decodes_every_running_row_and_fills_free_rows() -> None:
     s = Scheduler(SchedulerConfig(max_batch_size=2))
     for rid in "abc":
@@ -46,28 +53,62 @@ def test_decodes_every_running_row_and_fills_free_rows() -> None:
 
 
 def test_token_budget_spreads_a_burst_of_prefills_over_steps() -> None:
-    s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_batched_tokens=100))
-    s.add_request(make_request("running", 10))
-    s.update_from_output(out := s.schedule(0.0), sample_all(out), 0.1)
-    for i in range(4):
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_batched_tokens=100), num_layers=8)
+    s.add_request(make_request("running", 10, max_new_tokens=50))
+    s.update_from_output(out := s.schedule(0.0), sample_finished_prefills(out), 0.1)
+    for i in range(5):
         s.add_request(make_request(f"p{i}", 45))
     step = s.schedule(1.0)
-    # 1 decode + 2 x 45 prefill = 91 <= 100; a third prefill would exceed the budget
-    assert ids(step.decode) == ["running"] and ids(step.prefill) == ["p0", "p1"]
-    assert step.total_num_scheduled_tokens == 91
-    s.update_from_output(step, sample_all(step), 1.1)
-    assert ids(s.schedule(2.0).prefill) == ["p2", "p3"]  # 3 decodes + 45 + 45 = 93
+    # 1 decode + 2 x 45 = 91: 9 tokens left, so p2 joins and overruns them; the group (135 tokens)
+    # runs 99 x 8 // 135 = 5 of its 8 layers now; the step is full, so p3 waits
+    assert ids(step.decode) == ["running"] and ids(step.prefill) == ["p0", "p1", "p2"]
+    assert step.prefill_until == 5 and step.total_num_scheduled_tokens == 1 + 3 * (45 * 5 // 8)
+    s.update_from_output(step, sample_finished_prefills(step), 1.1)
+    step = s.schedule(2.0)
+    assert ids(step.prefill) == ["p0", "p1", "p2"] and step.prefill_until is None  # the last 3 layers
+    s.update_from_output(step, sample_finished_prefills(step), 2.1)
+    step = s.schedule(3.0)
+    assert ids(step.decode) == ["running", "p0", "p1", "p2"] and ids(step.prefill) == ["p3", "p4"]
+
+
+def test_a_prompt_that_would_overrun_the_budget_by_more_than_a_step_waits_for_the_next() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_batched_tokens=100), num_layers=8)
+    s.add_request(make_request("short", 60))
+    s.add_request(make_request("long", 141))  # 40 left + 100 < 141: it would hold "short" up two steps
+    step = s.schedule(0.0)
+    assert ids(step.prefill) == ["short"] and step.prefill_until is None
+    s.update_from_output(step, sample_finished_prefills(step), 0.1)
+    step = s.schedule(1.0)
+    assert ids(step.prefill) == ["long"] and step.prefill_until == 99 * 8 // 141  # the first of its step
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_batched_tokens=100), num_layers=8)
+    s.add_request(make_request("short", 60))
+    s.add_request(make_request("long", 140))  # 40 + 100: joins, the group of 200 takes two steps
+    step = s.schedule(0.0)
+    assert ids(step.prefill) == ["short", "long"] and step.prefill_until == 4
 
 
 def test_budget_counts_decodes_first() -> None:
-    s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_batched_tokens=50))
-    for i in range(3):
-        s.add_request(make_request(f"r{i}", 20))
-    step = s.schedule(0.0)
-    assert ids(step.prefill) == ["r0", "r1"]  # 40; r2 would make 60 > 50
-    s.update_from_output(step, sample_all(step), 0.1)
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_batched_tokens=50), num_layers=10)
+    for i in range(2):
+        s.add_request(make_request(f"r{i}", 20, max_new_tokens=50))
+    s.update_from_output(out := s.schedule(0.0), sample_finished_prefills(out), 0.1)
+    s.add_request(make_request("long", 100))
     step = s.schedule(1.0)
-    assert ids(step.decode) == ["r0", "r1"] and ids(step.prefill) == ["r2"]  # 2 + 20 <= 50
+    # 2 decodes leave 48 tokens: 48 x 10 // 100 = 4 layers (50 would pay for 5)
+    assert ids(step.decode) == ["r0", "r1"] and ids(step.prefill) == ["long"] and step.prefill_until == 4
+
+
+def test_budget_counts_a_prefill_by_its_cost_after_token_reduction() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_batched_tokens=100), num_layers=8)
+    for i in range(4):  # 100-token prompts whose reduced prefills run 25 tokens per layer on average
+        request = make_request(f"r{i}", 100)
+        request.prefill_cost = 25
+        s.add_request(request)
+    s.add_request(make_request("full", 100))
+    step = s.schedule(0.0)
+    assert ids(step.prefill) == ["r0", "r1", "r2", "r3"] and step.prefill_until is None
+    assert step.total_num_scheduled_tokens == 100
+    assert make_request("plain", 70).prefill_cost == 70  # without reduction: the prompt's length
 
 
 def test_a_prompt_longer_than_the_budget_still_runs_as_the_first_prefill_of_a_step() -> None:
@@ -78,13 +119,6 @@ def test_a_prompt_longer_than_the_budget_still_runs_as_the_first_prefill_of_a_st
     assert ids(step.prefill) == ["long"]  # alone: the short one waits for the next step
     s.update_from_output(step, sample_all(step), 0.1)
     assert ids(s.schedule(1.0).prefill) == ["short"]
-
-
-def sample_finished_prefills(scheduled: SchedulerOutput, token: int = 7) -> RunnerOutput:
-    """What the model runner returns: a token for every decode row, and for the prefills only in
-    the step that runs their last layer."""
-    done = scheduled.prefill if scheduled.prefill_until is None else []
-    return RunnerOutput(sampled={r.request_id: token for r in done + scheduled.decode})
 
 
 def test_a_prefill_over_the_budget_is_sliced_by_layers_between_decode_steps() -> None:

@@ -72,10 +72,10 @@ def run_to_end(engine: Engine, request: GenerationRequest) -> tuple[list[torch.T
 def test_a_sliced_prefill_gives_the_tokens_and_cache_of_an_unsliced_one(engine, monkeypatch, preset) -> None:
     whole = Engine(engine.runner.loaded)
     request = long_request(preset)
-    prompt_tokens = whole.prepare(request).num_prompt_tokens
+    cost = whole.prepare(request).prefill_cost
     layers = len(engine.adapter.layers)
-    # a budget of a third of the prompt: 2 of the 6 layers per step
-    sliced = Engine(engine.runner.loaded, SchedulerConfig(max_num_batched_tokens=prompt_tokens // 3 + 1))
+    # a budget of a third of the prefill's cost: 2 of the 6 layers per step
+    sliced = Engine(engine.runner.loaded, SchedulerConfig(max_num_batched_tokens=cost // 3 + 1))
     cache_whole, tokens_whole = run_to_end(whole, request)
     spy = AdvanceSpy(monkeypatch)
     cache_sliced, tokens_sliced = run_to_end(sliced, request)

@@ -1,5 +1,6 @@
 """Every reduction method of the registry (and a test-registered example) on every tiny family:
-keep 1.0 is exactly `none`, batched rows equal rows alone, kept counts are exact per image."""
+keep 1.0 is exactly `none`, batched rows equal rows alone, kept counts are exact per image, and
+the prefill cost the scheduler counts beforehand is what the prefill then ran."""
 
 from __future__ import annotations
 
@@ -44,3 +45,17 @@ def test_batched_rows_equal_rows_alone_with_exact_counts(engine, method):
         assert result.usage.image_tokens == sum(e - s for s, e in spans)
         assert result.usage.image_tokens_kept == sum(span_target(keep, e - s) for s, e in spans)
         assert 0 < result.usage.image_kept_fraction_layer_avg < 1
+
+
+@pytest.mark.parametrize("preset", ["none", "aggressive", *METHODS])
+def test_prefill_cost_is_the_tokens_each_layer_then_ran(engine, preset):
+    """`Request.prefill_cost` (reduction/cost.py), known before the prefill, equals the text plus
+    kept image tokens the prefill ran, summed over the LLM's layers / layers, rounded up."""
+    layers = len(engine.adapter.layers)
+    for request in requests(AccelerationConfig(preset), n=1):
+        cost = engine.prepare(request).prefill_cost
+        usage = engine.generate([request])[0].usage
+        text = usage.prompt_tokens - usage.image_tokens
+        kept = round(usage.image_kept_fraction_layer_avg * layers * usage.image_tokens)  # summed over layers
+        assert cost == -(-(text * layers + kept) // layers)
+        assert (cost < usage.prompt_tokens) == (preset != "none" and usage.image_tokens > 0)
