@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0, le=100_000)
     """Requests that may wait for a free batch row; beyond that: 429."""
     max_num_batched_tokens: int = Field(2048, ge=1)
-    """Per-step token budget (decodes count 1, a prefill its prompt): bounds how long a burst of
+    """Per-step token budget (decodes count 1, a prefill the tokens each LLM layer runs, averaged
+    over the layers: its prompt less what token reduction removes): bounds how long a burst of
     prefills can hold up running streams."""
     max_new_tokens: int = Field(1024, ge=1)
     """Upper bound on a request's max_new_tokens."""
