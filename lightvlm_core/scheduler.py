@@ -172,9 +172,9 @@ class Scheduler:
         admitted: list[Request] = []
         free_rows = self.config.max_batch_size - len(out.decode)
         while self.waiting and free_rows > 0:
-            cost = self.waiting[0].prefill_cost
             if budget <= 0:
                 break  # the step is full (its first prefill joins however long it is: no starving)
+            cost = self.waiting[0].prefill_cost
             if admitted and cost > budget + self.config.max_num_batched_tokens:
                 break  # it would hold the group's others up for more than one more step
             request = self.waiting.popleft()
