@@ -28,6 +28,7 @@ class ModelInputs:
     prompt: PromptInputs
     positions: torch.Tensor  # (T,) or (3, T)
     next_position: int  # position id of the first generated token
+    image_spans: list[tuple[int, int]]  # [start, end) of each image span (ModelAdapter.image_spans)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -85,7 +86,8 @@ class InputProcessor:
         vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         prompt = PromptInputs(input_ids=input_ids, vision=vision, num_images=len(images))
         positions, next_position = self.adapter.position_ids(prompt)
-        spans = [end - start for start, end in self.adapter.image_spans(input_ids)]
+        spans = self.adapter.image_spans(input_ids)
+        sizes = [end - start for start, end in spans]
         return Request(
             request_id=request.request_id,
             num_prompt_tokens=n,
@@ -94,9 +96,9 @@ class InputProcessor:
             arrival_time=request.arrival_time,
             max_context=self.max_context,
             eos_token_ids=self.eos_token_ids,
-            num_image_tokens=sum(spans),
-            prefill_cost=prefill_cost(accel, len(self.adapter.layers), n, spans),
-            prompt=ModelInputs(prompt, positions, next_position),
+            num_image_tokens=sum(sizes),
+            prefill_cost=prefill_cost(accel, len(self.adapter.layers), n, sizes),
+            prompt=ModelInputs(prompt, positions, next_position, spans),
             return_kept_patches=request.return_kept_patches,
         )
 

@@ -378,7 +378,7 @@ def _pad_batch(group: list[Request], embeds: list[torch.Tensor], adapter, device
         h[row, :n] = e
         valid[row, :n] = True
         pos[..., row, :n] = r.prompt.positions.to(device)
-        for i, (s, end) in enumerate(adapter.image_spans(r.prompt.input_ids)):
+        for i, (s, end) in enumerate(r.prompt.image_spans):
             span[row, s:end] = i
     size = torch.ones(b, t, dtype=torch.float32, device=device)
     return forward.PrefillState(h=h, valid=valid, pos=pos, span=span, size=size, carry=_pad_carry(carry, t))
