@@ -39,7 +39,7 @@ def base_package(rev: str, into: Path) -> str:
         # custom ops are registered process-wide by name: the base's get a namespace of their own
         text = text.replace('"lightvlm::', '"lightvlmbase::').replace('Library("lightvlm"', 'Library("lightvlmbase"')
         text = text.replace('load("lightvlm_', 'load("lightvlmbase_')  # C++ extensions: a build of their own
-        source.write_text(text.replace("torch.ops.lightvlm.", "torch.ops.lightvlmbase."))
+        source.write_text(re.sub(r"torch\.ops\.lightvlm\b", "torch.ops.lightvlmbase", text))
     for source in package.rglob("*.cpp"):  # their kernels registered under the base's namespace
         text = source.read_text().replace("TORCH_LIBRARY_IMPL(lightvlm,", "TORCH_LIBRARY_IMPL(lightvlmbase,")
         source.write_text(text)

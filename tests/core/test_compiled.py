@@ -144,12 +144,14 @@ kernel_modes = [cpu_linear.KernelRowLinear] if cpu_linear.kernels_built() else [
 @pytest.mark.parametrize("mode", [cpu_linear.RowLinear, cpu_linear.OneDnnLinear] + kernel_modes)
 @pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (4, 24), (2, 7, 24), (1, 40), (2, 16), (9, 2, 17)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_rerouted_linears_equal_f_linear(mode, shape, bias) -> None:
-    """Widths off the kernels' 16-lane vectors, output counts off their tiles, 1-18 rows."""
+@pytest.mark.parametrize("outputs", [43, 101])
+def test_rerouted_linears_equal_f_linear(mode, shape, bias, outputs) -> None:
+    """Widths off the kernels' 16-lane vectors, output counts off their tiles and within one or
+    several of the row kernel's parallel tasks (48 outputs each), 1-18 rows."""
     torch.manual_seed(0)
     width = shape[-1]
-    x, weight = torch.randn(shape), torch.randn(43, width)
-    b = torch.randn(43) if bias else None
+    x, weight = torch.randn(shape), torch.randn(outputs, width)
+    b = torch.randn(outputs) if bias else None
     with mode():
         got = F.linear(x, weight, b)
         flat = x.reshape(-1, width)

@@ -118,7 +118,7 @@ def test_the_setting_turns_it_off(monkeypatch) -> None:
 
 @built
 @pytest.mark.parametrize("dim", [32, 64, 128])
-@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (8, 2), (16, 2)])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (8, 2), (16, 2), (6, 2), (14, 2), (20, 2), (24, 1)])
 def test_decode_kernel_equals_the_python_op(dim, heads) -> None:
     """Alone and in ragged batches, short and long rows, with and without heavy-hitter scores."""
     for batch, entries in ((1, 1), (1, 17), (3, 16), (3, 100), (8, 600), (2, 2100)):
