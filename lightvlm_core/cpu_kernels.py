@@ -1,5 +1,6 @@
 """Our C++ CPU kernels (lightvlm_core/kernels/*.cpp: the prefill and decode attention of
-cpu_attention.py, the few-row linear of cpu_linear.py), built as one extension on first use with
+cpu_attention.py, the few-row linear of cpu_linear.py, LightVLM's greedy token choice of
+reduction/lightvlm.py), built as one extension on first use with
 torch.utils.cpp_extension (g++ with OpenMP, ~20-30 s, cached per user in torch's extensions folder;
 the service's image has g++ for inductor anyway). Each module defines its ops' schemas and decides
 where its kernels are used; this one only builds them.
@@ -21,7 +22,7 @@ from lightvlm_core.compiling import failure_summary
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).resolve().parent / "kernels" / name
-           for name in ("prefill_attention.cpp", "decode_attention.cpp", "row_linear.cpp")]
+           for name in ("prefill_attention.cpp", "decode_attention.cpp", "row_linear.cpp", "diverse_topk.cpp")]
 
 
 @functools.cache

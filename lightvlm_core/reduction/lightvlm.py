@@ -11,6 +11,7 @@ The default schedule depends on the final keep ratio (the named presets' shapes)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -63,19 +64,33 @@ class LightVLM(InLLMMethod):
         return diverse_topk(scores, h, target)
 
 
+# the greedy loop of `diverse_topk` in C++ (kernels/diverse_topk.cpp, built by cpu_kernels.py)
+_LIBRARY = torch.library.Library("lightvlm", "FRAGMENT")
+_LIBRARY.define("diverse_topk(Tensor distinct, Tensor weight, int target) -> Tensor")
+
+
 def diverse_topk(scores: torch.Tensor, h: torch.Tensor, target: int) -> torch.Tensor:
     """Greedy: repeatedly take the token maximising importance x (1 - its max cosine to those taken).
 
     The first pick is the most important token; a token nearly identical to one already kept
     scores ~0, so the budget spreads over distinct content (e.g. every object of a scene).
     The cosines come from one matrix product; the loop (one pick per iteration, inherently
-    sequential) runs in NumPy on the CPU, where an op on a few hundred floats costs ~1 µs
-    against ~5 µs for a torch op: 111 picks took 6.6 ms as torch ops, most of a bundled-model
-    `aggressive` prefill's reduction time.
+    sequential) runs in our C++ kernel where it is built, else in NumPy on the CPU, where an op
+    on a few hundred floats costs ~1 us against ~5 us for a torch op (111 picks took 6.6 ms as
+    torch ops, most of a bundled-model `aggressive` prefill's reduction time). Both pick the same.
     """
     unit = F.normalize(h.float(), dim=-1)
-    distinct = (1 - unit @ unit.T).clamp(min=0).cpu().numpy()  # (T, T): 1 - cosine, floored at 0
-    weight = (scores.float().clamp(min=0) + 1e-9).cpu().numpy()
+    distinct = (1 - unit @ unit.T).clamp(min=0).cpu()  # (T, T): 1 - cosine, floored at 0
+    weight = (scores.float().clamp(min=0) + 1e-9).cpu()
+    if _greedy_kernel_ready():
+        chosen = torch.ops.lightvlm.diverse_topk(distinct, weight, target)
+    else:
+        chosen = torch.tensor(greedy_picks(distinct.numpy(), weight.numpy(), target), dtype=torch.long)
+    return chosen.to(scores.device)
+
+
+def greedy_picks(distinct: np.ndarray, weight: np.ndarray, target: int) -> list[int]:
+    """The greedy loop in NumPy: `target` picks of the highest weight x novelty."""
     novelty = np.ones_like(weight)
     taken = np.zeros_like(weight)  # -inf once taken: never picked again (every other gain is >= 0)
     gain = np.empty_like(weight)
@@ -87,4 +102,13 @@ def diverse_topk(scores: torch.Tensor, h: torch.Tensor, target: int) -> torch.Te
         chosen.append(pick)
         taken[pick] = -np.inf
         np.minimum(novelty, distinct[pick], out=novelty)
-    return torch.tensor(chosen, dtype=torch.long, device=scores.device)
+    return chosen
+
+
+@functools.cache
+def _greedy_kernel_ready() -> bool:
+    """Our C++ kernels are on (LIGHTVLM_ATTENTION_KERNEL) and built here."""
+    from lightvlm_core.compiling import attention_kernel_enabled
+    from lightvlm_core.cpu_kernels import kernels_built
+
+    return attention_kernel_enabled() and kernels_built()

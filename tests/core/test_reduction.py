@@ -180,3 +180,26 @@ def test_diverse_topk_picks_greedily_by_importance_times_novelty() -> None:
             picks = diverse_topk(scores, h, target).tolist()
             assert picks == reference(scores, h, target)
             assert len(set(picks)) == target  # never the same token twice
+
+
+def test_the_greedy_kernel_picks_what_the_numpy_loop_does() -> None:
+    """Ties (duplicate tokens, equal scores) and every target up to all tokens; bad input is refused."""
+    from lightvlm_core.reduction import lightvlm
+
+    if not lightvlm._greedy_kernel_ready():
+        pytest.skip("the C++ kernels are not built here")
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        tokens = (5, 90, 784)[seed % 3]
+        unit = torch.nn.functional.normalize(torch.randn(tokens, 16, generator=g), dim=-1)
+        unit[1:tokens // 3] = unit[1]
+        distinct = (1 - unit @ unit.T).clamp(min=0)
+        weight = torch.rand(tokens, generator=g).clamp(min=0.2) + 1e-9
+        weight[::4] = weight[0]
+        for target in (0, 1, tokens // 2, tokens):
+            got = torch.ops.lightvlm.diverse_topk(distinct, weight, target).tolist()
+            assert got == lightvlm.greedy_picks(distinct.numpy(), weight.numpy(), target)
+    with pytest.raises(RuntimeError, match="target"):
+        torch.ops.lightvlm.diverse_topk(distinct, weight, tokens + 1)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.lightvlm.diverse_topk(distinct.double(), weight.double(), 1)
