@@ -29,7 +29,8 @@ def cuda_graphs_enabled(environ: Mapping[str, str] = os.environ) -> bool:
 def attention_kernel_enabled(environ: Mapping[str, str] = os.environ) -> bool:
     """LIGHTVLM_ATTENTION_KERNEL (default on): our C++ CPU kernels (cpu_kernels.py): the compiled prefill's
     attention (LLM and vision), the linears of decode steps of 1-8 rows (cpu_linear.py) and the
-    compiled decode step's attention on our kernels where built and measured faster (cpu_attention.py)."""
+    compiled decode step's attention on our kernels where built and measured faster (cpu_attention.py),
+    and LightVLM's greedy token choice (reduction/lightvlm.py)."""
     return not switched_off(environ, "LIGHTVLM_ATTENTION_KERNEL")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lightvlm_core.bench import decode, prefill
 from lightvlm_core.cli import main
 
@@ -43,6 +45,9 @@ def test_decode_bench_covers_long_and_batched_cases():
         step, bound = row["step_ms"], row["bound_ms"]
         upper = (step + 5e-4) / (bound - 5e-4) + 5e-3 if bound > 5e-4 else float("inf")
         assert (step - 5e-4) / (bound + 5e-4) - 5e-3 <= row["x_bound"] <= upper
+        # the same over the read bandwidth: x_read_bound / x_bound = copy / read bandwidth
+        ratio = result["copy_bandwidth_gb_s"] / result["read_bandwidth_gb_s"]
+        assert row["x_read_bound"] == pytest.approx(row["x_bound"] * ratio, rel=0.02, abs=0.02)
 
 
 def test_a_decode_step_reads_every_llm_weight_once_but_the_embedding_table():
