@@ -45,8 +45,8 @@ def test_decode_bench_covers_long_and_batched_cases():
         step, bound = row["step_ms"], row["bound_ms"]
         upper = (step + 5e-4) / (bound - 5e-4) + 5e-3 if bound > 5e-4 else float("inf")
         assert (step - 5e-4) / (bound + 5e-4) - 5e-3 <= row["x_bound"] <= upper
-        # the same over the read bandwidth: x_read_bound / x_bound = copy / read bandwidth
-        ratio = result["copy_bandwidth_gb_s"] / result["read_bandwidth_gb_s"]
+        # the same over the read bandwidth: x_read_bound / x_bound = read / copy bandwidth
+        ratio = result["read_bandwidth_gb_s"] / result["copy_bandwidth_gb_s"]
         assert row["x_read_bound"] == pytest.approx(row["x_bound"] * ratio, rel=0.02, abs=0.02)
 
 
