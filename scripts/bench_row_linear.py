@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from lightvlm_core import cpu_kernels, fusion  # noqa: E402
 from lightvlm_core.bench.common import service_runner  # noqa: E402
+from lightvlm_core.bench.decode import read_bandwidth  # noqa: E402
 from lightvlm_core.bench.profiles import PROFILES, build  # noqa: E402
 
 
@@ -64,16 +65,6 @@ def decoder_weights(profile: str) -> list[torch.Tensor]:
     return weights
 
 
-def read_bandwidth(rounds: int = 9) -> float:
-    data = torch.ones(64 * 2**20)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - start)
-    return data.numel() * 4 / min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="cpu-small")
@@ -90,7 +81,7 @@ def main() -> None:
         if args.base:
             kernels = {f"base {args.base}": base_kernel(args.base, Path(tmp)), **kernels}
         print(f"{args.profile}: {len(weights)} linears, {megabytes:.1f} MB a pass; "
-              f"read bandwidth {read_bandwidth() / 1e9:.1f} GB/s")
+              f"read bandwidth {read_bandwidth(torch.device('cpu')) / 1e9:.1f} GB/s")
         for rows in args.rows:
             inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
             for kernel in kernels.values():  # the kernels agree before they are timed

@@ -82,28 +82,26 @@ def copy_bandwidth(device: torch.device, size_bytes: int = 256 * 2**20, rounds: 
     2-thread copy wandered between 7 and 15 GB/s from one call to the next; the best stayed at 15-16)."""
     src = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(rounds + 1):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size_bytes / min(times[1:])
+    return 2 * size_bytes / _fastest_s(device, lambda: dst.copy_(src), rounds)
 
 
 def read_bandwidth(device: torch.device, size_bytes: int = 256 * 2**20, rounds: int = 9) -> float:
     """Measured read bandwidth, bytes per second: a sum over `size_bytes`, the fastest of `rounds`
     (as `copy_bandwidth`)."""
     data = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
+    return size_bytes / _fastest_s(device, data.sum, rounds)
+
+
+def _fastest_s(device: torch.device, op, rounds: int) -> float:
+    """The fastest of `rounds` timed calls of `op` on `device`, in seconds, after one untimed call."""
     times = []
     for _ in range(rounds + 1):
         sync(device)
         start = time.perf_counter()
-        data.sum()
+        op()
         sync(device)
         times.append(time.perf_counter() - start)
-    return size_bytes / min(times[1:])
+    return min(times[1:])
 
 
 def _generate(engine: Engine, image, batch: int, tokens: int, accel: AccelerationConfig) -> dict:
@@ -135,6 +133,7 @@ def _rows(measured: dict[tuple, list[dict]], weight_bytes: int, bandwidth: float
         decode_ms, mean_kv = median(r["decode_ms"] for r in runs), median(r["mean_kv_bytes"] for r in runs)
         step_ms = decode_ms / (tokens - 1)
         bound_ms = (weight_bytes + mean_kv) / bandwidth * 1e3
+        read_bound_ms = (weight_bytes + mean_kv) / read * 1e3
         base = measured[(kind, batch, tokens, "none")]
         total, base_total = median(r["total_ms"] for r in runs), median(r["total_ms"] for r in base)
         tps, base_tps = median(r["decode_tokens_per_s"] for r in runs), median(r["decode_tokens_per_s"] for r in base)
@@ -148,7 +147,7 @@ def _rows(measured: dict[tuple, list[dict]], weight_bytes: int, bandwidth: float
             # long generation: end-to-end time ratio; throughput: decode tokens/s ratio
             "speedup_vs_none": round(base_total / total if kind == "long" else tps / base_tps, 2),
             "step_ms": round(step_ms, 3), "bound_ms": round(bound_ms, 3), "x_bound": round(step_ms / bound_ms, 2),
-            "x_read_bound": round(step_ms / ((weight_bytes + mean_kv) / read * 1e3), 2),
+            "x_read_bound": round(step_ms / read_bound_ms, 2),
             "runs": len(runs),
         })
     return rows
