@@ -27,6 +27,7 @@ from lightvlm_core.inputs import InputProcessor, ModelInputs, eos_token_ids
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.kv.compress import KVCompressor, mark_decode_scoring, needs_prefill_scores
 from lightvlm_core.loading import LoadedModel, load_model
+from lightvlm_core.prefill_batch import pad_batch
 from lightvlm_core.reduction import build_prefill_hook, resolve_acceleration
 from lightvlm_core.request import Request
 from lightvlm_core.sampling import make_generator, sample, token_logprobs
@@ -274,7 +275,7 @@ class ModelRunner:
         embeds, carry = a.embed_with_carry([r.prompt.prompt for r in group], self.device, dtype)
         self._sync()
         vision_ms = (time.monotonic() - start) * 1e3
-        state = _pad_batch(group, embeds, a, self.device, carry)
+        state = pad_batch(group, embeds, a, self.device, carry)
         hook = build_prefill_hook(group[0].acceleration, a, [r.num_image_tokens for r in group])
         budgets, policies = [r.acceleration.kv_budget for r in group], [r.acceleration.kv_policy for r in group]
         run = forward.PrefillRun(a, state, hook, kv_scores=needs_prefill_scores(budgets, policies),
@@ -363,39 +364,6 @@ def _failure(exc: BaseException, what: str) -> tuple[str, str]:
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return "out_of_memory", f"{what}: out of memory on the device; retry later"
     return "internal_error", f"{what}: {type(exc).__name__}: {exc}"
-
-
-def _pad_batch(group: list[Request], embeds: list[torch.Tensor], adapter, device: torch.device,
-               carry: list[dict[str, torch.Tensor]] | None = None) -> forward.PrefillState:
-    """Right-pad the prompts of a group into one PrefillState (with the adapter's per-token carry)."""
-    b, t, d = len(group), max(e.shape[0] for e in embeds), embeds[0].shape[-1]
-    h = embeds[0].new_zeros(b, t, d)
-    valid = torch.zeros(b, t, dtype=torch.bool, device=device)
-    pos = torch.zeros((3, b, t) if adapter.uses_mrope else (b, t), dtype=torch.long, device=device)
-    span = torch.full((b, t), -1, dtype=torch.long, device=device)
-    for row, (r, e) in enumerate(zip(group, embeds)):
-        n = e.shape[0]
-        h[row, :n] = e
-        valid[row, :n] = True
-        pos[..., row, :n] = r.prompt.positions.to(device)
-        for i, (s, end) in enumerate(r.prompt.image_spans):
-            span[row, s:end] = i
-    size = torch.ones(b, t, dtype=torch.float32, device=device)
-    return forward.PrefillState(h=h, valid=valid, pos=pos, span=span, size=size, carry=_pad_carry(carry, t))
-
-
-def _pad_carry(carry: list[dict[str, torch.Tensor]] | None, t: int) -> dict[str, torch.Tensor]:
-    """Per-row carry features {name: (T_i, ...)} -> {name: (B, t, ...)}, zero where a row has none."""
-    names = sorted({name for row in carry or [] for name in row})
-    padded = {}
-    for name in names:
-        like = next(row[name] for row in carry if name in row)
-        out = like.new_zeros(len(carry), t, *like.shape[1:])
-        for i, row in enumerate(carry):
-            if name in row:
-                out[i, : row[name].shape[0]] = row[name]
-        padded[name] = out
-    return padded
 
 
 def _accel_key(a: AccelerationConfig) -> tuple:

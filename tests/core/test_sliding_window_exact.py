@@ -28,7 +28,7 @@ from lightvlm_core.kv.compress import KVCompressor, mark_decode_scoring
 from lightvlm_core.kv.registry import kv_policy, kv_policy_names
 from lightvlm_core.reduction.base import InLLMMethod, PreLLMMethod
 from lightvlm_core.reduction.hook import ReductionHook
-from lightvlm_core.runner import _pad_batch
+from lightvlm_core.prefill_batch import pad_batch
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
 WINDOW = 16
@@ -88,7 +88,7 @@ def prompt_state(engine: Engine, request, extra: list[int]) -> PrefillState:
     """The prompt's prefill state, extended by the `extra` tokens (as text after the prompt)."""
     a = engine.adapter
     embeds, carry = a.embed_with_carry([request.prompt.prompt], engine.device, engine.loaded.dtype)
-    state = _pad_batch([request], embeds, a, engine.device, carry)
+    state = pad_batch([request], embeds, a, engine.device, carry)
     if not extra:
         return state
     ids = torch.tensor(extra, device=engine.device)
