@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).resolve().parent / "kernels" / name
            for name in ("prefill_attention.cpp", "decode_attention.cpp", "row_linear.cpp", "diverse_topk.cpp")]
 
+# -fopenmp: at::parallel_for is a header template, serial unless the extension itself is built with
+# OpenMP (until 2026-12-04 it was not: the kernels ran on one thread)
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma",
+          "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+LDFLAGS = ["-fopenmp"]
+
 
 @functools.cache
 def kernels_built() -> bool:
@@ -36,11 +42,8 @@ def kernels_built() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        # -fopenmp: at::parallel_for is a header template, serial unless the extension itself is
-        # built with OpenMP (until 2026-12-04 it was not: the kernels ran on one thread)
         load("lightvlm_cpu_kernels", [str(source) for source in SOURCES], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma",
-                           "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"], extra_ldflags=["-fopenmp"])
+             extra_cflags=CFLAGS, extra_ldflags=LDFLAGS)
     except Exception as exc:  # no compiler, a failed build: SDPA and inductor's loops
         log.warning("the CPU kernels could not be built; attention stays on SDPA, few-row linears on "
                     "inductor's loops: %s", failure_summary(exc))

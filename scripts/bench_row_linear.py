@@ -45,8 +45,7 @@ def base_kernel(rev: str, into: Path):
             'TORCH_LIBRARY(lightvlmbase, m) { m.def("row_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }\n'
             "TORCH_LIBRARY_IMPL(lightvlmbase, CPU, m)"))
     load("lightvlmbase_row_linear", [str(kernels / "row_linear.cpp")], is_python_module=False,
-         extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma"],
-         extra_ldflags=["-fopenmp"])
+         extra_cflags=cpu_kernels.CFLAGS, extra_ldflags=cpu_kernels.LDFLAGS)
     return torch.ops.lightvlmbase.row_linear
 
 
