@@ -186,13 +186,13 @@ class CompiledDecode:
     def __call__(self, adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
                  ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor | None:
         rows, masks, plan = op_layout(cache)
-        scores, score_rows = self._scores(cache)
+        scores, score_rows = self.step_scores(cache)
         args = (adapter, cache.keys, cache.values, cache.lengths, rows, masks, plan, scores, score_rows, h, ropes)
         kind = self.kind(h.shape[0])
         program = self._programs.get(kind) or self._compile(kind, args)
         return program(*args) if program is not None else None
 
-    def _scores(self, cache: BatchedKVCache) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def step_scores(self, cache: BatchedKVCache) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The step's score buffers and scoring rows. Without scores, spare buffers of the same
         shapes (each program takes one layout of inputs: it runs without guards), kept while the
         capacities hold; the plan tells the op not to read them."""

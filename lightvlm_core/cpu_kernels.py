@@ -22,7 +22,8 @@ from lightvlm_core.compiling import failure_summary
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).resolve().parent / "kernels" / name
-           for name in ("prefill_attention.cpp", "decode_attention.cpp", "row_linear.cpp", "diverse_topk.cpp")]
+           for name in ("prefill_attention.cpp", "decode_attention.cpp", "row_linear.cpp", "diverse_topk.cpp",
+                        "decode_layers.cpp")]
 
 # -fopenmp: at::parallel_for is a header template, serial unless the extension itself is built with
 # OpenMP (until 2026-12-04 it was not: the kernels ran on one thread)

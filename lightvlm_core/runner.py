@@ -22,6 +22,7 @@ from lightvlm_core.compiled_decode import CompiledDecode
 from lightvlm_core.compiled_prefill import CompiledPrefill
 from lightvlm_core.compiling import cuda_graphs_enabled, prepare_to_compile
 from lightvlm_core.errors import LightVLMError
+from lightvlm_core.fused_decode import FusedDecode
 from lightvlm_core.graphed_decode import GraphedDecode
 from lightvlm_core.inputs import InputProcessor, ModelInputs, eos_token_ids
 from lightvlm_core.kv.cache import BatchedKVCache
@@ -67,7 +68,7 @@ class _PrefillJob:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, default_acceleration: AccelerationConfig | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, fused_decode: bool = True) -> None:
         self.loaded = loaded
         self.adapter = loaded.adapter
         self.processor = loaded.processor
@@ -82,12 +83,14 @@ class ModelRunner:
         self.compressor = KVCompressor()
         # the decode step compiled on CPU and CUDA (there replayed as CUDA graphs), the prefill on CPU
         # (see compiled_decode.py, graphed_decode.py, compiled_prefill.py)
-        self.compiled_decode: CompiledDecode | GraphedDecode | None = None
+        self.compiled_decode: CompiledDecode | FusedDecode | GraphedDecode | None = None
         self.compiled_prefill: CompiledPrefill | None = None
         if compile and self.device.type in ("cpu", "cuda"):
             prepare_to_compile(self.adapter.model)
             self.compiled_decode = CompiledDecode(self.adapter)
             if self.device.type == "cpu":
+                if fused_decode:  # where the model is Llama-style (else None: the compiled step alone)
+                    self.compiled_decode = FusedDecode.of(self.adapter, self.compiled_decode) or self.compiled_decode
                 self.compiled_prefill = CompiledPrefill(self.adapter)
             elif cuda_graphs_enabled():
                 self.compiled_decode = GraphedDecode(self.adapter, inner=self.compiled_decode)
@@ -344,9 +347,9 @@ class ModelRunner:
 
 
 def load_runner(model: str | None = None, device: str = "auto", dtype: str = "auto", preset: str = "none",
-                trust_remote_code: bool = False, compile: bool = False) -> ModelRunner:
+                trust_remote_code: bool = False, compile: bool = False, fused_decode: bool = True) -> ModelRunner:
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    return ModelRunner(loaded, AccelerationConfig(preset=preset), compile=compile)
+    return ModelRunner(loaded, AccelerationConfig(preset=preset), compile=compile, fused_decode=fused_decode)
 
 
 def release_device_memory() -> None:

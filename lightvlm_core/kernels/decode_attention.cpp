@@ -23,6 +23,7 @@
 #include <limits>
 #include <vector>
 
+#include "decode_attention.h"
 #include "sum16.h"
 
 namespace {
@@ -167,6 +168,10 @@ void attend(const float* q, const float* k, const float* v, int64_t ks, int64_t 
   }
 }
 
+}  // namespace
+
+namespace lightvlm {
+
 at::Tensor cpu_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor keys,
                                 at::Tensor values, at::Tensor lengths, const at::Tensor& rows,
                                 const at::Tensor& masks, const at::Tensor& plan, at::Tensor scores,
@@ -236,6 +241,6 @@ at::Tensor cpu_decode_attention(const at::Tensor& q, const at::Tensor& k, const 
   return out;
 }
 
-}  // namespace
+}  // namespace lightvlm
 
-TORCH_LIBRARY_IMPL(lightvlm, CPU, m) { m.impl("cpu_decode_attention", cpu_decode_attention); }
+TORCH_LIBRARY_IMPL(lightvlm, CPU, m) { m.impl("cpu_decode_attention", lightvlm::cpu_decode_attention); }

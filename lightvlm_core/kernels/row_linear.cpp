@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <optional>
 
+#include "row_linear.h"
 #include "sum16.h"
 
 namespace {
@@ -80,25 +81,11 @@ void tiles(bool first, const float* x, const float* w, const float* bias, float*
   else rows<M, R, false>(x, w, bias, out, K, N, n0, n1);
 }
 
-at::Tensor row_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "row_linear: float32 only");
-  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1) && x.numel() > 0,
-              "row_linear: shapes");
-  const int64_t K = weight.size(1), N = weight.size(0);
-  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-  const int64_t M = xc.numel() / K;
-  at::Tensor bc;
-  if (bias.has_value()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N, "row_linear: bias");
-  }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor out = at::empty(shape, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = wc.data_ptr<float>();
-  const float* bp = bias.has_value() ? bc.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
+}  // namespace
+
+namespace lightvlm {
+
+void row_linear_into(const float* xp, int64_t M, const float* wp, const float* bp, float* op, int64_t K, int64_t N) {
   const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -118,6 +105,32 @@ at::Tensor row_linear(const at::Tensor& x, const at::Tensor& weight, const std::
       }
     }
   });
+}
+
+}  // namespace lightvlm
+
+namespace {
+
+at::Tensor row_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "row_linear: float32 only");
+  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1) && x.numel() > 0,
+              "row_linear: shapes");
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const int64_t M = xc.numel() / K;
+  at::Tensor bc;
+  if (bias.has_value()) {
+    bc = bias->contiguous();
+    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N, "row_linear: bias");
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  const float* bp = bias.has_value() ? bc.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  lightvlm::row_linear_into(xp, M, wp, bp, op, K, N);
   return out;
 }
 

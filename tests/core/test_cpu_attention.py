@@ -153,7 +153,7 @@ def test_compiled_passes_of_the_demo_model_use_the_kernels_and_give_the_eager_to
     decode step keeps the Python op: checked here too)."""
     monkeypatch.setattr(compiled_prefill, "prefill_kernel_ready", lambda: True)
     monkeypatch.setattr(cpu_attention, "decode_kernel_ready", lambda: True)
-    compiled = Engine(load_runner(str(DEMO_MODEL_DIR), device="cpu", compile=True))
+    compiled = Engine(load_runner(str(DEMO_MODEL_DIR), device="cpu", compile=True, fused_decode=False))
     eager = Engine(load_runner(str(DEMO_MODEL_DIR), device="cpu"))
     assert compiled.runner.compiled_decode.attention == "cpu_decode_attention"
     sampling = SamplingParams(max_new_tokens=6, ignore_eos=True)

@@ -1,0 +1,141 @@
+// lightvlm::decode_layers on CPU (float32): every decoder layer of a Llama-style model for one new
+// token per row, in one call (schema and where it is used: lightvlm_core/fused_decode.py).
+//
+// Why: at decode-size batches the compiled step (compiled_decode.py) is its kernels plus ~9 calls
+// per layer from inductor's Python wrapper (four of its fused loops, four row linears, the
+// attention), each a few microseconds of Python and dispatch, and a pre-graph pass fetching ~500
+// parameters: ~1 ms of a 5 ms step on the 32-layer LLM-heavy model at batch 8. Here the layers run
+// from C++ with the same kernels (row_linear.cpp, decode_attention.cpp); the elementwise work
+// between them (RMSNorm, RoPE, SiLU-gate, residual adds) is a few thousand floats per row.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+
+#include "decode_attention.h"
+#include "row_linear.h"
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+// out[r] = x[r] * (1 / sqrt(mean(x[r]^2) + eps)) * w, as F.rms_norm
+void rms_norm(const float* x, const float* w, float* out, int64_t rows, int64_t d, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    float* o = out + r * d;
+    Vec acc(0.f);
+    int64_t i = 0;
+    for (; i + Vec::size() <= d; i += Vec::size()) {
+      const Vec v = Vec::loadu(xr + i);
+      acc = at::vec::fmadd(v, v, acc);
+    }
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; i < d; ++i) sum += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(sum / static_cast<float>(d) + eps);
+    for (i = 0; i + Vec::size() <= d; i += Vec::size())
+      ((Vec::loadu(xr + i) * Vec(inv)) * Vec::loadu(w + i)).store(o + i);
+    for (; i < d; ++i) o[i] = (xr[i] * inv) * w[i];
+  }
+}
+
+// dst[0:D] = src * cos + rotate_half(src) * sin, with signed_sin = (-sin[:D/2], sin[D/2:])
+inline void rope(const float* src, const float* cos, const float* signed_sin, float* dst, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t j = 0; j < half; ++j) dst[j] = src[j] * cos[j] + src[j + half] * signed_sin[j];
+  for (int64_t j = half; j < D; ++j) dst[j] = src[j] * cos[j] + src[j - half] * signed_sin[j];
+}
+
+// out[r][i] = silu(gate_up[r][i]) * gate_up[r][I + i], SiLU as ATen's x / (1 + exp(-x))
+void silu_gate(const float* gate_up, float* out, int64_t rows, int64_t I) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = gate_up + r * 2 * I;
+    const float* u = g + I;
+    float* o = out + r * I;
+    int64_t i = 0;
+    for (; i + Vec::size() <= I; i += Vec::size()) {
+      const Vec x = Vec::loadu(g + i);
+      ((x / (Vec(1.f) + x.neg().exp())) * Vec::loadu(u + i)).store(o + i);
+    }
+    for (; i < I; ++i) o[i] = (g[i] / (1.f + std::exp(-g[i]))) * u[i];
+  }
+}
+
+void add_into(float* h, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) h[i] += x[i];
+}
+
+const float* dense(const at::Tensor& t, int64_t numel, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == numel, "decode_layers: ", what);
+  return t.data_ptr<float>();
+}
+
+at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at::TensorList qkv_weights,
+                         at::TensorList qkv_biases, at::TensorList o_weights, at::TensorList post_norms,
+                         at::TensorList gate_up_weights, at::TensorList down_weights, const at::Tensor& cos,
+                         const at::Tensor& signed_sin, at::TensorList keys, at::TensorList values,
+                         at::Tensor lengths, const at::Tensor& rows, const at::Tensor& masks, const at::Tensor& plan,
+                         at::TensorList scores, const at::Tensor& score_rows, double eps, double scale,
+                         int64_t num_heads) {
+  const int64_t L = static_cast<int64_t>(input_norms.size());
+  TORCH_CHECK(h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "decode_layers: h is (B, d) float32");
+  TORCH_CHECK(qkv_weights.size() == L && o_weights.size() == L && post_norms.size() == L &&
+                  gate_up_weights.size() == L && down_weights.size() == L && keys.size() == L && values.size() == L &&
+                  scores.size() == L && (qkv_biases.empty() || qkv_biases.size() == L),
+              "decode_layers: one of each per layer");
+  const int64_t B = h_in.size(0), d = h_in.size(1), H = num_heads;
+  TORCH_CHECK(B > 0 && L > 0 && keys[0].dim() == 4, "decode_layers: shapes");
+  const int64_t kvh = keys[0].size(1), D = keys[0].size(3), n_qkv = (H + 2 * kvh) * D;
+  TORCH_CHECK(D % 2 == 0 && cos.numel() == B * D && signed_sin.numel() == B * D, "decode_layers: rope tables");
+  const at::Tensor cosc = cos.contiguous(), sinc = signed_sin.contiguous();
+  const float* cp = cosc.data_ptr<float>();
+  const float* sp = sinc.data_ptr<float>();
+  at::Tensor h = h_in.contiguous().clone();
+  float* hp = h.data_ptr<float>();
+  const at::TensorOptions options = h.options();
+  at::Tensor x = at::empty({B, d}, options), tmp = at::empty({B, d}, options), qkv = at::empty({B, n_qkv}, options);
+  at::Tensor q = at::empty({B, H, 1, D}, options), k = at::empty({B, kvh, D}, options);
+  at::Tensor v = at::empty({B, kvh, D}, options);
+  float *xp = x.data_ptr<float>(), *tp = tmp.data_ptr<float>(), *qkvp = qkv.data_ptr<float>();
+  float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  at::Tensor gate_up, act;
+  const float feps = static_cast<float>(eps);
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t I = gate_up_weights[i].size(0) / 2;
+    if (gate_up.numel() != B * 2 * I) {
+      gate_up = at::empty({B, 2 * I}, options);
+      act = at::empty({B, I}, options);
+    }
+    // attention block
+    rms_norm(hp, dense(input_norms[i], d, "input norm"), xp, B, d, feps);
+    const float* bias = qkv_biases.empty() ? nullptr : dense(qkv_biases[i], n_qkv, "qkv bias");
+    lightvlm::row_linear_into(xp, B, dense(qkv_weights[i], n_qkv * d, "qkv weight"), bias, qkvp, d, n_qkv);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = qkvp + b * n_qkv;
+      for (int64_t head = 0; head < H; ++head) rope(row + head * D, cp + b * D, sp + b * D, qp + (b * H + head) * D, D);
+      for (int64_t head = 0; head < kvh; ++head)
+        rope(row + (H + head) * D, cp + b * D, sp + b * D, kp + (b * kvh + head) * D, D);
+      std::memcpy(vp + b * kvh * D, row + (H + kvh) * D, kvh * D * sizeof(float));
+    }
+    const at::Tensor attended = lightvlm::cpu_decode_attention(q, k, v, keys[i], values[i], lengths, rows, masks,
+                                                                plan, scores[i], score_rows, i, scale);
+    lightvlm::row_linear_into(attended.data_ptr<float>(), B, dense(o_weights[i], d * H * D, "o weight"), nullptr,
+                              tp, H * D, d);
+    add_into(hp, tp, B * d);
+    // MLP block
+    rms_norm(hp, dense(post_norms[i], d, "post norm"), xp, B, d, feps);
+    lightvlm::row_linear_into(xp, B, dense(gate_up_weights[i], 2 * I * d, "gate/up weight"), nullptr,
+                              gate_up.data_ptr<float>(), d, 2 * I);
+    silu_gate(gate_up.data_ptr<float>(), act.data_ptr<float>(), B, I);
+    lightvlm::row_linear_into(act.data_ptr<float>(), B, dense(down_weights[i], d * I, "down weight"), nullptr, tp,
+                              I, d);
+    add_into(hp, tp, B * d);
+  }
+  return h;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lightvlm, CPU, m) { m.impl("decode_layers", decode_layers); }

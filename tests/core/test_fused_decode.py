@@ -1,0 +1,150 @@
+"""The fused decode step (lightvlm_core/fused_decode.py, kernels/decode_layers.cpp): the eager step's
+greedy tokens for Llama-style models (Llama, and Qwen2 with its q/k/v biases), alone and in ragged
+batches, with token merging and with KV policies that read decode-time scores; the compiled step
+where it does not apply (more rows than the row kernel takes, q/k norms, Gemma 3's layers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from torch.profiler import ProfilerActivity, profile
+
+from lightvlm_core import cpu_attention, forward
+from lightvlm_core.compiled_decode import CompiledDecode
+from lightvlm_core.engine import Engine
+from lightvlm_core.fused_decode import FusedDecode, fused_weights
+from lightvlm_core.runner import load_runner
+from lightvlm_core.tiny import BUILDERS
+from lightvlm_core.tiny.common import generation_config, init_model
+from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
+
+pytestmark = pytest.mark.skipif(not cpu_attention.kernels_built(), reason="needs an AVX-512 CPU and g++")
+
+FAMILIES = ("llava", "llava_onevision")  # Llama; Qwen2 (q/k/v biases)
+
+
+def make_wide_heads(family: str, out_dir) -> str:
+    """The tiny `family` model with 32-wide attention heads (the tiny models' are 16 wide; the
+    decode attention kernel takes 32, 64 and 128)."""
+    builder = BUILDERS[family]
+    tokenizer = builder.tokenizer()
+    config = builder.config(tokenizer)
+    config.text_config.head_dim = 32
+    model = init_model(config, seed=0)
+    model.generation_config = generation_config(tokenizer)
+    model.save_pretrained(out_dir)
+    builder.processor(tokenizer).save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def requests(n_tokens: int = 8, preset: str = "none", kv: dict | None = None) -> list[GenerationRequest]:
+    """Three prompts of different lengths (ragged rows), two with an image."""
+    image = Image.new("RGB", (96, 64), (200, 40, 40))
+    sampling = SamplingParams(max_new_tokens=n_tokens, ignore_eos=True)
+    accel = AccelerationConfig(preset, **(kv or {}))
+    return [GenerationRequest("What is in the picture?", [image], sampling, accel),
+            GenerationRequest("Tell me a long story about a red square and a blue circle.", [], sampling, accel),
+            GenerationRequest("Count.", [image.resize((64, 64))], sampling, accel)]
+
+
+def tokens(engine: Engine, batch: list[GenerationRequest]) -> list[list[int]]:
+    return [r.token_ids for r in engine.generate(batch)]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory) -> tuple[Engine, Engine]:
+    """(eager engine, fused engine) on one tiny model with 32-wide heads."""
+    model = make_wide_heads(request.param, tmp_path_factory.mktemp(f"wide_{request.param}"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_attention, "decode_kernel_ready", lambda: True)
+        fused = load_runner(model, device="cpu", compile=True)
+    assert isinstance(fused.compiled_decode, FusedDecode)
+    return Engine(load_runner(model, device="cpu")), Engine(fused)
+
+
+def fused_step_rows(engine: Engine, batch: list[GenerationRequest]) -> tuple[list[list[int]], list[int]]:
+    """The batch's tokens, and the row count of every step that ran the fused layers."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        got = tokens(engine, batch)
+    return got, [e.input_shapes[0][0] for e in prof.events() if e.name == "lightvlm::decode_layers"]
+
+
+@pytest.mark.parametrize("preset", ["none", "aggressive"])
+def test_fused_engine_gives_the_eager_tokens_alone_and_in_a_ragged_batch(pair, preset) -> None:
+    eager, fused = pair
+    batch = requests(preset=preset)
+    got, rows = fused_step_rows(fused, batch)
+    assert got == tokens(eager, batch)
+    assert rows == [3] * 7  # 8 tokens: the prefill's, then 7 steps
+    for one in batch:
+        assert tokens(fused, [one]) == tokens(eager, [one])
+
+
+def test_one_step_gives_the_eager_logits_and_cache(pair) -> None:
+    """From one prefilled ragged batch: the fused step on one copy of its cache, the eager step on
+    another; the same logits and the same new cache entries."""
+    eager, _ = pair
+    runner = eager.runner
+    eager.add([eager.prepare(r) for r in requests()])
+    try:
+        inputs = [row.next_input() for row in runner.rows]
+        ids, pos = torch.tensor([t for t, _ in inputs]), torch.tensor([p for _, p in inputs])
+        pos = pos.expand(3, -1) if runner.adapter.uses_mrope else pos
+        step = FusedDecode.of(runner.adapter, CompiledDecode(runner.adapter))
+        assert step is not None
+        rows = list(range(len(runner.rows)))
+        cache_e, cache_f = runner.cache.copy_rows(rows), runner.cache.copy_rows(rows)
+        expected = forward.decode(runner.adapter, cache_e, ids, pos)
+        got = forward.decode(runner.adapter, cache_f, ids, pos, step)
+    finally:
+        runner.remove_all()
+        eager.scheduler.running.clear()
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(cache_f.lengths, cache_e.lengths)
+    for layer in range(len(cache_e.keys)):
+        span = int(cache_e.lengths[layer].max())
+        assert torch.allclose(cache_f.keys[layer][:, :, :span], cache_e.keys[layer][:, :, :span], atol=1e-5)
+        assert torch.allclose(cache_f.values[layer][:, :, :span], cache_e.values[layer][:, :, :span], atol=1e-5)
+
+
+def test_kv_policies_give_the_eager_tokens(pair) -> None:
+    """Streaming eviction, and heavy hitters (the step adds each row's attention to the cache's
+    scores), alone and beside rows that do not score."""
+    eager, fused = pair
+    streaming = requests(n_tokens=12, kv={"kv_budget": 24, "kv_policy": "streaming"})
+    assert tokens(fused, streaming) == tokens(eager, streaming)
+    scored = requests(n_tokens=12, kv={"kv_budget": 24, "kv_policy": "heavy_hitter"})
+    assert tokens(fused, scored) == tokens(eager, scored)
+    mixed = scored[:2] + requests(n_tokens=12)[2:]
+    assert tokens(fused, mixed) == tokens(eager, mixed)
+
+
+def test_steps_of_more_rows_than_the_row_kernel_takes_run_compiled(pair) -> None:
+    eager, fused = pair
+    step = fused.runner.compiled_decode
+    batch = [r for _ in range(4) for r in requests(n_tokens=4)]  # 12 rows
+    assert len(batch) > step.inner.few_rows
+    got, rows = fused_step_rows(fused, batch)
+    assert got == tokens(eager, batch)
+    assert rows == []
+    assert "many" in step.inner._programs
+
+
+@pytest.mark.parametrize("family, applies", [("llava", True), ("llava_onevision", True), ("mistral3", True),
+                                             ("qwen3_vl", False), ("gemma3", False)])
+def test_which_models_it_takes(tiny_model_dir, monkeypatch, family, applies) -> None:
+    """Llama-style layers only: Qwen3's q/k norms and Gemma 3's sliding layers and own norms keep the
+    compiled step (the tiny models' 16-wide heads admitted for the check)."""
+    monkeypatch.setattr(cpu_attention, "HEAD_DIMS", (16, 32, 64, 128))
+    runner = load_runner(str(tiny_model_dir(family)), device="cpu")
+    assert (fused_weights(runner.adapter) is not None) == applies
+
+
+def test_it_is_not_taken_without_the_kernels_or_when_asked_not_to(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    model = make_wide_heads("llava", tmp_path)
+    monkeypatch.setattr(cpu_attention, "decode_kernel_ready", lambda: True)
+    assert isinstance(load_runner(model, device="cpu", compile=True, fused_decode=False).compiled_decode,
+                      CompiledDecode)
+    monkeypatch.setattr(cpu_attention, "decode_kernel_ready", lambda: False)
+    assert isinstance(load_runner(model, device="cpu", compile=True).compiled_decode, CompiledDecode)
