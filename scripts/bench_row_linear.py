@@ -37,7 +37,10 @@ def base_kernel(rev: str, into: Path):
 
     kernels = into / "kernels"
     kernels.mkdir()
-    for name in ("row_linear.cpp", "sum16.h"):
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "lightvlm_core/kernels/"],
+                            check=True, capture_output=True, text=True).stdout.split()
+    headers = [Path(path).name for path in listed if path.endswith(".h")]
+    for name in ("row_linear.cpp", *headers):
         text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:lightvlm_core/kernels/{name}"], check=True,
                               capture_output=True, text=True).stdout
         (kernels / name).write_text(text.replace(
