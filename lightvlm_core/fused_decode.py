@@ -8,7 +8,7 @@ step (compiled_decode.py) runs our row-linear and attention kernels from inducto
 over the layers; RMSNorm, RoPE, the SiLU gate and the residual adds are small loops between them.
 
 Where it applies (`fused_weights`): every layer is a Llama-style one (RMSNorm before attention and
-MLP, one fused q/k/v projection with or without bias and no q/k norms, plain o/down projections,
+MLP and after the last layer, one fused q/k/v projection with or without bias and no q/k norms, plain o/down projections,
 a SiLU-gated MLP, the adapter's plain residuals), every layer attends globally with one rotary
 table, the model is float32 and our CPU kernels are built and in use (cpu_attention,
 cpu_linear). That covers Llama, Mistral, Qwen2 and the families built on them; Gemma 3 (sliding
@@ -34,7 +34,7 @@ from lightvlm_core.cpu_linear import row_kernel_ready
 from lightvlm_core.fusion import GATE_UP_ATTR, fused_qkv
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import ModelAdapter
-from lightvlm_core.ops import LLAMA_STYLE_RMS_NORMS, rms_norm
+from lightvlm_core.ops import LLAMA_STYLE_RMS_NORMS
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ _LIBRARY = torch.library.Library("lightvlm", "FRAGMENT")
 _LIBRARY.define("decode_layers(Tensor h, Tensor[] input_norms, Tensor[] qkv_weights, Tensor[] qkv_biases, "
                 "Tensor[] o_weights, Tensor[] post_norms, Tensor[] gate_up_weights, Tensor[] down_weights, "
                 "Tensor cos, Tensor signed_sin, Tensor(a!)[] keys, Tensor(b!)[] values, Tensor(c!) lengths, "
-                "Tensor rows, Tensor masks, Tensor plan, Tensor(d!)[] scores, Tensor score_rows, float eps, "
-                "float scale, int num_heads) -> Tensor")
+                "Tensor rows, Tensor masks, Tensor plan, Tensor(d!)[] scores, Tensor score_rows, Tensor final_norm, "
+                "float eps, float scale, int num_heads) -> Tensor")
 
 SILU_ACTIVATIONS = frozenset({"SiLU", "SiLUActivation"})
 
@@ -59,6 +59,7 @@ class FusedWeights:
     post_norms: list[torch.Tensor]
     gate_up_weights: list[torch.Tensor]
     down_weights: list[torch.Tensor]
+    final_norm: torch.Tensor
     eps: float
 
 
@@ -84,7 +85,8 @@ def fused_weights(adapter: ModelAdapter) -> FusedWeights | None:
         return None
     d = adapter.head_dim
     sizes = (adapter.num_heads * d, adapter.num_kv_heads * d, adapter.num_kv_heads * d)  # q, k, v
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in FusedWeights.__dataclass_fields__ if name != "eps"}
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in FusedWeights.__dataclass_fields__
+                                       if name not in ("final_norm", "eps")}
     eps: set[float] = set()
     for layer in adapter.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -104,9 +106,10 @@ def fused_weights(adapter: ModelAdapter) -> FusedWeights | None:
         out["post_norms"].append(layer.post_attention_layernorm.weight.detach())
         out["gate_up_weights"].append(gate_up.weight)
         out["down_weights"].append(mlp.down_proj.weight.detach())
-    if len(eps) != 1 or len(out["qkv_biases"]) not in (0, len(adapter.layers)):
+    final = adapter.norm
+    if not _llama_norm(final) or {final.variance_epsilon} != eps or len(out["qkv_biases"]) not in (0, len(specs)):
         return None
-    return FusedWeights(**out, eps=eps.pop())
+    return FusedWeights(**out, final_norm=final.weight.detach(), eps=eps.pop())
 
 
 class FusedDecode:
@@ -141,11 +144,10 @@ class FusedDecode:
         rows, masks, plan = op_layout(cache)
         scores, score_rows = self.inner.step_scores(cache)
         (rope,) = ropes.values()
-        h = torch.ops.lightvlm.decode_layers(
+        x = torch.ops.lightvlm.decode_layers(  # the last layer's output, normed
             h[:, 0], w.input_norms, w.qkv_weights, w.qkv_biases, w.o_weights, w.post_norms, w.gate_up_weights,
             w.down_weights, rope.cos, rope.signed_sin, cache.keys, cache.values, cache.lengths, rows, masks, plan,
-            scores, score_rows, w.eps, adapter.scaling, adapter.num_heads)
-        x = rms_norm(adapter.norm, h)
+            scores, score_rows, w.final_norm, w.eps, adapter.scaling, adapter.num_heads)
         if self._lm_head_weight is not None:  # the row kernel, as in the compiled step
             return torch.ops.lightvlm.row_linear(x, self._lm_head_weight, None)
         return adapter.lm_head(x).float()

@@ -1,5 +1,5 @@
 // lightvlm::decode_layers on CPU (float32): every decoder layer of a Llama-style model for one new
-// token per row, in one call (schema and where it is used: lightvlm_core/fused_decode.py).
+// token per row, and the final norm, in one call (schema and where it is used: lightvlm_core/fused_decode.py).
 //
 // Why: at decode-size batches the compiled step (compiled_decode.py) is its kernels plus ~9 calls
 // per layer from inductor's Python wrapper (four of its fused loops, four row linears, the
@@ -77,8 +77,8 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
                          at::TensorList gate_up_weights, at::TensorList down_weights, const at::Tensor& cos,
                          const at::Tensor& signed_sin, at::TensorList keys, at::TensorList values,
                          at::Tensor lengths, const at::Tensor& rows, const at::Tensor& masks, const at::Tensor& plan,
-                         at::TensorList scores, const at::Tensor& score_rows, double eps, double scale,
-                         int64_t num_heads) {
+                         at::TensorList scores, const at::Tensor& score_rows, const at::Tensor& final_norm,
+                         double eps, double scale, int64_t num_heads) {
   const int64_t L = static_cast<int64_t>(input_norms.size());
   TORCH_CHECK(h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "decode_layers: h is (B, d) float32");
   TORCH_CHECK(qkv_weights.size() == L && o_weights.size() == L && post_norms.size() == L &&
@@ -133,7 +133,8 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
                               I, d);
     add_into(hp, tp, B * d);
   }
-  return h;
+  rms_norm(hp, dense(final_norm, d, "final norm"), xp, B, d, feps);
+  return x;
 }
 
 }  // namespace
