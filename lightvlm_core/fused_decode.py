@@ -8,13 +8,13 @@ step (compiled_decode.py) runs our row-linear and attention kernels from inducto
 over the layers; RMSNorm, RoPE, the SiLU gate and the residual adds are small loops between them.
 
 Where it applies (`fused_weights`): every layer is a Llama-style one (RMSNorm before attention and
-MLP and after the last layer, one fused q/k/v projection with or without bias and no q/k norms, plain o/down projections,
-a SiLU-gated MLP, the adapter's plain residuals), every layer attends globally with one rotary
-table, the model is float32 and our CPU kernels are built and in use (cpu_attention,
-cpu_linear). That covers Llama, Mistral, Qwen2 and the families built on them; Gemma 3 (sliding
-layers, its own norms and residuals) and Qwen3 (q/k norms) keep the compiled step. Steps of more
-rows than the row kernel takes (`CompiledDecode.few_rows`) run the compiled step too (oneDNN's
-matmul is faster there).
+MLP and after the last layer, one fused q/k/v projection with or without bias, optionally
+RMS-normed q and k heads, plain o/down projections, a SiLU-gated MLP, the adapter's plain
+residuals), every layer attends globally with one rotary table, the model is float32 and our CPU
+kernels are built and in use (cpu_attention, cpu_linear). That covers Llama, Mistral, Qwen2,
+Qwen3 and the families built on them; Gemma 3 (sliding layers, its own norms and residuals) keeps
+the compiled step. Steps of more rows than the row kernel takes (`CompiledDecode.few_rows`) run
+the compiled step too (oneDNN's matmul is faster there).
 
 Not bitwise equal to the eager step (RMSNorm and the kernels reduce in their own order): greedy
 tokens equal the eager step's in tests/core/test_fused_decode.py, as for the compiled step.
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 _LIBRARY = torch.library.Library("lightvlm", "FRAGMENT")
 _LIBRARY.define("decode_layers(Tensor h, Tensor[] input_norms, Tensor[] qkv_weights, Tensor[] qkv_biases, "
-                "Tensor[] o_weights, Tensor[] post_norms, Tensor[] gate_up_weights, Tensor[] down_weights, "
+                "Tensor[] q_norms, Tensor[] k_norms, Tensor[] o_weights, Tensor[] post_norms, Tensor[] gate_up_weights, Tensor[] down_weights, "
                 "Tensor cos, Tensor signed_sin, Tensor(a!)[] keys, Tensor(b!)[] values, Tensor(c!) lengths, "
                 "Tensor rows, Tensor masks, Tensor plan, Tensor(d!)[] scores, Tensor score_rows, Tensor final_norm, "
                 "float eps, float scale, int num_heads) -> Tensor")
@@ -55,6 +55,8 @@ class FusedWeights:
     input_norms: list[torch.Tensor]
     qkv_weights: list[torch.Tensor]
     qkv_biases: list[torch.Tensor]  # empty: no bias
+    q_norms: list[torch.Tensor]  # per-head RMSNorm of q and k before RoPE (Qwen3); empty: none
+    k_norms: list[torch.Tensor]
     o_weights: list[torch.Tensor]
     post_norms: list[torch.Tensor]
     gate_up_weights: list[torch.Tensor]
@@ -92,12 +94,16 @@ def fused_weights(adapter: ModelAdapter) -> FusedWeights | None:
         attn, mlp = layer.self_attn, layer.mlp
         qkv, gate_up = fused_qkv(attn), mlp.__dict__.get(GATE_UP_ATTR)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        if (qkv is None or hasattr(attn, "q_norm") or qkv.sizes != sizes or gate_up is None
+        head_norms = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else ()
+        if (qkv is None or qkv.sizes != sizes or gate_up is None
                 or type(mlp.act_fn).__name__ not in SILU_ACTIVATIONS
                 or not (_plain_linear(attn.o_proj) and _plain_linear(mlp.down_proj))
-                or not all(_llama_norm(norm) for norm in norms)):
+                or not all(_llama_norm(norm) for norm in (*norms, *head_norms))):
             return None
-        eps.update(norm.variance_epsilon for norm in norms)
+        eps.update(norm.variance_epsilon for norm in (*norms, *head_norms))
+        if head_norms:
+            out["q_norms"].append(attn.q_norm.weight.detach())
+            out["k_norms"].append(attn.k_norm.weight.detach())
         out["input_norms"].append(layer.input_layernorm.weight.detach())
         out["qkv_weights"].append(qkv.weight)
         if qkv.bias is not None:
@@ -107,7 +113,8 @@ def fused_weights(adapter: ModelAdapter) -> FusedWeights | None:
         out["gate_up_weights"].append(gate_up.weight)
         out["down_weights"].append(mlp.down_proj.weight.detach())
     final = adapter.norm
-    if not _llama_norm(final) or {final.variance_epsilon} != eps or len(out["qkv_biases"]) not in (0, len(specs)):
+    if not _llama_norm(final) or {final.variance_epsilon} != eps or any(
+            len(out[name]) not in (0, len(specs)) for name in ("qkv_biases", "q_norms")):
         return None
     return FusedWeights(**out, final_norm=final.weight.detach(), eps=eps.pop())
 
@@ -145,8 +152,8 @@ class FusedDecode:
         scores, score_rows = self.inner.step_scores(cache)
         (rope,) = ropes.values()
         x = torch.ops.lightvlm.decode_layers(  # the last layer's output, normed
-            h[:, 0], w.input_norms, w.qkv_weights, w.qkv_biases, w.o_weights, w.post_norms, w.gate_up_weights,
-            w.down_weights, rope.cos, rope.signed_sin, cache.keys, cache.values, cache.lengths, rows, masks, plan,
+            h[:, 0], w.input_norms, w.qkv_weights, w.qkv_biases, w.q_norms, w.k_norms, w.o_weights, w.post_norms,
+            w.gate_up_weights, w.down_weights, rope.cos, rope.signed_sin, cache.keys, cache.values, cache.lengths, rows, masks, plan,
             scores, score_rows, w.final_norm, w.eps, adapter.scaling, adapter.num_heads)
         if self._lm_head_weight is not None:  # the row kernel, as in the compiled step
             return torch.ops.lightvlm.row_linear(x, self._lm_head_weight, None)

@@ -13,6 +13,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "decode_attention.h"
 #include "row_linear.h"
@@ -73,7 +74,8 @@ const float* dense(const at::Tensor& t, int64_t numel, const char* what) {
 }
 
 at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at::TensorList qkv_weights,
-                         at::TensorList qkv_biases, at::TensorList o_weights, at::TensorList post_norms,
+                         at::TensorList qkv_biases, at::TensorList q_norms, at::TensorList k_norms,
+                         at::TensorList o_weights, at::TensorList post_norms,
                          at::TensorList gate_up_weights, at::TensorList down_weights, const at::Tensor& cos,
                          const at::Tensor& signed_sin, at::TensorList keys, at::TensorList values,
                          at::Tensor lengths, const at::Tensor& rows, const at::Tensor& masks, const at::Tensor& plan,
@@ -83,7 +85,8 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
   TORCH_CHECK(h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "decode_layers: h is (B, d) float32");
   TORCH_CHECK(qkv_weights.size() == L && o_weights.size() == L && post_norms.size() == L &&
                   gate_up_weights.size() == L && down_weights.size() == L && keys.size() == L && values.size() == L &&
-                  scores.size() == L && (qkv_biases.empty() || qkv_biases.size() == L),
+                  scores.size() == L && (qkv_biases.empty() || qkv_biases.size() == L) &&
+                  q_norms.size() == k_norms.size() && (q_norms.empty() || q_norms.size() == L),
               "decode_layers: one of each per layer");
   const int64_t B = h_in.size(0), d = h_in.size(1), H = num_heads;
   TORCH_CHECK(B > 0 && L > 0 && keys[0].dim() == 4, "decode_layers: shapes");
@@ -101,6 +104,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
   float *xp = x.data_ptr<float>(), *tp = tmp.data_ptr<float>(), *qkvp = qkv.data_ptr<float>();
   float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   at::Tensor gate_up, act;
+  std::vector<float> head_buf(D);
   const float feps = static_cast<float>(eps);
   for (int64_t i = 0; i < L; ++i) {
     const int64_t I = gate_up_weights[i].size(0) / 2;
@@ -112,11 +116,21 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
     rms_norm(hp, dense(input_norms[i], d, "input norm"), xp, B, d, feps);
     const float* bias = qkv_biases.empty() ? nullptr : dense(qkv_biases[i], n_qkv, "qkv bias");
     lightvlm::row_linear_into(xp, B, dense(qkv_weights[i], n_qkv * d, "qkv weight"), bias, qkvp, d, n_qkv);
+    // Qwen3-style layers: each q and k head RMS-normed before RoPE
+    const float* qn = q_norms.empty() ? nullptr : dense(q_norms[i], D, "q norm");
+    const float* kn = k_norms.empty() ? nullptr : dense(k_norms[i], D, "k norm");
     for (int64_t b = 0; b < B; ++b) {
       const float* row = qkvp + b * n_qkv;
-      for (int64_t head = 0; head < H; ++head) rope(row + head * D, cp + b * D, sp + b * D, qp + (b * H + head) * D, D);
-      for (int64_t head = 0; head < kvh; ++head)
-        rope(row + (H + head) * D, cp + b * D, sp + b * D, kp + (b * kvh + head) * D, D);
+      for (int64_t head = 0; head < H + kvh; ++head) {
+        const float* src = row + head * D;
+        const float* norm = head < H ? qn : kn;
+        if (norm != nullptr) {
+          rms_norm(src, norm, head_buf.data(), 1, D, feps);
+          src = head_buf.data();
+        }
+        float* dst = head < H ? qp + (b * H + head) * D : kp + (b * kvh + head - H) * D;
+        rope(src, cp + b * D, sp + b * D, dst, D);
+      }
       std::memcpy(vp + b * kvh * D, row + (H + kvh) * D, kvh * D * sizeof(float));
     }
     const at::Tensor attended = lightvlm::cpu_decode_attention(q, k, v, keys[i], values[i], lengths, rows, masks,

@@ -1,7 +1,8 @@
 """The fused decode step (lightvlm_core/fused_decode.py, kernels/decode_layers.cpp): the eager step's
-greedy tokens for Llama-style models (Llama, Qwen2 with its q/k/v biases, Qwen2-VL's M-RoPE), alone
-and in ragged batches, with token merging and with KV policies that read decode-time scores; the compiled step
-where it does not apply (more rows than the row kernel takes, q/k norms, Gemma 3's layers)."""
+greedy tokens for Llama-style models (Llama, Qwen2 with its q/k/v biases, Qwen2-VL's M-RoPE,
+Qwen3-VL's q/k norms), alone and in ragged batches, with token merging and with KV policies that
+read decode-time scores; the compiled step where it does not apply (more rows than the row kernel
+takes, Gemma 3's layers)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingP
 
 pytestmark = pytest.mark.skipif(not cpu_attention.kernels_built(), reason="needs an AVX-512 CPU and g++")
 
-FAMILIES = ("llava", "llava_onevision", "qwen2_vl")  # Llama; Qwen2 (q/k/v biases); Qwen2 with M-RoPE
+# Llama; Qwen2 (q/k/v biases); Qwen2 with M-RoPE; Qwen3 (q/k norms) with interleaved M-RoPE
+FAMILIES = ("llava", "llava_onevision", "qwen2_vl", "qwen3_vl")
 
 
 def make_wide_heads(family: str, out_dir) -> str:
@@ -36,6 +38,8 @@ def make_wide_heads(family: str, out_dir) -> str:
         text.rope_parameters["mrope_section"] = [4, 6, 6]  # 16 rotary frequencies
     else:
         text.head_dim = 32
+        if family == "qwen3_vl":
+            text.rope_parameters["mrope_section"] = [4, 6, 6]
     model = init_model(config, seed=0)
     model.generation_config = generation_config(tokenizer)
     model.save_pretrained(out_dir)
@@ -139,10 +143,10 @@ def test_steps_of_more_rows_than_the_row_kernel_takes_run_compiled(pair) -> None
 
 
 @pytest.mark.parametrize("family, applies", [("llava", True), ("llava_onevision", True), ("mistral3", True),
-                                             ("qwen3_vl", False), ("gemma3", False)])
+                                             ("qwen3_vl", True), ("gemma3", False)])
 def test_which_models_it_takes(tiny_model_dir, monkeypatch, family, applies) -> None:
-    """Llama-style layers only: Qwen3's q/k norms and Gemma 3's sliding layers and own norms keep the
-    compiled step (the tiny models' 16-wide heads admitted for the check)."""
+    """Llama-style layers (Qwen3's with their q/k norms) only: Gemma 3's sliding layers and own norms
+    keep the compiled step (the tiny models' 16-wide heads admitted for the check)."""
     monkeypatch.setattr(cpu_attention, "HEAD_DIMS", (16, 32, 64, 128))
     runner = load_runner(str(tiny_model_dir(family)), device="cpu")
     assert (fused_weights(runner.adapter) is not None) == applies
