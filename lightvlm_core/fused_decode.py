@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 _LIBRARY = torch.library.Library("lightvlm", "FRAGMENT")
 _LIBRARY.define("decode_layers(Tensor h, Tensor[] input_norms, Tensor[] qkv_weights, Tensor[] qkv_biases, "
-                "Tensor[] q_norms, Tensor[] k_norms, Tensor[] o_weights, Tensor[] post_norms, Tensor[] gate_up_weights, Tensor[] down_weights, "
+                "Tensor[] q_norms, Tensor[] k_norms, Tensor[] o_weights, Tensor[] post_norms, "
+                "Tensor[] gate_up_weights, Tensor[] down_weights, "
                 "Tensor cos, Tensor signed_sin, Tensor(a!)[] keys, Tensor(b!)[] values, Tensor(c!) lengths, "
                 "Tensor rows, Tensor masks, Tensor plan, Tensor(d!)[] scores, Tensor score_rows, Tensor final_norm, "
                 "float eps, float scale, int num_heads) -> Tensor")
@@ -153,8 +154,8 @@ class FusedDecode:
         (rope,) = ropes.values()
         x = torch.ops.lightvlm.decode_layers(  # the last layer's output, normed
             h[:, 0], w.input_norms, w.qkv_weights, w.qkv_biases, w.q_norms, w.k_norms, w.o_weights, w.post_norms,
-            w.gate_up_weights, w.down_weights, rope.cos, rope.signed_sin, cache.keys, cache.values, cache.lengths, rows, masks, plan,
-            scores, score_rows, w.final_norm, w.eps, adapter.scaling, adapter.num_heads)
+            w.gate_up_weights, w.down_weights, rope.cos, rope.signed_sin, cache.keys, cache.values, cache.lengths,
+            rows, masks, plan, scores, score_rows, w.final_norm, w.eps, adapter.scaling, adapter.num_heads)
         if self._lm_head_weight is not None:  # the row kernel, as in the compiled step
             return torch.ops.lightvlm.row_linear(x, self._lm_head_weight, None)
         return adapter.lm_head(x).float()
