@@ -117,7 +117,11 @@ def fused_weights(adapter: ModelAdapter) -> FusedWeights | None:
     if not _llama_norm(final) or {final.variance_epsilon} != eps or any(
             len(out[name]) not in (0, len(specs)) for name in ("qkv_biases", "q_norms")):
         return None
-    return FusedWeights(**out, final_norm=final.weight.detach(), eps=eps.pop())
+    weights = FusedWeights(**out, final_norm=final.weight.detach(), eps=eps.pop())
+    tensors = [weights.final_norm, *(t for name in out for t in getattr(weights, name))]
+    if not all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors):  # the kernel reads them dense
+        return None
+    return weights
 
 
 class FusedDecode:

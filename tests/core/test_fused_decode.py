@@ -152,6 +152,15 @@ def test_which_models_it_takes(tiny_model_dir, monkeypatch, family, applies) -> 
     assert (fused_weights(runner.adapter) is not None) == applies
 
 
+def test_it_is_not_taken_for_weights_it_cannot_read_dense(tiny_model_dir, monkeypatch) -> None:
+    monkeypatch.setattr(cpu_attention, "HEAD_DIMS", (16, 32, 64, 128))
+    runner = load_runner(str(tiny_model_dir("llava")), device="cpu")
+    assert fused_weights(runner.adapter) is not None
+    layer = runner.adapter.layers[-1]
+    layer.mlp.down_proj.weight = torch.nn.Parameter(layer.mlp.down_proj.weight.detach().t().contiguous().t())
+    assert fused_weights(runner.adapter) is None
+
+
 def test_it_is_not_taken_without_the_kernels_or_when_asked_not_to(tiny_model_dir, tmp_path, monkeypatch) -> None:
     model = make_wide_heads("llava", tmp_path)
     monkeypatch.setattr(cpu_attention, "decode_kernel_ready", lambda: True)
