@@ -11,7 +11,6 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
@@ -20,23 +19,9 @@ from lightvlm_core import compiled_decode, compiled_prefill, cpu_linear, forward
 from lightvlm_core.engine import Engine
 from lightvlm_core.compiling import compile_enabled
 from lightvlm_core.runner import load_runner
-from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
+from tests.core.ragged_batch import requests, tokens
 
 COMPILED_FAMILIES = ("llava", "qwen2_vl", "qwen3_vl")  # plain RoPE, M-RoPE, q/k norms + DeepStack
-
-
-def requests(n_tokens: int = 8, preset: str = "none", kv: dict | None = None) -> list[GenerationRequest]:
-    """Three prompts of different lengths (ragged rows), two with an image."""
-    image = Image.new("RGB", (96, 64), (200, 40, 40))
-    sampling = SamplingParams(max_new_tokens=n_tokens, ignore_eos=True)
-    accel = AccelerationConfig(preset, **(kv or {}))
-    return [GenerationRequest("What is in the picture?", [image], sampling, accel),
-            GenerationRequest("Tell me a long story about a red square and a blue circle.", [], sampling, accel),
-            GenerationRequest("Count.", [image.resize((64, 64))], sampling, accel)]
-
-
-def tokens(engine: Engine, batch: list[GenerationRequest]) -> list[list[int]]:
-    return [r.token_ids for r in engine.generate(batch)]
 
 
 @pytest.fixture(scope="module", params=COMPILED_FAMILIES)

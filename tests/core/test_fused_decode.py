@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
 from lightvlm_core import cpu_attention, forward
@@ -18,7 +17,8 @@ from lightvlm_core.fused_decode import FusedDecode, fused_weights
 from lightvlm_core.runner import load_runner
 from lightvlm_core.tiny import BUILDERS
 from lightvlm_core.tiny.common import generation_config, init_model
-from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
+from lightvlm_core.types import GenerationRequest
+from tests.core.ragged_batch import requests, tokens
 
 pytestmark = pytest.mark.skipif(not cpu_attention.kernels_built(), reason="needs an AVX-512 CPU and g++")
 
@@ -45,20 +45,6 @@ def make_wide_heads(family: str, out_dir) -> str:
     model.save_pretrained(out_dir)
     builder.processor(tokenizer).save_pretrained(out_dir)
     return str(out_dir)
-
-
-def requests(n_tokens: int = 8, preset: str = "none", kv: dict | None = None) -> list[GenerationRequest]:
-    """Three prompts of different lengths (ragged rows), two with an image."""
-    image = Image.new("RGB", (96, 64), (200, 40, 40))
-    sampling = SamplingParams(max_new_tokens=n_tokens, ignore_eos=True)
-    accel = AccelerationConfig(preset, **(kv or {}))
-    return [GenerationRequest("What is in the picture?", [image], sampling, accel),
-            GenerationRequest("Tell me a long story about a red square and a blue circle.", [], sampling, accel),
-            GenerationRequest("Count.", [image.resize((64, 64))], sampling, accel)]
-
-
-def tokens(engine: Engine, batch: list[GenerationRequest]) -> list[list[int]]:
-    return [r.token_ids for r in engine.generate(batch)]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
