@@ -1,11 +1,14 @@
 """The decode step's decoder layers in one C++ call (`lightvlm::decode_layers`,
-kernels/decode_layers.cpp), on CPU, for Llama-style models in float32 at decode-size batches.
+kernels/decode_layers.cpp), on CPU, for Llama-style models in float32.
 
-Why: at a few rows a decode step is memory- and call-bound, not arithmetic-bound. The compiled
+Why: at decode-size batches a step is memory- and call-bound, not arithmetic-bound. The compiled
 step (compiled_decode.py) runs our row-linear and attention kernels from inductor's Python wrapper,
 ~9 calls per layer plus a pass over the parameters before the graph: ~1 ms of a 5.4 ms step on the
 32-layer LLM-heavy model at batch 8 (torch profiler). Here the same kernels run from one C++ loop
 over the layers; RMSNorm, RoPE, the SiLU gate and the residual adds are small loops between them.
+Steps of more rows than the row kernel takes (`CompiledDecode.few_rows`) multiply on oneDNN's
+matmul from the same loop (ATen's where oneDNN did not measure faster, cpu_linear.onednn_faster),
+as the compiled step's larger programs do.
 
 Where it applies (`fused_weights`): every layer is a Llama-style one (RMSNorm before attention and
 MLP and after the last layer, one fused q/k/v projection with or without bias, optionally
@@ -13,8 +16,7 @@ RMS-normed q and k heads, plain o/down projections, a SiLU-gated MLP, the adapte
 residuals), every layer attends globally with one rotary table, the model is float32 and our CPU
 kernels are built and in use (cpu_attention, cpu_linear). That covers Llama, Mistral, Qwen2,
 Qwen3 and the families built on them; Gemma 3 (sliding layers, its own norms and residuals) keeps
-the compiled step. Steps of more rows than the row kernel takes (`CompiledDecode.few_rows`) run
-the compiled step too (oneDNN's matmul is faster there).
+the compiled step.
 
 Not bitwise equal to the eager step (RMSNorm and the kernels reduce in their own order): greedy
 tokens equal the eager step's in tests/core/test_fused_decode.py, as for the compiled step.
@@ -30,7 +32,7 @@ from torch import nn
 
 from lightvlm_core import cpu_attention, forward
 from lightvlm_core.compiled_decode import CompiledDecode, op_layout
-from lightvlm_core.cpu_linear import row_kernel_ready
+from lightvlm_core.cpu_linear import onednn_faster, row_kernel_ready
 from lightvlm_core.fusion import GATE_UP_ATTR, fused_qkv
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import ModelAdapter
@@ -44,7 +46,7 @@ _LIBRARY.define("decode_layers(Tensor h, Tensor[] input_norms, Tensor[] qkv_weig
                 "Tensor[] gate_up_weights, Tensor[] down_weights, "
                 "Tensor cos, Tensor signed_sin, Tensor(a!)[] keys, Tensor(b!)[] values, Tensor(c!) lengths, "
                 "Tensor rows, Tensor masks, Tensor plan, Tensor(d!)[] scores, Tensor score_rows, Tensor final_norm, "
-                "float eps, float scale, int num_heads) -> Tensor")
+                "float eps, float scale, int num_heads, int row_rows, bool onednn) -> Tensor")
 
 SILU_ACTIVATIONS = frozenset({"SiLU", "SiLUActivation"})
 
@@ -125,12 +127,13 @@ def fused_weights(adapter: ModelAdapter) -> FusedWeights | None:
 
 
 class FusedDecode:
-    """`forward.CompiledLayers` with `lightvlm::decode_layers` for steps of up to `inner.few_rows`
-    rows; `inner` (the compiled step) for larger ones. Built by `of` where the model allows it."""
+    """`forward.CompiledLayers` with `lightvlm::decode_layers`; `inner` (the compiled step) gives its
+    row-kernel limit and score buffers. Built by `of` where the model allows it."""
 
     def __init__(self, weights: FusedWeights, lm_head_weight: torch.Tensor | None, inner: CompiledDecode) -> None:
         self.weights, self.inner = weights, inner
         self._lm_head_weight = lm_head_weight  # None: the adapter's LM head module
+        self._onednn = onednn_faster()  # steps of more rows than the row kernel takes: oneDNN or ATen
 
     @classmethod
     def of(cls, adapter: ModelAdapter, inner: CompiledDecode) -> FusedDecode | None:
@@ -141,7 +144,8 @@ class FusedDecode:
         weights = fused_weights(adapter)
         if weights is None:
             return None
-        log.info("decode steps of up to %d rows run the fused layers (lightvlm::decode_layers)", inner.few_rows)
+        log.info("decode steps run the fused layers (lightvlm::decode_layers), the row kernel up to %d rows",
+                 inner.few_rows)
         head = adapter.lm_head
         return cls(weights, head.weight.detach() if _plain_linear(head) else None, inner)
 
@@ -150,8 +154,6 @@ class FusedDecode:
 
     def __call__(self, adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
                  ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor | None:
-        if h.shape[0] > self.inner.few_rows:
-            return self.inner(adapter, cache, h, ropes)
         w = self.weights
         rows, masks, plan = op_layout(cache)
         scores, score_rows = self.inner.step_scores(cache)
@@ -159,7 +161,8 @@ class FusedDecode:
         x = torch.ops.lightvlm.decode_layers(  # the last layer's output, normed
             h[:, 0], w.input_norms, w.qkv_weights, w.qkv_biases, w.q_norms, w.k_norms, w.o_weights, w.post_norms,
             w.gate_up_weights, w.down_weights, rope.cos, rope.signed_sin, cache.keys, cache.values, cache.lengths,
-            rows, masks, plan, scores, score_rows, w.final_norm, w.eps, adapter.scaling, adapter.num_heads)
-        if self._lm_head_weight is not None:  # the row kernel, as in the compiled step
+            rows, masks, plan, scores, score_rows, w.final_norm, w.eps, adapter.scaling, adapter.num_heads,
+            self.inner.few_rows, self._onednn)
+        if self._lm_head_weight is not None and x.shape[0] <= self.inner.few_rows:  # the row kernel
             return torch.ops.lightvlm.row_linear(x, self._lm_head_weight, None)
         return adapter.lm_head(x).float()

@@ -5,14 +5,18 @@
 // per layer from inductor's Python wrapper (four of its fused loops, four row linears, the
 // attention), each a few microseconds of Python and dispatch, and a pre-graph pass fetching ~500
 // parameters: ~1 ms of a 5 ms step on the 32-layer LLM-heavy model at batch 8. Here the layers run
-// from C++ with the same kernels (row_linear.cpp, decode_attention.cpp); the elementwise work
-// between them (RMSNorm, RoPE, SiLU-gate, residual adds) is a few thousand floats per row.
+// from C++ with the same kernels (row_linear.cpp, decode_attention.cpp; beyond the row kernel's
+// rows, oneDNN's matmul); the elementwise work between them (RMSNorm, RoPE, SiLU-gate, residual
+// adds) is a few thousand floats per row.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 #include <cmath>
 #include <cstring>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "decode_attention.h"
@@ -73,6 +77,27 @@ const float* dense(const at::Tensor& t, int64_t numel, const char* what) {
   return t.data_ptr<float>();
 }
 
+// x (B, K) W^T (+ bias): our row kernel into `out` up to `row_rows` rows; beyond, oneDNN's matmul
+// (mkldnn::_linear_pointwise, as the compiled step's OneDnnLinear) where `onednn`, else ATen's
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, at::Tensor& out, int64_t row_rows,
+                  bool onednn, const char* what) {
+  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
+  const float* wp = dense(w, N * K, what);
+  if (B <= row_rows) {
+    lightvlm::row_linear_into(x.data_ptr<float>(), B, wp, bias != nullptr ? bias->data_ptr<float>() : nullptr,
+                              out.data_ptr<float>(), K, N);
+    return out;
+  }
+  const std::optional<at::Tensor> b = bias != nullptr ? std::optional<at::Tensor>(*bias) : std::nullopt;
+  if (!onednn) return at::linear(x, w, b);
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, w, b, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                                 std::optional<std::string>("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at::TensorList qkv_weights,
                          at::TensorList qkv_biases, at::TensorList q_norms, at::TensorList k_norms,
                          at::TensorList o_weights, at::TensorList post_norms,
@@ -80,7 +105,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
                          const at::Tensor& signed_sin, at::TensorList keys, at::TensorList values,
                          at::Tensor lengths, const at::Tensor& rows, const at::Tensor& masks, const at::Tensor& plan,
                          at::TensorList scores, const at::Tensor& score_rows, const at::Tensor& final_norm,
-                         double eps, double scale, int64_t num_heads) {
+                         double eps, double scale, int64_t num_heads, int64_t row_rows, bool onednn) {
   const int64_t L = static_cast<int64_t>(input_norms.size());
   TORCH_CHECK(h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "decode_layers: h is (B, d) float32");
   TORCH_CHECK(qkv_weights.size() == L && o_weights.size() == L && post_norms.size() == L &&
@@ -101,7 +126,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
   at::Tensor x = at::empty({B, d}, options), tmp = at::empty({B, d}, options), qkv = at::empty({B, n_qkv}, options);
   at::Tensor q = at::empty({B, H, 1, D}, options), k = at::empty({B, kvh, D}, options);
   at::Tensor v = at::empty({B, kvh, D}, options);
-  float *xp = x.data_ptr<float>(), *tp = tmp.data_ptr<float>(), *qkvp = qkv.data_ptr<float>();
+  float* xp = x.data_ptr<float>();
   float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   at::Tensor gate_up, act;
   std::vector<float> head_buf(D);
@@ -114,8 +139,10 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
     }
     // attention block
     rms_norm(hp, dense(input_norms[i], d, "input norm"), xp, B, d, feps);
-    const float* bias = qkv_biases.empty() ? nullptr : dense(qkv_biases[i], n_qkv, "qkv bias");
-    lightvlm::row_linear_into(xp, B, dense(qkv_weights[i], n_qkv * d, "qkv weight"), bias, qkvp, d, n_qkv);
+    const at::Tensor* bias = qkv_biases.empty() ? nullptr : &qkv_biases[i];
+    if (bias != nullptr) dense(*bias, n_qkv, "qkv bias");
+    const at::Tensor qkv_out = linear(x, qkv_weights[i], bias, qkv, row_rows, onednn, "qkv weight");
+    const float* qkvp = qkv_out.data_ptr<float>();
     // Qwen3-style layers: each q and k head RMS-normed before RoPE
     const float* qn = q_norms.empty() ? nullptr : dense(q_norms[i], D, "q norm");
     const float* kn = k_norms.empty() ? nullptr : dense(k_norms[i], D, "k norm");
@@ -135,17 +162,14 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
     }
     const at::Tensor attended = lightvlm::cpu_decode_attention(q, k, v, keys[i], values[i], lengths, rows, masks,
                                                                 plan, scores[i], score_rows, i, scale);
-    lightvlm::row_linear_into(attended.data_ptr<float>(), B, dense(o_weights[i], d * H * D, "o weight"), nullptr,
-                              tp, H * D, d);
-    add_into(hp, tp, B * d);
+    add_into(hp, linear(attended.view({B, H * D}), o_weights[i], nullptr, tmp, row_rows, onednn, "o weight")
+                     .data_ptr<float>(), B * d);
     // MLP block
     rms_norm(hp, dense(post_norms[i], d, "post norm"), xp, B, d, feps);
-    lightvlm::row_linear_into(xp, B, dense(gate_up_weights[i], 2 * I * d, "gate/up weight"), nullptr,
-                              gate_up.data_ptr<float>(), d, 2 * I);
-    silu_gate(gate_up.data_ptr<float>(), act.data_ptr<float>(), B, I);
-    lightvlm::row_linear_into(act.data_ptr<float>(), B, dense(down_weights[i], d * I, "down weight"), nullptr, tp,
-                              I, d);
-    add_into(hp, tp, B * d);
+    silu_gate(linear(x, gate_up_weights[i], nullptr, gate_up, row_rows, onednn, "gate/up weight").data_ptr<float>(),
+              act.data_ptr<float>(), B, I);
+    add_into(hp, linear(act, down_weights[i], nullptr, tmp, row_rows, onednn, "down weight").data_ptr<float>(),
+             B * d);
   }
   rms_norm(hp, dense(final_norm, d, "final norm"), xp, B, d, feps);
   return x;

@@ -1,8 +1,8 @@
 """The fused decode step (lightvlm_core/fused_decode.py, kernels/decode_layers.cpp): the eager step's
 greedy tokens for Llama-style models (Llama, Qwen2 with its q/k/v biases, Qwen2-VL's M-RoPE,
 Qwen3-VL's q/k norms), alone and in ragged batches, with token merging and with KV policies that
-read decode-time scores; the compiled step where it does not apply (more rows than the row kernel
-takes, Gemma 3's layers)."""
+read decode-time scores, and beyond the row kernel's rows on the matmul; the compiled step where it
+does not apply (Gemma 3's layers)."""
 
 from __future__ import annotations
 
@@ -117,15 +117,22 @@ def test_kv_policies_give_the_eager_tokens(pair) -> None:
     assert tokens(fused, mixed) == tokens(eager, mixed)
 
 
-def test_steps_of_more_rows_than_the_row_kernel_takes_run_compiled(pair) -> None:
+@pytest.mark.parametrize("onednn", [True, False])
+def test_steps_of_more_rows_than_the_row_kernel_takes_run_fused_on_the_matmul(pair, onednn) -> None:
+    """Beyond the row kernel's rows the op multiplies on oneDNN's matmul (or ATen's): the same
+    tokens, and no compiled program."""
     eager, fused = pair
     step = fused.runner.compiled_decode
-    batch = [r for _ in range(4) for r in requests(n_tokens=4)]  # 12 rows
-    assert len(batch) > step.inner.few_rows
-    got, rows = fused_step_rows(fused, batch)
+    step._onednn = onednn
+    try:
+        batch = [r for _ in range(4) for r in requests(n_tokens=4)]  # 12 rows
+        assert len(batch) > step.inner.few_rows
+        got, rows = fused_step_rows(fused, batch)
+    finally:
+        step._onednn = True
     assert got == tokens(eager, batch)
-    assert rows == []
-    assert "many" in step.inner._programs
+    assert rows == [12] * 3
+    assert step.inner._programs == {}
 
 
 @pytest.mark.parametrize("family, applies", [("llava", True), ("llava_onevision", True), ("mistral3", True),
