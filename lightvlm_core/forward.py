@@ -8,7 +8,7 @@ prefill and KV compression can act on the cache during decode.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from lightvlm_core.fusion import fused_qkv, project_qkv
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import LayerSpec, ModelAdapter
 from lightvlm_core.ops import rms_norm
+
+if TYPE_CHECKING:
+    from lightvlm_core.rope_table import RopeTable
 
 SNAPKV_WINDOW = 8  # prompt tokens whose attention seeds the KV heavy-hitter scores
 
@@ -294,17 +297,22 @@ def _entry_positions(state: PrefillState, num_kv_heads: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def decode(adapter: ModelAdapter, cache: BatchedKVCache, input_ids: torch.Tensor, pos: torch.Tensor,
-           compiled: CompiledLayers | None = None) -> torch.Tensor:
+           compiled: CompiledLayers | None = None, rope_table: RopeTable | None = None) -> torch.Tensor:
     """One decode step for every row: input_ids (B,), pos (B,) or (3, B). Returns logits (B, V).
 
     When `cache.scores` is enabled, the attention probabilities of this step are added to it
     (the heavy-hitter statistic for KV compression), which needs the explicit softmax path.
-    `compiled` (see compiled_decode.py) runs the layers instead, where it applies to this step.
+    `compiled` (see compiled_decode.py) runs the layers instead, where it applies to this step;
+    `rope_table` (rope_table.py) gives the rotary tables by lookup where it can.
     """
     cache.reserve(1)
     h = adapter.embed_tokens(input_ids)[:, None]  # (B, 1, d)
-    ropes = {kind: RopeTables.build(*adapter.rotary(h, pos[..., None], kind))
-             for kind in dict.fromkeys(spec.rope for spec in adapter.layer_specs)}  # once per kind
+    looked_up = rope_table.lookup(h, pos) if rope_table is not None else None
+    if looked_up is not None:
+        ropes = {None: looked_up}
+    else:
+        ropes = {kind: RopeTables.build(*adapter.rotary(h, pos[..., None], kind))
+                 for kind in dict.fromkeys(spec.rope for spec in adapter.layer_specs)}  # once per kind
     if compiled is not None and compiled.applies(adapter, cache):
         logits = compiled(adapter, cache, h, ropes)
         if logits is not None:  # None: it could not compile (it says why once); eager from here on

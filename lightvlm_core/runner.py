@@ -23,6 +23,7 @@ from lightvlm_core.compiled_prefill import CompiledPrefill
 from lightvlm_core.compiling import cuda_graphs_enabled, prepare_to_compile
 from lightvlm_core.errors import LightVLMError
 from lightvlm_core.fused_decode import FusedDecode
+from lightvlm_core.rope_table import RopeTable
 from lightvlm_core.graphed_decode import GraphedDecode
 from lightvlm_core.inputs import InputProcessor, ModelInputs, eos_token_ids
 from lightvlm_core.kv.cache import BatchedKVCache
@@ -81,6 +82,7 @@ class ModelRunner:
         a = self.adapter
         self.cache = BatchedKVCache.empty(len(a.layers), a.num_kv_heads, a.head_dim, loaded.dtype, self.device)
         self.compressor = KVCompressor()
+        self.rope_table = RopeTable(self.adapter) if RopeTable.applies(self.adapter) else None
         # the decode step compiled on CPU and CUDA (there replayed as CUDA graphs), the prefill on CPU
         # (see compiled_decode.py, graphed_decode.py, compiled_prefill.py)
         self.compiled_decode: CompiledDecode | FusedDecode | GraphedDecode | None = None
@@ -204,7 +206,7 @@ class ModelRunner:
         pos = torch.tensor([p for _, p in inputs], device=self.device)
         if self.adapter.uses_mrope:
             pos = pos.expand(3, -1)
-        logits = forward.decode(self.adapter, self.cache, last, pos, self.compiled_decode)
+        logits = forward.decode(self.adapter, self.cache, last, pos, self.compiled_decode, self.rope_table)
         self._sample(self.rows, logits, out)
         accels = [row.request.acceleration for row in self.rows]
         self.compressor.after_step(self.cache, [a.kv_budget for a in accels], [a.kv_policy for a in accels])
