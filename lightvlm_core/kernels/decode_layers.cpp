@@ -84,6 +84,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bi
   const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
   const float* wp = dense(w, N * K, what);
   if (B <= row_rows) {
+    TORCH_CHECK(out.numel() == B * N && x.is_contiguous(), "decode_layers: ", what, " buffers");
     lightvlm::row_linear_into(x.data_ptr<float>(), B, wp, bias != nullptr ? bias->data_ptr<float>() : nullptr,
                               out.data_ptr<float>(), K, N);
     return out;
