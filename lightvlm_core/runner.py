@@ -23,7 +23,6 @@ from lightvlm_core.compiled_prefill import CompiledPrefill
 from lightvlm_core.compiling import cuda_graphs_enabled, prepare_to_compile
 from lightvlm_core.errors import LightVLMError
 from lightvlm_core.fused_decode import FusedDecode
-from lightvlm_core.rope_table import RopeTable
 from lightvlm_core.graphed_decode import GraphedDecode
 from lightvlm_core.inputs import InputProcessor, ModelInputs, eos_token_ids
 from lightvlm_core.kv.cache import BatchedKVCache
@@ -32,6 +31,7 @@ from lightvlm_core.loading import LoadedModel, load_model
 from lightvlm_core.prefill_batch import pad_batch
 from lightvlm_core.reduction import build_prefill_hook, resolve_acceleration
 from lightvlm_core.request import Request
+from lightvlm_core.rope_table import RopeTable
 from lightvlm_core.sampling import make_generator, sample, token_logprobs
 from lightvlm_core.scheduler import PrefillReport, RunnerOutput, SchedulerOutput
 from lightvlm_core.types import AccelerationConfig, GenerationRequest

@@ -8,7 +8,10 @@ dims. Everything is deterministic in `seed`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+
+from transformers import PreTrainedConfig
 
 from lightvlm_core.tiny.common import TinyFamily, generation_config, init_model
 from lightvlm_core.tiny.gemma3 import GEMMA3
@@ -35,11 +38,13 @@ BUILDERS: dict[str, TinyFamily] = {
 FAMILIES = tuple(BUILDERS)
 
 
-def make_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny(family: str, out_dir: str | Path, seed: int = 0,
+              configure: Callable[[PreTrainedConfig], None] | None = None) -> Path:
     """Write a random-init tiny `family` model plus its processor into `out_dir` and return it.
 
     The directory holds float32 safetensors weights, config.json, generation_config.json (eos/pad
     equal to the tokenizer's) and the processor files (tokenizer, image/video processor, chat template).
+    `configure` changes the family's config in place before the weights are drawn (e.g. wider heads).
     """
     if family not in BUILDERS:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
@@ -48,7 +53,10 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = builder.tokenizer()
     processor = builder.processor(tokenizer)
-    model = init_model(builder.config(tokenizer), seed)
+    config = builder.config(tokenizer)
+    if configure is not None:
+        configure(config)
+    model = init_model(config, seed)
     model.generation_config = generation_config(tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -15,8 +15,7 @@ from lightvlm_core.compiled_decode import CompiledDecode
 from lightvlm_core.engine import Engine
 from lightvlm_core.fused_decode import FusedDecode, fused_weights
 from lightvlm_core.runner import load_runner
-from lightvlm_core.tiny import BUILDERS
-from lightvlm_core.tiny.common import generation_config, init_model
+from lightvlm_core.tiny import make_tiny
 from lightvlm_core.types import GenerationRequest
 from tests.core.ragged_batch import requests, tokens
 
@@ -29,22 +28,17 @@ FAMILIES = ("llava", "llava_onevision", "qwen2_vl", "qwen3_vl")
 def make_wide_heads(family: str, out_dir) -> str:
     """The tiny `family` model with 32-wide attention heads (the tiny models' are 16 wide; the
     decode attention kernel takes 32, 64 and 128)."""
-    builder = BUILDERS[family]
-    tokenizer = builder.tokenizer()
-    config = builder.config(tokenizer)
-    text = config.text_config
-    if family == "qwen2_vl":  # its attention takes hidden_size / heads, whatever head_dim says
-        text.hidden_size = config.vision_config.hidden_size = 4 * 32
-        text.rope_parameters["mrope_section"] = [4, 6, 6]  # 16 rotary frequencies
-    else:
-        text.head_dim = 32
-        if family == "qwen3_vl":
-            text.rope_parameters["mrope_section"] = [4, 6, 6]
-    model = init_model(config, seed=0)
-    model.generation_config = generation_config(tokenizer)
-    model.save_pretrained(out_dir)
-    builder.processor(tokenizer).save_pretrained(out_dir)
-    return str(out_dir)
+    def widen(config) -> None:
+        text = config.text_config
+        if family == "qwen2_vl":  # its attention takes hidden_size / heads, whatever head_dim says
+            text.hidden_size = config.vision_config.hidden_size = 4 * 32
+            text.rope_parameters["mrope_section"] = [4, 6, 6]  # 16 rotary frequencies
+        else:
+            text.head_dim = 32
+            if family == "qwen3_vl":
+                text.rope_parameters["mrope_section"] = [4, 6, 6]
+
+    return str(make_tiny(family, out_dir, configure=widen))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
