@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch._dynamo import mark_dynamic
 from torch._dynamo.exc import TorchDynamoException
 
-from lightvlm_core import cpu_attention, forward
+from lightvlm_core import cpu_attention, decode_step, forward
 from lightvlm_core.compiling import failure_summary
 from lightvlm_core.cpu_linear import (KernelRowLinear, OneDnnLinear, RowLinear, onednn_faster, row_kernel_beats_matmul,
                                       row_kernel_ready)
@@ -65,7 +65,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
     keeps scores (KEPT: the new entries' scores start at 0) and some row accumulates them (SCORING);
     scores (B, H_kv, S_cap) float32, the layer's heavy-hitter scores (a spare, not touched, where
     the cache keeps none), score_rows (B,) bool: where SCORING, those rows add this step's attention
-    probabilities into `scores`, as `BatchedKVCache.append` + `forward.decode` do eagerly.
+    probabilities into `scores`, as `BatchedKVCache.append` + `decode_step.decode` do eagerly.
 
     With one query per row, the query heads that share a KV head attend as that head's queries
     (B, H_kv, H / H_kv, D): the same arithmetic as grouped-query SDPA without expanding the keys
@@ -80,8 +80,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
     pos.add_(1)
     batch, heads, _, dim = q.shape
     if scores_kept == SCORING:
-        return forward.attend_and_score(q, keys[:, :, :span], values[:, :, :span], masks[layer, :, :span], scale,
-                                        heads // keys.shape[1], scores, score_rows)
+        return decode_step.attend_and_score(q, keys[:, :, :span], values[:, :, :span], masks[layer, :, :span],
+                                            scale, heads // keys.shape[1], scores, score_rows)
     grouped = q.reshape(batch, keys.shape[1], heads // keys.shape[1], dim)
     mask = masks[layer, :, None, None, :span] if ragged else None
     out = F.scaled_dot_product_attention(grouped, keys[:, :, :span], values[:, :, :span], attn_mask=mask,
@@ -105,7 +105,7 @@ def _layers(attention: str, adapter: ModelAdapter, keys: list[torch.Tensor], val
             lengths: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor, plan: torch.Tensor,
             scores: list[torch.Tensor], score_rows: torch.Tensor, h: torch.Tensor,
             ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor:
-    """What gets compiled: `forward.decode_layers` with the op named `attention` as its attention:
+    """What gets compiled: `decode_step.decode_layers` with the op named `attention` as its attention:
     the custom op above or its C++ kernel (cpu_attention.py), which take the same arguments (a name,
     not the op: what is compiled ahead of time must pickle)."""
     op = getattr(torch.ops.lightvlm, attention)
@@ -114,7 +114,7 @@ def _layers(attention: str, adapter: ModelAdapter, keys: list[torch.Tensor], val
         return op(q, k[:, :, 0], v[:, :, 0], keys[i], values[i], lengths, rows, masks, plan, scores[i], score_rows,
                   i, adapter.scaling)
 
-    return forward.decode_layers(adapter, h, ropes, attend)
+    return decode_step.decode_layers(adapter, h, ropes, attend)
 
 
 # On CPU, steps of up to this many rows run their linears row by row (cpu_linear.py): with inductor's
@@ -144,7 +144,7 @@ def _onednn_layers(*args) -> torch.Tensor:
 
 
 class CompiledDecode:
-    """`forward.CompiledLayers` with inductor. Compiles one program per kind of step on its first
+    """`decode_step.CompiledLayers` with inductor. Compiles one program per kind of step on its first
     call: batch 1; 2 to `few_rows` rows (on CPU, both with row linears: FEW_ROWS or, with our
     kernel, KERNEL_ROWS); more rows (on CPU with oneDNN's matmul where it was measured faster,
     cpu_linear.py). An engine warms up with each (warmup.WARM_UP_BATCHES). The runner prepares the
@@ -236,7 +236,7 @@ def compile_program(body: Callable[..., torch.Tensor], args: tuple) -> Callable[
 def op_layout(cache: BatchedKVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `decode_attention` takes of this step's layout (after `cache.reserve(1)`): the row index,
     every layer's key mask, and the plan (3, L) of each layer's span, raggedness and scores (kept,
-    and scoring where some row accumulates them, as in `forward.decode`)."""
+    and scoring where some row accumulates them, as in `decode_step.decode`)."""
     rows, masks, spans, ragged = cache.step_layout()
     if cache.scores is None:
         kept = NOT_KEPT

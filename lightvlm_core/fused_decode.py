@@ -127,7 +127,7 @@ def fused_weights(adapter: ModelAdapter) -> FusedWeights | None:
 
 
 class FusedDecode:
-    """`forward.CompiledLayers` with `lightvlm::decode_layers`; `inner` (the compiled step) gives its
+    """`decode_step.CompiledLayers` with `lightvlm::decode_layers`; `inner` (the compiled step) gives its
     row-kernel limit and score buffers. Built by `of` where the model allows it."""
 
     def __init__(self, weights: FusedWeights, lm_head_weight: torch.Tensor | None, inner: CompiledDecode) -> None:

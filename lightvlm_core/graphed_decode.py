@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lightvlm_core import forward
+from lightvlm_core import decode_step, forward
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import LayerSpec, ModelAdapter
 
@@ -38,7 +38,7 @@ MAX_GRAPHS = 4  # layouts kept; each holds its own activations (small at decode)
 def full_capacity_layers(adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
                          ropes: dict[str | None, forward.RopeTables], rows: torch.Tensor,
                          slots: list[torch.Tensor]) -> torch.Tensor:
-    """`forward.decode_layers` with an attention that reads no value on the host (what a graph can
+    """`decode_step.decode_layers` with an attention that reads no value on the host (what a graph can
     replay): layer i appends at `cache.lengths[i]` and attends over the whole buffer, entries at or
     beyond each row's new length masked out. rows: arange(B); slots[i]: arange(capacity of layer i).
     Returns logits (B, V) and advances the lengths, as the eager step does."""
@@ -54,7 +54,7 @@ def full_capacity_layers(adapter: ModelAdapter, cache: BatchedKVCache, h: torch.
                                              scale=adapter.scaling)
         return out.reshape(batch, heads, 1, dim)
 
-    return forward.decode_layers(adapter, h, ropes, attend)
+    return decode_step.decode_layers(adapter, h, ropes, attend)
 
 
 @dataclass
@@ -67,10 +67,10 @@ class _Graph:
 
 
 class GraphedDecode:
-    """`forward.CompiledLayers` as CUDA graphs, with `inner` (the compiled step, or None: eager) for
+    """`decode_step.CompiledLayers` as CUDA graphs, with `inner` (the compiled step, or None: eager) for
     the steps no graph covers."""
 
-    def __init__(self, adapter: ModelAdapter, inner: forward.CompiledLayers | None = None) -> None:
+    def __init__(self, adapter: ModelAdapter, inner: decode_step.CompiledLayers | None = None) -> None:
         self.inner = inner
         self._sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightvlm_core import forward
+from lightvlm_core import decode_step, forward
 from lightvlm_core.compiled_decode import CompiledDecode
 from lightvlm_core.compiled_prefill import CompiledPrefill
 from lightvlm_core.compiling import cuda_graphs_enabled, prepare_to_compile
@@ -206,7 +206,7 @@ class ModelRunner:
         pos = torch.tensor([p for _, p in inputs], device=self.device)
         if self.adapter.uses_mrope:
             pos = pos.expand(3, -1)
-        logits = forward.decode(self.adapter, self.cache, last, pos, self.compiled_decode, self.rope_table)
+        logits = decode_step.decode(self.adapter, self.cache, last, pos, self.compiled_decode, self.rope_table)
         self._sample(self.rows, logits, out)
         accels = [row.request.acceleration for row in self.rows]
         self.compressor.after_step(self.cache, [a.kv_budget for a in accels], [a.kv_policy for a in accels])
@@ -218,7 +218,7 @@ class ModelRunner:
         token, position = row.next_input()
         pos = torch.tensor([position], device=self.device)
         try:
-            forward.decode(self.adapter, cache, torch.tensor([token], device=self.device),
+            decode_step.decode(self.adapter, cache, torch.tensor([token], device=self.device),
                            pos.expand(3, -1) if self.adapter.uses_mrope else pos)
             accel = row.request.acceleration
             KVCompressor().after_step(cache, [accel.kv_budget], [accel.kv_policy])

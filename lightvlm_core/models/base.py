@@ -68,7 +68,7 @@ class ModelAdapter:
     family: str = "generic"
     uses_mrope: bool = False
     vision_keys: tuple[str, ...] = ("pixel_values",)
-    # decoder-layer classes whose math forward.py reproduces (checked at load)
+    # decoder-layer classes whose math forward.py / decode_step.py reproduce (checked at load)
     layer_classes: tuple[str, ...] = ()
     # "pre": x + attn(norm(x)), then x + mlp(post_attention_layernorm(x)) (Llama/Qwen);
     # "sandwich": Gemma's extra post-attention and pre/post-feedforward norms

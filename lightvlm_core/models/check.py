@@ -1,8 +1,8 @@
 """The load-time check: refuse any model that uses something the forward pass does not implement.
 
-forward.py reproduces the decoder-layer math itself, so a model that loads fine in transformers
-but uses an unknown layer class, attention logit soft-capping, an extra norm or an unknown
-attention kind would otherwise run and give silently wrong output. Every refusal names the family
+forward.py and decode_step.py reproduce the decoder-layer math themselves, so a model that loads
+fine in transformers but uses an unknown layer class, attention logit soft-capping, an extra norm
+or an unknown attention kind would otherwise run and give silently wrong output. Every refusal names the family
 and the missing feature.
 """
 

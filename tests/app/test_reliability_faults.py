@@ -25,7 +25,7 @@ from service_fakes import FakeEngine
 from service_helpers import live_server, make_settings, wait_for
 
 from app.main import create_app
-from lightvlm_core import forward
+from lightvlm_core import decode_step, forward
 from lightvlm_core.engine import Engine, load_engine
 
 
@@ -118,7 +118,7 @@ def test_out_of_memory_in_a_decode_step(engine: Engine, monkeypatch: pytest.Monk
     """The step's rows end with out_of_memory, the cache is cleared and cached device memory is
     released, the request that was waiting is then served, and so is everything after."""
     armed = threading.Event()
-    real_decode = forward.decode
+    real_decode = decode_step.decode
 
     def decode(*args: Any, **kwargs: Any) -> torch.Tensor:
         logits = real_decode(*args, **kwargs)  # the KV cache has grown: a mid-step failure
@@ -127,7 +127,7 @@ def test_out_of_memory_in_a_decode_step(engine: Engine, monkeypatch: pytest.Monk
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return logits
 
-    monkeypatch.setattr(forward, "decode", decode)
+    monkeypatch.setattr(decode_step, "decode", decode)
     emptied: list[int] = []  # pretend to be on CUDA, to see that the cache is handed back
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)

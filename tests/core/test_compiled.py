@@ -15,7 +15,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
-from lightvlm_core import compiled_decode, compiled_prefill, cpu_linear, forward, warmup
+from lightvlm_core import compiled_decode, compiled_prefill, cpu_linear, decode_step, warmup
 from lightvlm_core.engine import Engine
 from lightvlm_core.compiling import compile_enabled
 from lightvlm_core.runner import load_runner
@@ -303,7 +303,7 @@ def test_decode_attention_op_appends_and_attends_as_the_eager_cache_and_sdpa(gro
 
 def test_decode_attention_op_scores_as_the_eager_step() -> None:
     """Where the cache keeps scores, the op adds each entry's attention probability (summed over
-    the query heads of its KV head) for the scoring rows, as `forward.attend_and_score` does."""
+    the query heads of its KV head) for the scoring rows, as `decode_step.attend_and_score` does."""
     from lightvlm_core.kv.cache import BatchedKVCache
 
     torch.manual_seed(1)
@@ -326,7 +326,7 @@ def test_decode_attention_op_scores_as_the_eager_step() -> None:
     span = int(plan[0, 0])
     expected_scores = before.clone()
     expected_scores[torch.arange(batch), :, pos] = 0.0  # the new entries' scores start from 0, as in append
-    expected = forward.attend_and_score(q, cache.keys[0][:, :, :span], cache.values[0][:, :, :span],
+    expected = decode_step.attend_and_score(q, cache.keys[0][:, :, :span], cache.values[0][:, :, :span],
                                         masks[0, :, :span], 0.3, groups, expected_scores, cache.score_rows)
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.allclose(cache.scores[0], expected_scores, atol=1e-6)

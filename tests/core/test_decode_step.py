@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lightvlm_core import forward
+from lightvlm_core import decode_step, forward
 from lightvlm_core.engine import Engine, load_engine
 from lightvlm_core.forward import RopeTables
 from lightvlm_core.kv.cache import BatchedKVCache
@@ -60,7 +60,7 @@ def test_rows_of_equal_length_decode_without_the_mask_bitwise_as_with_it(engine,
         if engine.adapter.uses_mrope:
             pos = pos.expand(3, -1)
         masked_cache = cache.copy_rows([0, 1])
-        plain = forward.decode(engine.adapter, cache, ids, pos)
+        plain = decode_step.decode(engine.adapter, cache, ids, pos)
         assert not any(cache.ragged(layer) for layer in range(cache.num_layers))
         calls = []
         sdpa = forward.F.scaled_dot_product_attention
@@ -71,7 +71,7 @@ def test_rows_of_equal_length_decode_without_the_mask_bitwise_as_with_it(engine,
 
         monkeypatch.setattr(forward.F, "scaled_dot_product_attention", spy)
         monkeypatch.setattr(BatchedKVCache, "ragged", lambda self, layer: True)
-        masked = forward.decode(engine.adapter, masked_cache, ids, pos)
+        masked = decode_step.decode(engine.adapter, masked_cache, ids, pos)
         assert calls and all(m is not None for m in calls)
         assert torch.equal(plain, masked)
     finally:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lightvlm_core import cpu_attention, forward
+from lightvlm_core import cpu_attention, decode_step
 from lightvlm_core.compiled_decode import CompiledDecode
 from lightvlm_core.engine import Engine
 from lightvlm_core.fused_decode import FusedDecode, fused_weights
@@ -84,8 +84,8 @@ def test_one_step_gives_the_eager_logits_and_cache(pair) -> None:
         assert step is not None
         rows = list(range(len(runner.rows)))
         cache_e, cache_f = runner.cache.copy_rows(rows), runner.cache.copy_rows(rows)
-        expected = forward.decode(runner.adapter, cache_e, ids, pos)
-        got = forward.decode(runner.adapter, cache_f, ids, pos, step)
+        expected = decode_step.decode(runner.adapter, cache_e, ids, pos)
+        got = decode_step.decode(runner.adapter, cache_f, ids, pos, step)
     finally:
         runner.remove_all()
         eager.scheduler.running.clear()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from lightvlm_core import forward
+from lightvlm_core import decode_step
 from lightvlm_core.compiling import cuda_graphs_enabled
 from lightvlm_core.engine import Engine
 from lightvlm_core.graphed_decode import GraphedDecode, full_capacity_layers
@@ -60,7 +60,8 @@ def test_graph_safe_layers_give_the_eager_tokens_and_cache(tiny_model_dir) -> No
             engine.add([engine.prepare(r) for r in ragged_batch("aggressive")])
         caches = [engine.runner.cache for engine in engines]
         ids, pos = torch.tensor([5, 6, 7]), torch.tensor([40, 41, 42])
-        logits = [forward.decode(e.runner.adapter, c, ids, pos, e.runner.compiled_decode) for e, c in zip(engines, caches)]
+        logits = [decode_step.decode(e.runner.adapter, c, ids, pos, e.runner.compiled_decode)
+                  for e, c in zip(engines, caches)]
         assert torch.allclose(logits[0], logits[1], atol=1e-5)
         assert torch.equal(caches[0].lengths, caches[1].lengths)
         for layer in range(caches[0].num_layers):

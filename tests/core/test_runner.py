@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightvlm_core import forward
+from lightvlm_core import decode_step
 from lightvlm_core.engine import Engine, load_engine
 from lightvlm_core.types import AccelerationConfig, GenerationRequest, SamplingParams
 
@@ -24,14 +24,14 @@ def test_a_decode_failure_pinned_on_one_row_ends_only_that_row(engine, monkeypat
     short, long = request("hi", 12), request("tell me a long story " * 8, 12)
     alone = engine.generate([short])[0].token_ids
     threshold = engine.prepare(long).num_prompt_tokens + 2  # only the long row gets there
-    real_decode = forward.decode
+    real_decode = decode_step.decode
 
     def decode(adapter, cache, input_ids, pos, *compiled):
         if int(pos.max()) >= threshold:
             raise RuntimeError("this row's step breaks")
         return real_decode(adapter, cache, input_ids, pos, *compiled)
 
-    monkeypatch.setattr(forward, "decode", decode)
+    monkeypatch.setattr(decode_step, "decode", decode)
     prepared = [engine.prepare(short), engine.prepare(long)]
     outputs = engine.add(prepared)
     tokens = {p.request_id: [o.token.token_id for o in outputs if o.request_id == p.request_id] for p in prepared}

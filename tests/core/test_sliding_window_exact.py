@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightvlm_core import forward
+from lightvlm_core import decode_step, forward
 from lightvlm_core.engine import Engine, load_engine
 from lightvlm_core.forward import PrefillState
 from lightvlm_core.kv.cache import BatchedKVCache
@@ -134,7 +134,7 @@ def test_decode_after_reduction_equals_prefill_of_the_longer_prompt(engine, meth
     for step in range(4):
         token = int(logits.argmax(-1))
         tokens.append(token)
-        logits = forward.decode(a, cache, torch.tensor([token]), torch.tensor([start + step]))
+        logits = decode_step.decode(a, cache, torch.tensor([token]), torch.tensor([start + step]))
         expected, _ = reduced_prefill(engine, request, tokens, reduce)
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=f"step {step}")
         holes |= latest_entries_reach_outside_window(engine, cache, start + step)
@@ -157,7 +157,7 @@ class MaskSpy:
     def __init__(self, monkeypatch, groups: int) -> None:
         self.groups = groups
         self.masks: list[torch.Tensor] = []
-        sdpa, score = forward.F.scaled_dot_product_attention, forward.attend_and_score
+        sdpa, score = forward.F.scaled_dot_product_attention, decode_step.attend_and_score
 
         def spy_sdpa(q, k, v, attn_mask=None, **kw):
             if attn_mask is None:  # no mask: every entry is visible
@@ -172,7 +172,7 @@ class MaskSpy:
             return score(q, keys, values, mask, *args, **kw)
 
         monkeypatch.setattr(forward.F, "scaled_dot_product_attention", spy_sdpa)
-        monkeypatch.setattr(forward, "attend_and_score", spy_score)
+        monkeypatch.setattr(decode_step, "attend_and_score", spy_score)
 
 
 def follow_eviction(before: torch.Tensor, after: torch.Tensor, tracked: torch.Tensor) -> torch.Tensor:
@@ -201,7 +201,7 @@ def test_sliding_layers_never_see_entries_outside_the_window_after_eviction(engi
     for step in range(12):
         q = start + step
         spy.masks.clear()
-        logits = forward.decode(a, cache, torch.tensor([token]), torch.tensor([q]))
+        logits = decode_step.decode(a, cache, torch.tensor([token]), torch.tensor([q]))
         tracked = [torch.cat([t, torch.full((a.num_kv_heads, 1), q)], dim=1) for t in tracked]
         assert len(spy.masks) == len(a.layers)
         for spec, seen, pos in zip(a.layer_specs, spy.masks, tracked):
