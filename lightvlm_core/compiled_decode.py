@@ -99,6 +99,7 @@ def _(q, k, v, keys, values, lengths, rows, masks, plan, scores, score_rows, lay
 
 
 NOT_KEPT, KEPT, SCORING = 0, 1, 2  # plan[2]: the cache keeps no scores / keeps them / and this step scores
+NO_MASKS = torch.empty(0, 0, 0, dtype=torch.bool)  # the key masks passed to the C++ kernel, which reads none
 
 
 def _layers(attention: str, adapter: ModelAdapter, keys: list[torch.Tensor], values: list[torch.Tensor],
@@ -171,6 +172,7 @@ class CompiledDecode:
                         for kind, body in (("one", few), ("few", few), ("many", many))}
         self._programs: dict[str, Callable[..., torch.Tensor]] = {}
         self._spare: list[torch.Tensor] = []  # score buffers for steps whose cache keeps none
+        self._unscored = torch.zeros(0, dtype=torch.bool)  # their scoring rows: none
         self._sliding = any(spec.attention == "sliding" for spec in adapter.layer_specs)
         self.failed = False  # compilation failed once (e.g. no C++ compiler): eager from then on
 
@@ -200,7 +202,9 @@ class CompiledDecode:
             return cache.scores, cache.decode_scored_rows()
         if [s.shape for s in self._spare] != [k.shape[:3] for k in cache.keys]:
             self._spare = [k.new_empty(k.shape[:3], dtype=torch.float32) for k in cache.keys]
-        return self._spare, cache.decode_scored_rows()
+        if self._unscored.shape[0] != cache.batch_size:  # no row scores (read only, kept while B holds)
+            self._unscored = cache.decode_scored_rows()
+        return self._spare, self._unscored
 
     def _compile(self, kind: str, args: tuple) -> Callable[..., torch.Tensor] | None:
         adapter, keys, values, lengths, rows, masks, plan, scores, score_rows, h, ropes = args
@@ -233,16 +237,18 @@ def compile_program(body: Callable[..., torch.Tensor], args: tuple) -> Callable[
     return program
 
 
-def op_layout(cache: BatchedKVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def op_layout(cache: BatchedKVCache, masks: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `decode_attention` takes of this step's layout (after `cache.reserve(1)`): the row index,
-    every layer's key mask, and the plan (3, L) of each layer's span, raggedness and scores (kept,
-    and scoring where some row accumulates them, as in `decode_step.decode`)."""
-    rows, masks, spans, ragged = cache.step_layout()
+    every layer's key mask (`masks=False`: an empty tensor, for the C++ kernel, which reads none), and
+    the plan (3, L) of each layer's span, raggedness and scores (kept, and scoring where some row
+    accumulates them, as in `decode_step.decode`)."""
+    rows, spans, ragged = cache.step_layout()
     if cache.scores is None:
         kept = NOT_KEPT
     else:
         kept = SCORING if cache.scoring_step() else KEPT
-    return rows, masks, torch.tensor([spans, ragged, [kept] * len(spans)], dtype=torch.long)
+    key_masks = cache.step_masks() if masks else NO_MASKS
+    return rows, key_masks, torch.tensor([spans, ragged, [kept] * len(spans)], dtype=torch.long)
 
 
 def _mark_sizes(batch: int, buffers: list[torch.Tensor], scores: list[torch.Tensor], masks: torch.Tensor,

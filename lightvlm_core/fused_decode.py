@@ -155,7 +155,7 @@ class FusedDecode:
     def __call__(self, adapter: ModelAdapter, cache: BatchedKVCache, h: torch.Tensor,
                  ropes: dict[str | None, forward.RopeTables]) -> torch.Tensor | None:
         w = self.weights
-        rows, masks, plan = op_layout(cache)
+        rows, masks, plan = op_layout(cache, masks=False)
         scores, score_rows = self.inner.step_scores(cache)
         (rope,) = ropes.values()
         x = torch.ops.lightvlm.decode_layers(  # the last layer's output, normed

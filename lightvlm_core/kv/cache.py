@@ -68,11 +68,8 @@ class BatchedKVCache:
         else:
             shortest = longest = [0] * self.num_layers
         self._spans = [n + 1 for n in longest]  # each layer's longest row after one append
-        # Every layer's key mask (L, B, S) in one op: slot < the row's length after the append.
-        device = self.lengths.device
-        self._rows = torch.arange(self.batch_size, device=device)
-        slots = torch.arange(max(self._spans), device=device)
-        self._masks = slots[None, None, :] < (self.lengths + 1)[:, :, None]
+        self._rows = torch.arange(self.batch_size, device=self.lengths.device)
+        self._masks: torch.Tensor | None = None  # built where a step reads them (step_masks)
         self._ragged = [lo != hi for lo, hi in zip(shortest, longest)]
         for layer in range(self.num_layers):
             need = longest[layer] + extra if self.batch_size else 0
@@ -90,6 +87,7 @@ class BatchedKVCache:
         `reserve(1)` must have run this step (it precomputes the row index, every layer's S and mask).
         """
         rows, span = self._rows, self._spans[layer]
+        masks = self.step_masks()  # before the first append moves a length
         pos = self.lengths[layer]
         self.keys[layer][rows, :, pos] = k
         self.values[layer][rows, :, pos] = v
@@ -98,12 +96,22 @@ class BatchedKVCache:
         if self.positions[layer] is not None:
             self.positions[layer][rows, :, pos] = text_pos[:, None]
         pos.add_(1)  # a view of lengths[layer]: the written entries count from here on
-        return self.keys[layer][:, :, :span], self.values[layer][:, :, :span], self._masks[layer, :, :span]
+        return self.keys[layer][:, :, :span], self.values[layer][:, :, :span], masks[layer, :, :span]
 
-    def step_layout(self) -> tuple[torch.Tensor, torch.Tensor, list[int], list[bool]]:
-        """What `reserve` prepared for this step's appends: the row index (B,), every layer's key
-        mask (L, B, S), each layer's span after the append, and whether its rows differ in length."""
-        return self._rows, self._masks, self._spans, self._ragged
+    def step_masks(self) -> torch.Tensor:
+        """Every layer's key mask (L, B, S) for this step, in one op: slot < the row's length after
+        the append. Built on first use, which comes before the step's appends move the lengths (the
+        eager step's first `append`, the compiled step's `op_layout`); the fused C++ step
+        (fused_decode.py) reads none and skips the ops."""
+        if self._masks is None:
+            slots = torch.arange(max(self._spans), device=self.lengths.device)
+            self._masks = slots[None, None, :] < (self.lengths + 1)[:, :, None]
+        return self._masks
+
+    def step_layout(self) -> tuple[torch.Tensor, list[int], list[bool]]:
+        """What `reserve` prepared for this step's appends: the row index (B,), each layer's span
+        after the append, and whether its rows differ in length (the masks: `step_masks`)."""
+        return self._rows, self._spans, self._ragged
 
     def ragged(self, layer: int) -> bool:
         """Whether this step's rows of `layer` differ in length, so that attention needs the key

@@ -43,6 +43,25 @@ def test_reserve_builds_every_layers_mask_and_knows_which_layers_are_ragged() ->
     assert torch.equal(cache.lengths, lengths + 1)
 
 
+def test_step_masks_are_built_once_from_the_lengths_before_the_steps_appends() -> None:
+    """The masks are built where a step first reads them (the fused step never does): by the
+    compiled step before the appends, else by the first append, from the lengths before it."""
+    lengths = torch.tensor([[3, 1], [2, 4]])
+    blank = [torch.zeros(2, 1, 6, 4) for _ in range(2)]
+    cache = BatchedKVCache([b.clone() for b in blank], [b.clone() for b in blank], lengths.clone())
+    cache.reserve(1)
+    masks = cache.step_masks()
+    assert torch.equal(masks, torch.arange(5)[None, None] < (lengths + 1)[:, :, None])
+    new = torch.ones(2, 1, 4)
+    _, _, mask = cache.append(0, new, new)
+    assert cache.step_masks() is masks and torch.equal(mask, masks[0, :, :4])
+    cache.reserve(1)  # the next step: the first append builds them, from the lengths before it
+    before = cache.lengths.clone()  # [[4, 2], [2, 4]]: only layer 0 appended in the last step
+    _, _, mask = cache.append(1, new, new)
+    expected = torch.arange(5)[None, None] < (before + 1)[:, :, None]
+    assert torch.equal(cache.step_masks(), expected) and torch.equal(mask, expected[1])
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def engine(request, tiny_model_dir) -> Engine:
     return load_engine(str(tiny_model_dir(request.param)), device="cpu")
