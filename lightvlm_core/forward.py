@@ -1,9 +1,9 @@
 """The language model's prefill, run layer by layer by the engine, and what the decode step
 (decode_step.py) shares with it: the rotary tables, q/k/v with RoPE, the LM head.
 
-Same math as the HuggingFace decoder layers (pre-norm attention + MLP, RoPE, GQA), but with
-the KV cache and masks owned here, so that token reduction can act between layers during
-prefill and KV compression can act on the cache during decode.
+Same math as the HuggingFace decoder layers (pre-norm attention + MLP, RoPE, GQA), but with the
+KV cache and masks built here, so that token reduction can act between the prefill's layers; the
+decode steps then append to that cache, where KV compression acts on it.
 """
 
 from __future__ import annotations
