@@ -7,9 +7,12 @@ bounds the KV part, so it pays off where KV dominates: large batches and long ou
 Every row also reports its memory-bandwidth bound: the bytes a step must read (the LLM weights it
 multiplies by, once per batch, + the mean KV cache) over this machine's measured copy bandwidth,
 and how far the measured step time is from it (`x_bound`); and the same over the bandwidth of a
-read-only pass (`x_read_bound`), which is what a step does with its weights: on the 2-vCPU VM of
-the README the copy measured 40-47 GB/s (read + written bytes) in most processes and 78-85 in a
-few, while reads stayed at 43-56 and the step's time did not follow the copy's.
+read-only pass (`x_read_bound`), which is what a step does with its weights. Both bandwidths are
+measured around every run (just before it and just after; the faster of the two), and each run is
+held against its own: on the 2-vCPU VM of the README a two-thread copy measures 40-55 GB/s (read +
+written bytes) most of the time and 75-90 for minutes at a time, so a bandwidth measured once, at
+the end, compared steps run at one speed with a bound taken at the other. The header gives the
+range of all samples.
 """
 
 from __future__ import annotations
@@ -46,16 +49,19 @@ def run(profile_name: str, quiet: bool = False) -> dict:
     work = [(case, name, accel) for case in cases for name, accel in configs(profile).items()] * profile.decode_repeats
     measured: dict[tuple, list[dict]] = {}
     _generate(engine, image, 1, 4, AccelerationConfig())  # warm-up
+    samples = [_bandwidths(engine.device)]
     for (kind, batch, tokens), name, accel in progress(work, len(work), "decode", quiet):
         m = _generate(engine, image, batch, tokens, accel)
+        samples.append(_bandwidths(engine.device))
+        m["copy_bandwidth"], m["read_bandwidth"] = (max(a, b) for a, b in zip(samples[-2], samples[-1]))
         measured.setdefault((kind, batch, tokens, name), []).append(m)
     weights = step_weight_bytes(engine)
-    bandwidth, read = copy_bandwidth(engine.device), read_bandwidth(engine.device)
+    copies, reads = ([round(sample[i] / 1e9, 2) for sample in samples] for i in (0, 1))
     return {"profile": profile.name, "hardware": hardware(), "kv_budget": profile.kv_budget,
             "compiled_decode": runner.compiled_decode is not None,
-            "cuda_graphs": graph_counts(runner),
-            "llm_weight_mb": round(weights / 2**20, 1), "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
-            "read_bandwidth_gb_s": round(read / 1e9, 2), "results": _rows(measured, weights, bandwidth, read)}
+            "cuda_graphs": graph_counts(runner), "llm_weight_mb": round(weights / 2**20, 1),
+            "copy_bandwidth_gb_s_range": [min(copies), max(copies)],
+            "read_bandwidth_gb_s_range": [min(reads), max(reads)], "results": _rows(measured, weights)}
 
 
 def graph_counts(runner) -> dict | None:
@@ -90,6 +96,11 @@ def read_bandwidth(device: torch.device, size_bytes: int = 256 * 2**20, rounds: 
     (as `copy_bandwidth`)."""
     data = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
     return size_bytes / _fastest_s(device, data.sum, rounds)
+
+
+def _bandwidths(device: torch.device) -> tuple[float, float]:
+    """(copy, read) bandwidth now, bytes per second: the fastest of 3 rounds each (~0.1 s in all)."""
+    return copy_bandwidth(device, rounds=3), read_bandwidth(device, rounds=3)
 
 
 def _fastest_s(device: torch.device, op, rounds: int) -> float:
@@ -127,13 +138,14 @@ def _generate(engine: Engine, image, batch: int, tokens: int, accel: Acceleratio
             "mean_kv_bytes": sum(kv_samples) / max(len(kv_samples), 1)}
 
 
-def _rows(measured: dict[tuple, list[dict]], weight_bytes: int, bandwidth: float, read: float) -> list[dict]:
+def _rows(measured: dict[tuple, list[dict]], weight_bytes: int) -> list[dict]:
     rows = []
     for (kind, batch, tokens, name), runs in measured.items():
         decode_ms, mean_kv = median(r["decode_ms"] for r in runs), median(r["mean_kv_bytes"] for r in runs)
         step_ms = decode_ms / (tokens - 1)
-        bound_ms = (weight_bytes + mean_kv) / bandwidth * 1e3
-        read_bound_ms = (weight_bytes + mean_kv) / read * 1e3
+        # each run's bound over the bandwidths measured around it; the row: their medians
+        bound_ms = median((weight_bytes + r["mean_kv_bytes"]) / r["copy_bandwidth"] * 1e3 for r in runs)
+        read_bound_ms = median((weight_bytes + r["mean_kv_bytes"]) / r["read_bandwidth"] * 1e3 for r in runs)
         base = measured[(kind, batch, tokens, "none")]
         total, base_total = median(r["total_ms"] for r in runs), median(r["total_ms"] for r in base)
         tps, base_tps = median(r["decode_tokens_per_s"] for r in runs), median(r["decode_tokens_per_s"] for r in base)
@@ -146,12 +158,14 @@ def _rows(measured: dict[tuple, list[dict]], weight_bytes: int, bandwidth: float
             "kv_to_weight_read_ratio": round(mean_kv / weight_bytes, 2),
             # long generation: end-to-end time ratio; throughput: decode tokens/s ratio
             "speedup_vs_none": round(base_total / total if kind == "long" else tps / base_tps, 2),
+            "copy_bandwidth_gb_s": round(median(r["copy_bandwidth"] for r in runs) / 1e9, 2),
             "step_ms": round(step_ms, 3), "bound_ms": round(bound_ms, 3), "x_bound": round(step_ms / bound_ms, 2),
-            "x_read_bound": round(step_ms / read_bound_ms, 2),
+            "read_bound_ms": round(read_bound_ms, 3), "x_read_bound": round(step_ms / read_bound_ms, 2),
             "runs": len(runs),
         })
     return rows
 
 
 COLUMNS = ["case", "batch", "new_tokens", "preset", "total_ms_median", "decode_tokens_per_s", "peak_kv_mb",
-           "mean_kv_mb", "kv_to_weight_read_ratio", "speedup_vs_none", "step_ms", "bound_ms", "x_bound", "x_read_bound"]
+           "mean_kv_mb", "kv_to_weight_read_ratio", "speedup_vs_none", "copy_bandwidth_gb_s", "step_ms", "bound_ms",
+           "x_bound", "x_read_bound"]
