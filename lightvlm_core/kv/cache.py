@@ -84,7 +84,7 @@ class BatchedKVCache:
 
         text_pos (B,) int32: the new entries' original positions, recorded where the layer keeps
         positions. Returns keys, values (B, H_kv, S, D) and the key mask (B, S), S = longest row.
-        `reserve(1)` must have run this step (it precomputes the row index, every layer's S and mask).
+        `reserve(1)` must have run this step (it precomputes the row index and every layer's S).
         """
         rows, span = self._rows, self._spans[layer]
         masks = self.step_masks()  # before the first append moves a length
