@@ -117,35 +117,59 @@ float softmax_numerators(float* s, int64_t n) {
   return sum;
 }
 
-// out[g] = (sum_j p[g][j] v[j]) / total[g] for G query rows of one group; NV = head_dim / 16
+// out[g] = (sum_j p[g][j] v[j]) / total[g] for G query rows of one group; NV = head_dim / 16. Each
+// sum is a chain of multiply-adds: with fewer than 8 chains (G x NV) a pass waits on their latency,
+// so such blocks keep two sets of sums, over the even and the odd entries
 template <int NV, int G>
 void weighted_values(const float* p, int64_t ps, const float* v, int64_t vs, int64_t n, const float* total,
                      float* out, int64_t os) {
-  __m512 acc[G][NV];
-  for (int g = 0; g < G; ++g)
-    for (int c = 0; c < NV; ++c) acc[g][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    __m512 vv[NV];
-    for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_ps(v + j * vs + 16 * c);
+  constexpr int S = G * NV < 8 ? 2 : 1;
+  __m512 acc[S][G][NV];
+  for (int s = 0; s < S; ++s)
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < NV; ++c) acc[s][g][c] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + S <= n; j += S)
+    for (int s = 0; s < S; ++s) {
+      __m512 vv[NV];
+      for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_ps(v + (j + s) * vs + 16 * c);
+      for (int g = 0; g < G; ++g) {
+        const __m512 w = _mm512_set1_ps(p[g * ps + j + s]);
+        for (int c = 0; c < NV; ++c) acc[s][g][c] = _mm512_fmadd_ps(w, vv[c], acc[s][g][c]);
+      }
+    }
+  for (; j < n; ++j)
     for (int g = 0; g < G; ++g) {
       const __m512 w = _mm512_set1_ps(p[g * ps + j]);
-      for (int c = 0; c < NV; ++c) acc[g][c] = _mm512_fmadd_ps(w, vv[c], acc[g][c]);
+      for (int c = 0; c < NV; ++c)
+        acc[0][g][c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + j * vs + 16 * c), acc[0][g][c]);
     }
-  }
   for (int g = 0; g < G; ++g) {
     const __m512 inv = _mm512_set1_ps(1.f / total[g]);
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(out + g * os + 16 * c, _mm512_mul_ps(acc[g][c], inv));
+    for (int c = 0; c < NV; ++c) {
+      const __m512 sum = S == 2 ? _mm512_add_ps(acc[0][g][c], acc[S - 1][g][c]) : acc[0][g][c];
+      _mm512_storeu_ps(out + g * os + 16 * c, _mm512_mul_ps(sum, inv));
+    }
   }
 }
 
-// the query rows of one group in blocks that keep (rows x NV) accumulators within 16 registers
+// weighted_values for `count` (1..G) query rows
+template <int NV, int G>
+void values_block(int64_t count, const float* p, int64_t ps, const float* v, int64_t vs, int64_t n,
+                  const float* total, float* out, int64_t os) {
+  if constexpr (G > 1)
+    if (count < G) return values_block<NV, G - 1>(count, p, ps, v, vs, n, total, out, os);
+  weighted_values<NV, G>(p, ps, v, vs, n, total, out, os);
+}
+
+// the query rows of one group in blocks that keep (rows x NV) accumulators within 16 registers: one
+// pass over the values per block (a group of fewer rows than a block is one pass, not one per row)
 template <int NV>
 void group_values(const float* p, int64_t ps, const float* v, int64_t vs, int64_t n, const float* total,
                   float* out, int64_t os, int64_t groups) {
   constexpr int B = std::max(1, 16 / NV);
-  int64_t g = 0;
-  for (; g + B <= groups; g += B) weighted_values<NV, B>(p + g * ps, ps, v, vs, n, total + g, out + g * os, os);
-  for (; g < groups; ++g) weighted_values<NV, 1>(p + g * ps, ps, v, vs, n, total + g, out + g * os, os);
+  for (int64_t g = 0; g < groups; g += B)
+    values_block<NV, B>(std::min<int64_t>(B, groups - g), p + g * ps, ps, v, vs, n, total + g, out + g * os, os);
 }
 
 // the group's attention over one row's n entries into out; with `scores`, each entry's probability
