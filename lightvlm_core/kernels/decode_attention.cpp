@@ -196,72 +196,92 @@ void attend(const float* q, const float* k, const float* v, int64_t ks, int64_t 
 
 namespace lightvlm {
 
-at::Tensor cpu_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor keys,
-                                at::Tensor values, at::Tensor lengths, const at::Tensor& rows,
-                                const at::Tensor& masks, const at::Tensor& plan, at::Tensor scores,
-                                const at::Tensor& score_rows, int64_t layer, double scale) {
+DecodeAttention prepare_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         at::Tensor keys, at::Tensor values, at::Tensor lengths,
+                                         const at::Tensor& rows, const at::Tensor& plan, at::Tensor scores,
+                                         const at::Tensor& score_rows, int64_t layer, double scale,
+                                         at::Tensor out) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
               "cpu_decode_attention: float32 only");
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && keys.dim() == 4 && values.dim() == 4, "cpu_decode_attention: shapes");
   TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "cpu_decode_attention: the cache's rows must be dense");
   TORCH_CHECK(lengths.scalar_type() == at::kLong && rows.scalar_type() == at::kLong,
               "cpu_decode_attention: index types");
-  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(3), kv_heads = keys.size(1);
-  TORCH_CHECK(dim == 32 || dim == 64 || dim == 128, "cpu_decode_attention: head_dim 32, 64 or 128");
-  TORCH_CHECK(heads % kv_heads == 0 && keys.size(3) == dim && k.size(0) == batch && rows.size(0) == batch,
+  DecodeAttention a;
+  a.batch = q.size(0), a.heads = q.size(1), a.dim = q.size(3), a.kv_heads = keys.size(1);
+  TORCH_CHECK(a.dim == 32 || a.dim == 64 || a.dim == 128, "cpu_decode_attention: head_dim 32, 64 or 128");
+  TORCH_CHECK(a.heads % a.kv_heads == 0 && keys.size(3) == a.dim && k.size(0) == a.batch && rows.size(0) == a.batch,
               "cpu_decode_attention: head layout");
-  const int64_t groups = heads / kv_heads;
+  a.groups = a.heads / a.kv_heads;
   TORCH_CHECK(plan.scalar_type() == at::kLong && plan.dim() == 2 && plan.size(0) == 3, "cpu_decode_attention: plan");
   // plan[2]: 0 the cache keeps no scores (`scores` is a spare), 1 it keeps them (new entries start at
   // 0), 2 and this step adds the rows' attention to them (compiled_decode.py: NOT_KEPT, KEPT, SCORING)
   const int64_t kept = plan.accessor<int64_t, 2>()[2][layer];
-  const bool scoring = kept == 2;
-  const at::Tensor scored = score_rows.to(at::kBool).contiguous();
+  a.scoring = kept == 2;
+  a.held[0] = score_rows.to(at::kBool).contiguous();
   if (kept != 0)
     TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.dim() == 3 && scores.stride(2) == 1 &&
-                    scores.size(0) >= batch && scored.size(0) == batch,
+                    scores.size(0) >= a.batch && a.held[0].size(0) == a.batch,
                 "cpu_decode_attention: scores");
-  float* sp = kept != 0 ? scores.data_ptr<float>() : nullptr;
-  const int64_t ss0 = scores.dim() == 3 ? scores.stride(0) : 0, ss1 = scores.dim() == 3 ? scores.stride(1) : 0;
-  const bool* srow = scored.data_ptr<bool>();
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), rc = rows.contiguous();
-  at::Tensor out = at::empty_like(qc);  // (B, H, 1, D)
-  int64_t* len = lengths.data_ptr<int64_t>() + layer * lengths.stride(0);
-  const int64_t ls = lengths.stride(1);
-  const int64_t* row = rc.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b)
-    TORCH_CHECK(len[b * ls] >= 0 && len[b * ls] < keys.size(2) && row[b] >= 0 && row[b] < keys.size(0),
+  a.sp = kept != 0 ? scores.data_ptr<float>() : nullptr;
+  a.ss0 = scores.dim() == 3 ? scores.stride(0) : 0, a.ss1 = scores.dim() == 3 ? scores.stride(1) : 0;
+  a.srow = a.held[0].data_ptr<bool>();
+  // contiguous inputs are used in place (the fused layers fill q, k and v after this call)
+  a.held[1] = q.contiguous(), a.held[2] = k.contiguous(), a.held[3] = v.contiguous(), a.held[4] = rows.contiguous();
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == q.numel(),
+              "cpu_decode_attention: output buffer");
+  a.len = lengths.data_ptr<int64_t>() + layer * lengths.stride(0);
+  a.ls = lengths.stride(1);
+  a.row = a.held[4].data_ptr<int64_t>();
+  for (int64_t b = 0; b < a.batch; ++b)
+    TORCH_CHECK(a.len[b * a.ls] >= 0 && a.len[b * a.ls] < keys.size(2) && a.row[b] >= 0 && a.row[b] < keys.size(0),
                 "cpu_decode_attention: no room");
-  float* kb = keys.data_ptr<float>();
-  float* vb = values.data_ptr<float>();
-  const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), ks2 = keys.stride(2);
-  const int64_t vs0 = values.stride(0), vs1 = values.stride(1), vs2 = values.stride(2);
-  const float* qp = qc.data_ptr<float>();
-  const float* kn = kc.data_ptr<float>();
-  const float* vn = vc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float fscale = static_cast<float>(scale);
-  if (sp != nullptr)  // a new entry starts from no attention received
-    for (int64_t b = 0; b < batch; ++b)
-      for (int64_t h = 0; h < kv_heads; ++h) sp[row[b] * ss0 + h * ss1 + len[b * ls]] = 0.f;
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads, pos = len[b * ls];
-      // the new entry, in the buffer row `rows[b]` (as the Python op writes it)
-      std::memcpy(kb + row[b] * ks0 + h * ks1 + pos * ks2, kn + (b * kv_heads + h) * dim, dim * sizeof(float));
-      std::memcpy(vb + row[b] * vs0 + h * vs1 + pos * vs2, vn + (b * kv_heads + h) * dim, dim * sizeof(float));
-      // queries of row b attend buffer row b (as SDPA over keys[:, :, :span] does), pos + 1 entries
-      const float* qg = qp + (b * heads + h * groups) * dim;
-      const float* kr = kb + b * ks0 + h * ks1;
-      const float* vr = vb + b * vs0 + h * vs1;
-      float* o = op + (b * heads + h * groups) * dim;
-      float* sc = scoring && srow[b] ? sp + b * ss0 + h * ss1 : nullptr;
-      if (dim == 32) attend<2>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o, sc);
-      else if (dim == 64) attend<4>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o, sc);
-      else attend<8>(qg, kr, vr, ks2, vs2, pos + 1, groups, fscale, o, sc);
-    }
-  });
-  for (int64_t b = 0; b < batch; ++b) len[b * ls] += 1;
+  a.kb = keys.data_ptr<float>(), a.vb = values.data_ptr<float>();
+  a.ks0 = keys.stride(0), a.ks1 = keys.stride(1), a.ks2 = keys.stride(2);
+  a.vs0 = values.stride(0), a.vs1 = values.stride(1), a.vs2 = values.stride(2);
+  a.qp = a.held[1].data_ptr<float>(), a.kn = a.held[2].data_ptr<float>(), a.vn = a.held[3].data_ptr<float>();
+  a.op = out.data_ptr<float>();
+  a.scale = static_cast<float>(scale);
+  if (a.sp != nullptr)  // a new entry starts from no attention received
+    for (int64_t b = 0; b < a.batch; ++b)
+      for (int64_t h = 0; h < a.kv_heads; ++h) a.sp[a.row[b] * a.ss0 + h * a.ss1 + a.len[b * a.ls]] = 0.f;
+  return a;
+}
+
+void run_decode_attention(const DecodeAttention& a, int64_t begin, int64_t end) {
+  const int64_t dim = a.dim;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / a.kv_heads, h = task % a.kv_heads, pos = a.len[b * a.ls];
+    // the new entry, in the buffer row `rows[b]` (as the Python op writes it)
+    std::memcpy(a.kb + a.row[b] * a.ks0 + h * a.ks1 + pos * a.ks2, a.kn + (b * a.kv_heads + h) * dim,
+                dim * sizeof(float));
+    std::memcpy(a.vb + a.row[b] * a.vs0 + h * a.vs1 + pos * a.vs2, a.vn + (b * a.kv_heads + h) * dim,
+                dim * sizeof(float));
+    // queries of row b attend buffer row b (as SDPA over keys[:, :, :span] does), pos + 1 entries
+    const float* qg = a.qp + (b * a.heads + h * a.groups) * dim;
+    const float* kr = a.kb + b * a.ks0 + h * a.ks1;
+    const float* vr = a.vb + b * a.vs0 + h * a.vs1;
+    float* o = a.op + (b * a.heads + h * a.groups) * dim;
+    float* sc = a.scoring && a.srow[b] ? a.sp + b * a.ss0 + h * a.ss1 : nullptr;
+    if (dim == 32) attend<2>(qg, kr, vr, a.ks2, a.vs2, pos + 1, a.groups, a.scale, o, sc);
+    else if (dim == 64) attend<4>(qg, kr, vr, a.ks2, a.vs2, pos + 1, a.groups, a.scale, o, sc);
+    else attend<8>(qg, kr, vr, a.ks2, a.vs2, pos + 1, a.groups, a.scale, o, sc);
+  }
+}
+
+void finish_decode_attention(const DecodeAttention& a) {
+  for (int64_t b = 0; b < a.batch; ++b) a.len[b * a.ls] += 1;
+}
+
+at::Tensor cpu_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor keys,
+                                at::Tensor values, at::Tensor lengths, const at::Tensor& rows,
+                                const at::Tensor& masks, const at::Tensor& plan, at::Tensor scores,
+                                const at::Tensor& score_rows, int64_t layer, double scale) {
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));  // (B, H, 1, D)
+  const DecodeAttention a = prepare_decode_attention(q, k, v, keys, values, lengths, rows, plan, scores, score_rows,
+                                                     layer, scale, out);
+  at::parallel_for(0, a.tasks(), 1, [&](int64_t begin, int64_t end) { run_decode_attention(a, begin, end); });
+  finish_decode_attention(a);
   return out;
 }
 

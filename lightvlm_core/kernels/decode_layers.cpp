@@ -7,16 +7,21 @@
 // parameters: ~1 ms of a 5 ms step on the 32-layer LLM-heavy model at batch 8. Here the layers run
 // from C++ with the same kernels (row_linear.cpp, decode_attention.cpp; beyond the row kernel's
 // rows, oneDNN's matmul); the elementwise work between them (RMSNorm, RoPE, SiLU-gate, residual
-// adds) is a few thousand floats per row.
+// adds) is a few thousand floats per row. Steps the row kernel takes run all layers in one OpenMP
+// region (see decode_layers below).
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
+#include <omp.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "decode_attention.h"
@@ -99,6 +104,43 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bi
   return stack[0].toTensor();
 }
 
+// q and k (RoPE'd; Qwen3-style layers: each head RMS-normed first) and v of every row, from the
+// fused projection's output
+void attention_inputs(const float* qkvp, int64_t B, int64_t H, int64_t kvh, int64_t D, const float* qn,
+                      const float* kn, const float* cp, const float* sp, float* qp, float* kp, float* vp, float eps,
+                      float* head_buf) {
+  const int64_t n_qkv = (H + 2 * kvh) * D;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = qkvp + b * n_qkv;
+    for (int64_t head = 0; head < H + kvh; ++head) {
+      const float* src = row + head * D;
+      const float* norm = head < H ? qn : kn;
+      if (norm != nullptr) {
+        rms_norm(src, norm, head_buf, 1, D, eps);
+        src = head_buf;
+      }
+      float* dst = head < H ? qp + (b * H + head) * D : kp + (b * kvh + head - H) * D;
+      rope(src, cp + b * D, sp + b * D, dst, D);
+    }
+    std::memcpy(vp + b * kvh * D, row + (H + kvh) * D, kvh * D * sizeof(float));
+  }
+}
+
+// thread `tid`'s share of `count` tasks, split as at::parallel_for splits them (so each output is
+// computed as row_linear_into computes it)
+inline std::pair<int64_t, int64_t> share(int64_t count, int tid, int threads) {
+  const int64_t used = std::min<int64_t>(threads, count);
+  const int64_t chunk = used > 0 ? (count + used - 1) / used : 0;
+  const int64_t begin = std::min(count, tid * chunk);
+  return {begin, std::min(count, begin + chunk)};
+}
+
+// One layer's weights as the loops read them.
+struct LayerWeights {
+  const float *input_norm, *qkv, *qkv_bias, *q_norm, *k_norm, *o, *post_norm, *gate_up, *down;
+  int64_t I;  // MLP width
+};
+
 at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at::TensorList qkv_weights,
                          at::TensorList qkv_biases, at::TensorList q_norms, at::TensorList k_norms,
                          at::TensorList o_weights, at::TensorList post_norms,
@@ -126,53 +168,104 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
   const at::TensorOptions options = h.options();
   at::Tensor x = at::empty({B, d}, options), tmp = at::empty({B, d}, options), qkv = at::empty({B, n_qkv}, options);
   at::Tensor q = at::empty({B, H, 1, D}, options), k = at::empty({B, kvh, D}, options);
-  at::Tensor v = at::empty({B, kvh, D}, options);
+  at::Tensor v = at::empty({B, kvh, D}, options), attended = at::empty({B, H, 1, D}, options);
   float* xp = x.data_ptr<float>();
   float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  at::Tensor gate_up, act;
   std::vector<float> head_buf(D);
   const float feps = static_cast<float>(eps);
+  std::vector<LayerWeights> layers;
   for (int64_t i = 0; i < L; ++i) {
     const int64_t I = gate_up_weights[i].size(0) / 2;
-    if (gate_up.numel() != B * 2 * I) {
-      gate_up = at::empty({B, 2 * I}, options);
-      act = at::empty({B, I}, options);
+    TORCH_CHECK(gate_up_weights[i].size(1) == d && down_weights[i].size(1) == I, "decode_layers: MLP shapes");
+    const at::Tensor* bias = qkv_biases.empty() ? nullptr : &qkv_biases[i];
+    layers.push_back({dense(input_norms[i], d, "input norm"), dense(qkv_weights[i], n_qkv * d, "qkv weight"),
+                      bias != nullptr ? dense(*bias, n_qkv, "qkv bias") : nullptr,
+                      q_norms.empty() ? nullptr : dense(q_norms[i], D, "q norm"),
+                      k_norms.empty() ? nullptr : dense(k_norms[i], D, "k norm"),
+                      dense(o_weights[i], d * H * D, "o weight"),
+                      dense(post_norms[i], d, "post norm"), dense(gate_up_weights[i], 2 * I * d, "gate/up weight"),
+                      dense(down_weights[i], d * I, "down weight"), I});
+  }
+  const float* final_w = dense(final_norm, d, "final norm");
+  if (B <= row_rows) {
+    // Few rows: every layer in one OpenMP region, the row kernel's and the attention's tasks split
+    // over its threads as at::parallel_for splits them, barriers between the steps and the small
+    // loops on thread 0. A region per linear (~160 a step) cost its fork and join each: on the 2-vCPU
+    // VM 0.1 ms of a 2.9 ms `cpu-small` step at batch 1 and 0.2 of 2.3 when its memory ran fast.
+    std::vector<lightvlm::DecodeAttention> attention;
+    for (int64_t i = 0; i < L; ++i)  // checked here: nothing in the region may throw
+      attention.push_back(lightvlm::prepare_decode_attention(q, k, v, keys[i], values[i], lengths, rows, plan,
+                                                             scores[i], score_rows, i, scale, attended));
+    int64_t widest = 0;
+    for (const LayerWeights& w : layers) widest = std::max(widest, w.I);
+    at::Tensor gate_up = at::empty({B, 2 * widest}, options), act = at::empty({B, widest}, options);
+    float *gp = gate_up.data_ptr<float>(), *ap = act.data_ptr<float>(), *tp = tmp.data_ptr<float>();
+    float *qkvp = qkv.data_ptr<float>(), *op = attended.data_ptr<float>();
+    const int threads = std::max(1, at::get_num_threads());
+#pragma omp parallel num_threads(threads)
+    {
+      const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+      for (int64_t i = 0; i < L; ++i) {
+        const LayerWeights& w = layers[i];
+        if (tid == 0) rms_norm(hp, w.input_norm, xp, B, d, feps);
+#pragma omp barrier
+        auto [a0, a1] = share(lightvlm::row_linear_tasks(n_qkv), tid, team);
+        lightvlm::row_linear_run(xp, B, w.qkv, w.qkv_bias, qkvp, d, n_qkv, a0, a1);
+#pragma omp barrier
+        if (tid == 0)
+          attention_inputs(qkvp, B, H, kvh, D, w.q_norm, w.k_norm, cp, sp, qp, kp, vp, feps, head_buf.data());
+#pragma omp barrier
+        auto [b0, b1] = share(attention[i].tasks(), tid, team);
+        lightvlm::run_decode_attention(attention[i], b0, b1);
+#pragma omp barrier
+        auto [c0, c1] = share(lightvlm::row_linear_tasks(d), tid, team);
+        lightvlm::row_linear_run(op, B, w.o, nullptr, tp, H * D, d, c0, c1);
+#pragma omp barrier
+        if (tid == 0) {
+          lightvlm::finish_decode_attention(attention[i]);
+          add_into(hp, tp, B * d);
+          rms_norm(hp, w.post_norm, xp, B, d, feps);
+        }
+#pragma omp barrier
+        auto [e0, e1] = share(lightvlm::row_linear_tasks(2 * w.I), tid, team);
+        lightvlm::row_linear_run(xp, B, w.gate_up, nullptr, gp, d, 2 * w.I, e0, e1);
+#pragma omp barrier
+        if (tid == 0) silu_gate(gp, ap, B, w.I);
+#pragma omp barrier
+        auto [f0, f1] = share(lightvlm::row_linear_tasks(d), tid, team);
+        lightvlm::row_linear_run(ap, B, w.down, nullptr, tp, w.I, d, f0, f1);
+#pragma omp barrier
+        if (tid == 0) add_into(hp, tp, B * d);  // the next layer's norm follows on this thread
+      }
+    }
+    rms_norm(hp, final_w, xp, B, d, feps);
+    return x;
+  }
+  at::Tensor gate_up, act;
+  for (int64_t i = 0; i < L; ++i) {
+    const LayerWeights& w = layers[i];
+    if (gate_up.numel() != B * 2 * w.I) {
+      gate_up = at::empty({B, 2 * w.I}, options);
+      act = at::empty({B, w.I}, options);
     }
     // attention block
-    rms_norm(hp, dense(input_norms[i], d, "input norm"), xp, B, d, feps);
+    rms_norm(hp, w.input_norm, xp, B, d, feps);
     const at::Tensor* bias = qkv_biases.empty() ? nullptr : &qkv_biases[i];
-    if (bias != nullptr) dense(*bias, n_qkv, "qkv bias");
     const at::Tensor qkv_out = linear(x, qkv_weights[i], bias, qkv, row_rows, onednn, "qkv weight");
-    const float* qkvp = qkv_out.data_ptr<float>();
-    // Qwen3-style layers: each q and k head RMS-normed before RoPE
-    const float* qn = q_norms.empty() ? nullptr : dense(q_norms[i], D, "q norm");
-    const float* kn = k_norms.empty() ? nullptr : dense(k_norms[i], D, "k norm");
-    for (int64_t b = 0; b < B; ++b) {
-      const float* row = qkvp + b * n_qkv;
-      for (int64_t head = 0; head < H + kvh; ++head) {
-        const float* src = row + head * D;
-        const float* norm = head < H ? qn : kn;
-        if (norm != nullptr) {
-          rms_norm(src, norm, head_buf.data(), 1, D, feps);
-          src = head_buf.data();
-        }
-        float* dst = head < H ? qp + (b * H + head) * D : kp + (b * kvh + head - H) * D;
-        rope(src, cp + b * D, sp + b * D, dst, D);
-      }
-      std::memcpy(vp + b * kvh * D, row + (H + kvh) * D, kvh * D * sizeof(float));
-    }
-    const at::Tensor attended = lightvlm::cpu_decode_attention(q, k, v, keys[i], values[i], lengths, rows, masks,
-                                                                plan, scores[i], score_rows, i, scale);
-    add_into(hp, linear(attended.view({B, H * D}), o_weights[i], nullptr, tmp, row_rows, onednn, "o weight")
+    attention_inputs(qkv_out.data_ptr<float>(), B, H, kvh, D, w.q_norm, w.k_norm, cp, sp, qp, kp, vp, feps,
+                     head_buf.data());
+    const at::Tensor out = lightvlm::cpu_decode_attention(q, k, v, keys[i], values[i], lengths, rows, masks, plan,
+                                                          scores[i], score_rows, i, scale);
+    add_into(hp, linear(out.view({B, H * D}), o_weights[i], nullptr, tmp, row_rows, onednn, "o weight")
                      .data_ptr<float>(), B * d);
     // MLP block
-    rms_norm(hp, dense(post_norms[i], d, "post norm"), xp, B, d, feps);
+    rms_norm(hp, w.post_norm, xp, B, d, feps);
     silu_gate(linear(x, gate_up_weights[i], nullptr, gate_up, row_rows, onednn, "gate/up weight").data_ptr<float>(),
-              act.data_ptr<float>(), B, I);
+              act.data_ptr<float>(), B, w.I);
     add_into(hp, linear(act, down_weights[i], nullptr, tmp, row_rows, onednn, "down weight").data_ptr<float>(),
              B * d);
   }
-  rms_norm(hp, dense(final_norm, d, "final norm"), xp, B, d, feps);
+  rms_norm(hp, final_w, xp, B, d, feps);
   return x;
 }
 

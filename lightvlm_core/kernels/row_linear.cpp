@@ -94,25 +94,31 @@ void tiles(bool first, const float* x, const float* w, const float* bias, float*
 
 namespace lightvlm {
 
-void row_linear_into(const float* xp, int64_t M, const float* wp, const float* bp, float* op, int64_t K, int64_t N) {
-  const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n0 = task * kRowsPerTask, n1 = std::min(N, n0 + kRowsPerTask);
-      // 4 rows of x at a time over the task's weight rows: the first 4 fetch them from memory, the
-      // next 4 read them from L1/L2 (the block is 48 weight rows: 48 KB at 256 wide)
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const float* xm = xp + m0 * K;
-        float* om = op + m0 * N;
-        const bool first = m0 == 0;
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: rows<1, 16, false>(xm, wp, bp, om, K, N, n0, n1); break;
-          case 2: rows<2, 8, false>(xm, wp, bp, om, K, N, n0, n1); break;
-          case 3: tiles<3, 5>(first, xm, wp, bp, om, K, N, n0, n1); break;
-          default: tiles<4, 4>(first, xm, wp, bp, om, K, N, n0, n1); break;
-        }
+int64_t row_linear_tasks(int64_t N) { return (N + kRowsPerTask - 1) / kRowsPerTask; }
+
+void row_linear_run(const float* xp, int64_t M, const float* wp, const float* bp, float* op, int64_t K, int64_t N,
+                    int64_t begin, int64_t end) {
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n0 = task * kRowsPerTask, n1 = std::min(N, n0 + kRowsPerTask);
+    // 4 rows of x at a time over the task's weight rows: the first 4 fetch them from memory, the
+    // next 4 read them from L1/L2 (the block is 48 weight rows: 48 KB at 256 wide)
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xm = xp + m0 * K;
+      float* om = op + m0 * N;
+      const bool first = m0 == 0;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: rows<1, 16, false>(xm, wp, bp, om, K, N, n0, n1); break;
+        case 2: rows<2, 8, false>(xm, wp, bp, om, K, N, n0, n1); break;
+        case 3: tiles<3, 5>(first, xm, wp, bp, om, K, N, n0, n1); break;
+        default: tiles<4, 4>(first, xm, wp, bp, om, K, N, n0, n1); break;
       }
     }
+  }
+}
+
+void row_linear_into(const float* xp, int64_t M, const float* wp, const float* bp, float* op, int64_t K, int64_t N) {
+  at::parallel_for(0, row_linear_tasks(N), 1, [&](int64_t begin, int64_t end) {
+    row_linear_run(xp, M, wp, bp, op, K, N, begin, end);
   });
 }
 
