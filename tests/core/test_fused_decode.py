@@ -70,6 +70,21 @@ def test_fused_engine_gives_the_eager_tokens_alone_and_in_a_ragged_batch(pair, p
         assert tokens(fused, [one]) == tokens(eager, [one])
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_few_row_steps_give_the_same_tokens_on_any_number_of_threads(pair, threads) -> None:
+    """Few-row steps run in one OpenMP region whose threads split the kernels' tasks: one thread,
+    or more threads than some layers have tasks, give the tokens of the eager engine."""
+    eager, fused = pair
+    batch = requests(preset="aggressive")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, rows = fused_step_rows(fused, batch)
+    finally:
+        torch.set_num_threads(before)
+    assert rows == [3] * 7 and got == tokens(eager, batch)
+
+
 def test_one_step_gives_the_eager_logits_and_cache(pair) -> None:
     """From one prefilled ragged batch: the fused step on one copy of its cache, the eager step on
     another; the same logits and the same new cache entries."""
