@@ -82,18 +82,9 @@ const float* dense(const at::Tensor& t, int64_t numel, const char* what) {
   return t.data_ptr<float>();
 }
 
-// x (B, K) W^T (+ bias): our row kernel into `out` up to `row_rows` rows; beyond, oneDNN's matmul
+// x (B, K) W^T (+ bias) for steps of more rows than the row kernel takes: oneDNN's matmul
 // (mkldnn::_linear_pointwise, as the compiled step's OneDnnLinear) where `onednn`, else ATen's
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, at::Tensor& out, int64_t row_rows,
-                  bool onednn, const char* what) {
-  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
-  const float* wp = dense(w, N * K, what);
-  if (B <= row_rows) {
-    TORCH_CHECK(out.numel() == B * N && x.is_contiguous(), "decode_layers: ", what, " buffers");
-    lightvlm::row_linear_into(x.data_ptr<float>(), B, wp, bias != nullptr ? bias->data_ptr<float>() : nullptr,
-                              out.data_ptr<float>(), K, N);
-    return out;
-  }
+at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, bool onednn) {
   const std::optional<at::Tensor> b = bias != nullptr ? std::optional<at::Tensor>(*bias) : std::nullopt;
   if (!onednn) return at::linear(x, w, b);
   static const c10::OperatorHandle op =
@@ -166,7 +157,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
   at::Tensor h = h_in.contiguous().clone();
   float* hp = h.data_ptr<float>();
   const at::TensorOptions options = h.options();
-  at::Tensor x = at::empty({B, d}, options), tmp = at::empty({B, d}, options), qkv = at::empty({B, n_qkv}, options);
+  at::Tensor x = at::empty({B, d}, options);
   at::Tensor q = at::empty({B, H, 1, D}, options), k = at::empty({B, kvh, D}, options);
   at::Tensor v = at::empty({B, kvh, D}, options), attended = at::empty({B, H, 1, D}, options);
   float* xp = x.data_ptr<float>();
@@ -198,6 +189,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
                                                              scores[i], score_rows, i, scale, attended));
     int64_t widest = 0;
     for (const LayerWeights& w : layers) widest = std::max(widest, w.I);
+    at::Tensor qkv = at::empty({B, n_qkv}, options), tmp = at::empty({B, d}, options);
     at::Tensor gate_up = at::empty({B, 2 * widest}, options), act = at::empty({B, widest}, options);
     float *gp = gate_up.data_ptr<float>(), *ap = act.data_ptr<float>(), *tp = tmp.data_ptr<float>();
     float *qkvp = qkv.data_ptr<float>(), *op = attended.data_ptr<float>();
@@ -241,29 +233,24 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
     rms_norm(hp, final_w, xp, B, d, feps);
     return x;
   }
-  at::Tensor gate_up, act;
+  // More rows: the same layers, a matmul per linear (oneDNN brings its own threads)
+  at::Tensor act;
   for (int64_t i = 0; i < L; ++i) {
     const LayerWeights& w = layers[i];
-    if (gate_up.numel() != B * 2 * w.I) {
-      gate_up = at::empty({B, 2 * w.I}, options);
-      act = at::empty({B, w.I}, options);
-    }
+    if (act.numel() != B * w.I) act = at::empty({B, w.I}, options);
     // attention block
     rms_norm(hp, w.input_norm, xp, B, d, feps);
     const at::Tensor* bias = qkv_biases.empty() ? nullptr : &qkv_biases[i];
-    const at::Tensor qkv_out = linear(x, qkv_weights[i], bias, qkv, row_rows, onednn, "qkv weight");
+    const at::Tensor qkv_out = matmul(x, qkv_weights[i], bias, onednn);
     attention_inputs(qkv_out.data_ptr<float>(), B, H, kvh, D, w.q_norm, w.k_norm, cp, sp, qp, kp, vp, feps,
                      head_buf.data());
     const at::Tensor out = lightvlm::cpu_decode_attention(q, k, v, keys[i], values[i], lengths, rows, masks, plan,
                                                           scores[i], score_rows, i, scale);
-    add_into(hp, linear(out.view({B, H * D}), o_weights[i], nullptr, tmp, row_rows, onednn, "o weight")
-                     .data_ptr<float>(), B * d);
+    add_into(hp, matmul(out.view({B, H * D}), o_weights[i], nullptr, onednn).data_ptr<float>(), B * d);
     // MLP block
     rms_norm(hp, w.post_norm, xp, B, d, feps);
-    silu_gate(linear(x, gate_up_weights[i], nullptr, gate_up, row_rows, onednn, "gate/up weight").data_ptr<float>(),
-              act.data_ptr<float>(), B, w.I);
-    add_into(hp, linear(act, down_weights[i], nullptr, tmp, row_rows, onednn, "down weight").data_ptr<float>(),
-             B * d);
+    silu_gate(matmul(x, gate_up_weights[i], nullptr, onednn).data_ptr<float>(), act.data_ptr<float>(), B, w.I);
+    add_into(hp, matmul(act, down_weights[i], nullptr, onednn).data_ptr<float>(), B * d);
   }
   rms_norm(hp, final_w, xp, B, d, feps);
   return x;
