@@ -30,7 +30,7 @@ from torch import nn
 from torch._dynamo import maybe_mark_dynamic
 from torch._dynamo.exc import TorchDynamoException
 
-from lightvlm_core import forward
+from lightvlm_core import forward, packed_weights
 from lightvlm_core.compiling import failure_summary
 from lightvlm_core.cpu_attention import PrefillAttention, prefill_kernel_ready
 from lightvlm_core.cpu_linear import OneDnnLinear, onednn_faster
@@ -57,6 +57,10 @@ class CompiledPrefill:
         name = adapter.fixed_size_vision_tower
         tower = getattr(adapter.model.model, name, None) if name else None
         self.vision = CompiledForward(tower, modes) if tower is not None else None
+        self.packed_bytes = 0  # oneDNN's layout made once, not on every product (packed_weights.py)
+        if OneDnnLinear in modes:
+            modules = [*adapter.layers, *([tower] if self.vision else [])]
+            self.packed_bytes = packed_weights.pack(packed_weights.prefill_weights(modules))
 
     def layer(self, adapter: ModelAdapter, layer: nn.Module, h: torch.Tensor, rope: forward.RopeTables
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -16,7 +16,8 @@ compiled_prefill.py): `F.linear` is rerouted inside them by a TorchFunctionMode.
   own oneDNN linear needs frozen weights). On the same VM MKL ran prefill-shaped float32 GEMMs
   at 194-216 GFLOP/s and oneDNN at 375-478 (MKL takes a slower path on AMD processors); on an
   Intel Xeon earlier the two were within 10%. So it is used where a start-up measurement finds it
-  faster (`onednn_faster`).
+  faster (`onednn_faster`). With the weights packed into oneDNN's layout once at start-up where
+  memory allows (packed_weights.py), instead of on every call.
 
 Neither is bitwise equal to MKL (other summation orders), like the rest of the compiled graphs;
 parity with transformers is tested on the eager passes.
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from lightvlm_core import packed_weights
 from lightvlm_core.compiling import attention_kernel_enabled, best_time
 from lightvlm_core.cpu_kernels import kernels_built
 
@@ -42,7 +44,7 @@ _LIBRARY.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weights.packed(weight), bias, "none", [], "")
 
 
 _LIBRARY.impl("onednn_linear", _onednn_linear, "CPU")

@@ -78,6 +78,11 @@ def fused_qkv(attn: nn.Module) -> FusedLinear | None:
     return attn.__dict__.get(QKV_ATTR)
 
 
+def fused_linears(module: nn.Module) -> list[FusedLinear]:
+    """The fused projections `module` itself holds (an attention's q/k/v, an MLP's gate/up)."""
+    return [module.__dict__[attr] for attr in (QKV_ATTR, GATE_UP_ATTR) if attr in module.__dict__]
+
+
 def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fused = fused_qkv(attn)
     if fused is None:

@@ -117,6 +117,7 @@ class ModelRunner:
             "compiled_decode": self.compiled_decode is not None,
             "compiled_prefill": self.compiled_prefill is not None,
             "cuda_graphs": isinstance(self.compiled_decode, GraphedDecode),
+            "packed_weight_mb": round(self.compiled_prefill.packed_bytes / 2**20, 1) if self.compiled_prefill else 0.0,
         }
 
     def counters(self) -> tuple[int, int, int]:

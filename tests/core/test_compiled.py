@@ -15,7 +15,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
-from lightvlm_core import compiled_decode, compiled_prefill, cpu_linear, decode_step, warmup
+from lightvlm_core import compiled_decode, compiled_prefill, cpu_linear, decode_step, packed_weights, warmup
 from lightvlm_core.engine import Engine
 from lightvlm_core.compiling import compile_enabled
 from lightvlm_core.runner import load_runner
@@ -42,6 +42,22 @@ def test_compiled_engine_gives_the_eager_tokens_alone_and_in_a_ragged_batch(pair
     assert tokens(compiled, batch) == tokens(eager, batch)
     for one in batch:
         assert tokens(compiled, [one]) == tokens(eager, [one])
+
+
+def test_compiled_prefill_multiplies_by_packed_weights_where_it_runs_on_onednn(pair, monkeypatch) -> None:
+    _, compiled = pair
+    found = []
+
+    def spy(weight):
+        copy = real(weight)
+        found.append(copy is not weight)
+        return copy
+
+    real = packed_weights.packed
+    monkeypatch.setattr(packed_weights, "packed", spy)
+    tokens(compiled, requests()[:1])
+    assert all(found) and bool(found) == cpu_linear.onednn_faster()
+    assert (compiled.runner.info()["packed_weight_mb"] > 0) == cpu_linear.onednn_faster()
 
 
 def test_warm_up_leaves_nothing_to_compile_for_other_batch_sizes(pair) -> None:
