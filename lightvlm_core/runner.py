@@ -91,9 +91,10 @@ class ModelRunner:
             prepare_to_compile(self.adapter.model)
             self.compiled_decode = CompiledDecode(self.adapter)
             if self.device.type == "cpu":
+                # the prefill first: it packs the weights (packed_weights.py) that the fused step reuses
+                self.compiled_prefill = CompiledPrefill(self.adapter)
                 if fused_decode:  # where the model is Llama-style (else None: the compiled step alone)
                     self.compiled_decode = FusedDecode.of(self.adapter, self.compiled_decode) or self.compiled_decode
-                self.compiled_prefill = CompiledPrefill(self.adapter)
             elif cuda_graphs_enabled():
                 self.compiled_decode = GraphedDecode(self.adapter, inner=self.compiled_decode)
         self.rows: list[_Row] = []

@@ -135,7 +135,8 @@ struct LayerWeights {
 at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at::TensorList qkv_weights,
                          at::TensorList qkv_biases, at::TensorList q_norms, at::TensorList k_norms,
                          at::TensorList o_weights, at::TensorList post_norms,
-                         at::TensorList gate_up_weights, at::TensorList down_weights, const at::Tensor& cos,
+                         at::TensorList gate_up_weights, at::TensorList down_weights,
+                         at::TensorList matmul_weights, const at::Tensor& cos,
                          const at::Tensor& signed_sin, at::TensorList keys, at::TensorList values,
                          at::Tensor lengths, const at::Tensor& rows, const at::Tensor& masks, const at::Tensor& plan,
                          at::TensorList scores, const at::Tensor& score_rows, const at::Tensor& final_norm,
@@ -145,7 +146,8 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
   TORCH_CHECK(qkv_weights.size() == L && o_weights.size() == L && post_norms.size() == L &&
                   gate_up_weights.size() == L && down_weights.size() == L && keys.size() == L && values.size() == L &&
                   scores.size() == L && (qkv_biases.empty() || qkv_biases.size() == L) &&
-                  q_norms.size() == k_norms.size() && (q_norms.empty() || q_norms.size() == L),
+                  q_norms.size() == k_norms.size() && (q_norms.empty() || q_norms.size() == L) &&
+                  (matmul_weights.empty() || (onednn && matmul_weights.size() == 4 * L)),
               "decode_layers: one of each per layer");
   const int64_t B = h_in.size(0), d = h_in.size(1), H = num_heads;
   TORCH_CHECK(B > 0 && L > 0 && keys[0].dim() == 4, "decode_layers: shapes");
@@ -233,24 +235,30 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
     rms_norm(hp, final_w, xp, B, d, feps);
     return x;
   }
-  // More rows: the same layers, a matmul per linear (oneDNN brings its own threads)
+  // More rows: the same layers, a matmul per linear (oneDNN brings its own threads), by the
+  // oneDNN-packed copies of the weights where given (q/k/v, o, gate/up, down of each layer)
   at::Tensor act;
   for (int64_t i = 0; i < L; ++i) {
     const LayerWeights& w = layers[i];
+    const bool packed = !matmul_weights.empty();
+    const at::Tensor& qkv_w = packed ? matmul_weights[4 * i] : qkv_weights[i];
+    const at::Tensor& o_w = packed ? matmul_weights[4 * i + 1] : o_weights[i];
+    const at::Tensor& gate_up_w = packed ? matmul_weights[4 * i + 2] : gate_up_weights[i];
+    const at::Tensor& down_w = packed ? matmul_weights[4 * i + 3] : down_weights[i];
     if (act.numel() != B * w.I) act = at::empty({B, w.I}, options);
     // attention block
     rms_norm(hp, w.input_norm, xp, B, d, feps);
     const at::Tensor* bias = qkv_biases.empty() ? nullptr : &qkv_biases[i];
-    const at::Tensor qkv_out = matmul(x, qkv_weights[i], bias, onednn);
+    const at::Tensor qkv_out = matmul(x, qkv_w, bias, onednn);
     attention_inputs(qkv_out.data_ptr<float>(), B, H, kvh, D, w.q_norm, w.k_norm, cp, sp, qp, kp, vp, feps,
                      head_buf.data());
     const at::Tensor out = lightvlm::cpu_decode_attention(q, k, v, keys[i], values[i], lengths, rows, masks, plan,
                                                           scores[i], score_rows, i, scale);
-    add_into(hp, matmul(out.view({B, H * D}), o_weights[i], nullptr, onednn).data_ptr<float>(), B * d);
+    add_into(hp, matmul(out.view({B, H * D}), o_w, nullptr, onednn).data_ptr<float>(), B * d);
     // MLP block
     rms_norm(hp, w.post_norm, xp, B, d, feps);
-    silu_gate(matmul(x, gate_up_weights[i], nullptr, onednn).data_ptr<float>(), act.data_ptr<float>(), B, w.I);
-    add_into(hp, matmul(act, down_weights[i], nullptr, onednn).data_ptr<float>(), B * d);
+    silu_gate(matmul(x, gate_up_w, nullptr, onednn).data_ptr<float>(), act.data_ptr<float>(), B, w.I);
+    add_into(hp, matmul(act, down_w, nullptr, onednn).data_ptr<float>(), B * d);
   }
   rms_norm(hp, final_w, xp, B, d, feps);
   return x;
@@ -259,3 +267,5 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lightvlm, CPU, m) { m.impl("decode_layers", decode_layers); }
+// oneDNN-packed weights (layout torch._mkldnn) among the arguments make the dispatcher look here
+TORCH_LIBRARY_IMPL(lightvlm, MkldnnCPU, m) { m.impl("decode_layers", decode_layers); }

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lightvlm_core import cpu_attention, decode_step
+from lightvlm_core import cpu_attention, cpu_linear, decode_step
 from lightvlm_core.compiled_decode import CompiledDecode
 from lightvlm_core.engine import Engine
 from lightvlm_core.fused_decode import FusedDecode, fused_weights
@@ -126,19 +126,23 @@ def test_kv_policies_give_the_eager_tokens(pair) -> None:
     assert tokens(fused, mixed) == tokens(eager, mixed)
 
 
-@pytest.mark.parametrize("onednn", [True, False])
-def test_steps_of_more_rows_than_the_row_kernel_takes_run_fused_on_the_matmul(pair, onednn) -> None:
-    """Beyond the row kernel's rows the op multiplies on oneDNN's matmul (or ATen's): the same
-    tokens, and no compiled program."""
+@pytest.mark.parametrize("matmul", ["onednn packed", "onednn plain", "aten"])
+def test_steps_of_more_rows_than_the_row_kernel_takes_run_fused_on_the_matmul(pair, matmul) -> None:
+    """Beyond the row kernel's rows the op multiplies on oneDNN's matmul, by the weights packed for
+    it where the prefill packed them (or by the plain ones, or on ATen's): the same tokens, and no
+    compiled program."""
     eager, fused = pair
     step = fused.runner.compiled_decode
-    step._onednn = onednn
+    packed = step._matmul_weights
+    assert bool(packed) == cpu_linear.onednn_faster()
+    assert all(w.layout == torch._mkldnn for w in packed)
+    step._onednn, step._matmul_weights = matmul != "aten", packed if matmul == "onednn packed" else []
     try:
         batch = [r for _ in range(4) for r in requests(n_tokens=4)]  # 12 rows
         assert len(batch) > step.inner.few_rows
         got, rows = fused_step_rows(fused, batch)
     finally:
-        step._onednn = True
+        step._onednn, step._matmul_weights = True, packed
     assert got == tokens(eager, batch)
     assert rows == [12] * 3
     assert step.inner._programs == {}
