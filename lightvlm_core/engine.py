@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lightvlm_core.detok import IncrementalDetokenizer
-from lightvlm_core.errors import LightVLMError
+from lightvlm_core.errors import InvalidRequestError, LightVLMError
 from lightvlm_core.loading import LoadedModel
 from lightvlm_core.request import Request, RequestStatus
 from lightvlm_core.runner import ModelRunner, load_runner
@@ -72,6 +72,10 @@ class Engine:
 
     def add(self, prepared: list[Request]) -> list[StepOutput]:
         """Prefill `prepared` (running rows sit this step out) and return their first tokens."""
+        ids = [request.request_id for request in prepared]
+        if len(set(ids)) < len(ids) or any(i in self._detoks for i in ids):  # one request's tokens would go to two
+            raise InvalidRequestError("request ids must be unique among running requests: pass one GenerationRequest "
+                                      "per request (the same one twice shares its request_id)")
         for request in prepared:
             self.scheduler.add_request(request)
             self._detoks[request.request_id] = IncrementalDetokenizer(self.runner.tokenizer, request.sampling.stop)

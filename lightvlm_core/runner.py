@@ -10,6 +10,7 @@ and each row probed alone on a copy of its cache, and the step reruns without th
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -279,7 +280,8 @@ class ModelRunner:
     def _start_job(self, group: list[Request]) -> _PrefillJob:
         start = time.monotonic()
         a, dtype = self.adapter, self.loaded.dtype
-        embeds, carry = a.embed_with_carry([r.prompt.prompt for r in group], self.device, dtype)
+        with self.compiled_prefill.eager_vision() if self.compiled_prefill else contextlib.nullcontext():
+            embeds, carry = a.embed_with_carry([r.prompt.prompt for r in group], self.device, dtype)
         self._sync()
         vision_ms = (time.monotonic() - start) * 1e3
         state = pad_batch(group, embeds, a, self.device, carry)

@@ -126,6 +126,15 @@ def test_bad_input_raises_typed_errors(engine):
     assert engine.num_running == 0
 
 
+def test_one_request_passed_twice_is_refused_before_anything_runs(engine):
+    request = GenerationRequest("hi", sampling=SamplingParams(max_new_tokens=2))
+    with pytest.raises(InvalidRequestError, match="unique"):
+        engine.generate([request, request])
+    assert engine.num_running == 0
+    assert len(engine.generate([request])[0].token_ids) == 2  # alone it runs; after it, its id is free again
+    assert len(engine.generate([request])[0].token_ids) == 2
+
+
 def test_sampling_is_seeded_and_top_k_one_is_greedy(engine):
     def sampled(seed, **kw):
         params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed, **kw)

@@ -10,10 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import numpy as np
+from PIL import Image
+
 from lightvlm_core import packed_weights
-from lightvlm_core.cpu_linear import _onednn_linear
+from lightvlm_core.compiled_prefill import CompiledPrefill, vision_modules
+from lightvlm_core.cpu_linear import OneDnnLinear, _onednn_linear, onednn_faster
+from lightvlm_core.engine import Engine
 from lightvlm_core.fusion import fused_linears
 from lightvlm_core.runner import load_runner
+from lightvlm_core.tiny import FAMILIES
+from lightvlm_core.types import GenerationRequest, SamplingParams
 
 ON = {"LIGHTVLM_PACKED_WEIGHTS": "true"}
 
@@ -81,3 +88,34 @@ def test_the_prefill_weights_are_the_fused_projections_and_the_other_linears(tin
         for view in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.up_proj):
             assert packed_weights._key(view.weight) not in keys  # slices of a fused weight: never multiplied
     assert len(weights) == 4 * len(adapter.layers)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_eager_vision_tower_computes_on_the_packed_weights_with_the_same_features(family, tiny_model_dir,
+                                                                                      monkeypatch) -> None:
+    """Towers that run eagerly (a patch count that varies per image) compute their linears on
+    oneDNN with the packed weights where the prefill does; compiled towers have the mode inside."""
+    runner = load_runner(str(tiny_model_dir(family)), device="cpu")
+    adapter = runner.adapter
+    eager_tower = adapter.fixed_size_vision_tower is None
+    context = CompiledPrefill(adapter).eager_vision()
+    assert isinstance(context, OneDnnLinear) == (eager_tower and onednn_faster())
+    if not eager_tower:
+        return
+    packed_weights.pack(packed_weights.prefill_weights(vision_modules(adapter)), ON)
+    pixels = (np.random.default_rng(0).random((80, 112, 3)) * 255).astype("uint8")
+    request = GenerationRequest("What is in the picture?", [Image.fromarray(pixels)], SamplingParams(max_new_tokens=1))
+    prompt = Engine(runner).prepare(request).prompt.prompt
+    plain = adapter.embed_with_carry([prompt], runner.device, torch.float32)[0][0]
+    found = []
+    real = packed_weights.packed
+
+    def spy(weight):
+        found.append(real(weight) is not weight)
+        return real(weight)
+
+    monkeypatch.setattr(packed_weights, "packed", spy)
+    with OneDnnLinear():
+        onednn = adapter.embed_with_carry([prompt], runner.device, torch.float32)[0][0]
+    assert found and all(found)
+    torch.testing.assert_close(onednn, plain, atol=1e-4, rtol=1e-4)
