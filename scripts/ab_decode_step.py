@@ -64,10 +64,10 @@ def engine_from(package: str, model: str):
 
 def step_times(engines: dict, batch: int, max_new: int, preset: str, blocks: int) -> dict[str, list[float]]:
     for engine, image, types in engines.values():
-        request = types.GenerationRequest("Describe the image.", [image],
-                                          types.SamplingParams(max_new_tokens=max_new, ignore_eos=True),
-                                          types.AccelerationConfig(preset))
-        engine.add([engine.prepare(request) for _ in range(batch)])
+        requests = [types.GenerationRequest("Describe the image.", [image],
+                                            types.SamplingParams(max_new_tokens=max_new, ignore_eos=True),
+                                            types.AccelerationConfig(preset)) for _ in range(batch)]
+        engine.add([engine.prepare(request) for request in requests])
         for _ in range(5):  # the first steps of a batch size may still compile
             engine.step()
     times: dict[str, list[float]] = {label: [] for label in engines}

@@ -71,8 +71,9 @@ def test_rows_of_equal_length_decode_without_the_mask_bitwise_as_with_it(engine,
     """Two identical prompts fill every layer's span: leaving the all-True mask out changes nothing."""
     if any(spec.attention == "sliding" for spec in engine.adapter.layer_specs):
         pytest.skip("sliding layers always take their window mask")
-    request = GenerationRequest("Tell me a story.", [], SamplingParams(max_new_tokens=4, ignore_eos=True))
-    engine.add([engine.prepare(request), engine.prepare(request)])
+    requests = [GenerationRequest("Tell me a story.", [], SamplingParams(max_new_tokens=4, ignore_eos=True))
+                for _ in range(2)]
+    engine.add([engine.prepare(request) for request in requests])
     try:
         cache = engine.runner.cache
         ids, pos = torch.tensor([5, 5]), torch.tensor([40, 40])
