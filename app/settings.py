@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lightvlm_core.client import SchedulerConfig
+from lightvlm_core.runtime_env import auto_switch
 from lightvlm_core.types import preset_names
 
 MiB = 1024 * 1024
@@ -48,6 +49,10 @@ class Settings(BaseSettings):
     """Compile the decode step with torch.compile on CPU and CUDA, and the prefill on CPU (warm-up
     then compiles them, up to a few minutes on a first start); off: every step runs eagerly (what
     parity tests check)."""
+    packed_weights: Literal["auto", "true", "false"] = "auto"
+    """CPU: the compiled prefill's linear weights (and an eager vision tower's) packed once into
+    oneDNN's layout (lightvlm_core/packed_weights.py, which the engine process reads from the same
+    variable); auto: where the copies fit in a quarter of the memory available at start-up."""
     engine_process: bool = True
     """Run the engine in its own process (restarted if it dies); off: a thread of the API process."""
 
@@ -93,6 +98,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    @field_validator("packed_weights", mode="before")
+    @classmethod
+    def _auto_switch(cls, value: object) -> object:
+        return auto_switch(value, "LIGHTVLM_PACKED_WEIGHTS") if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lightvlm_core.fusion import fused_linears
+from lightvlm_core.runtime_env import auto_switch
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,7 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
 
 def setting(environ: Mapping[str, str] = os.environ) -> str:
     """LIGHTVLM_PACKED_WEIGHTS: "auto" (default), "true" or "false"."""
-    value = environ.get("LIGHTVLM_PACKED_WEIGHTS", "auto").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return "true"
-    if value in ("0", "false", "no", "off"):
-        return "false"
-    if value not in ("", "auto"):
-        raise ValueError(f"LIGHTVLM_PACKED_WEIGHTS must be auto, true or false, not {value!r}")
-    return "auto"
+    return auto_switch(environ.get("LIGHTVLM_PACKED_WEIGHTS"), "LIGHTVLM_PACKED_WEIGHTS")
 
 
 def prefill_weights(modules: Iterable[nn.Module]) -> list[torch.Tensor]:

@@ -101,6 +101,16 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings()
 
 
+def test_the_packed_weights_switch_is_checked_before_the_engine_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().packed_weights == "auto"
+    for word, meaning in (("On", "true"), ("0", "false"), ("AUTO", "auto")):
+        monkeypatch.setenv("LIGHTVLM_PACKED_WEIGHTS", word)
+        assert Settings().packed_weights == meaning
+    monkeypatch.setenv("LIGHTVLM_PACKED_WEIGHTS", "sometimes")
+    with pytest.raises(ValueError, match="LIGHTVLM_PACKED_WEIGHTS must be auto, true or false"):
+        Settings()
+
+
 def test_cors_is_off_by_default_and_configurable(make_client: MakeClient) -> None:
     client, _ = make_client()
     assert (
