@@ -152,15 +152,18 @@ class OneDnnLinear(_LinearMode):
 @functools.cache
 def onednn_faster(rows: int = 256, width: int = 1024, rounds: int = 7) -> bool:
     """Whether oneDNN's float32 matmul beat `F.linear` by 10% on a prefill-shaped product, measured
-    once per process (best of `rounds` each, ~0.1 s): the processor decides (see the docstring)."""
+    once per process (best of `rounds` each, ~0.1 s): the processor decides (see the docstring).
+    oneDNN as the prefill runs it: by a packed weight unless LIGHTVLM_PACKED_WEIGHTS is false."""
     if not torch.backends.mkldnn.is_available():
         return False
     x, weight = torch.randn(rows, width), torch.randn(width, width)
     try:
+        onednn_weight = weight if packed_weights.setting() == "false" else packed_weights.packed_copy(weight)
         blas = best_time(lambda: F.linear(x, weight), rounds)
-        onednn = best_time(lambda: _onednn_linear(x, weight, None), rounds)
+        onednn = best_time(lambda: torch.ops.mkldnn._linear_pointwise(x, onednn_weight, None, "none", [], ""),
+                           rounds)
     except RuntimeError:  # a torch built without oneDNN's linear
         return False
-    log.info("float32 linear %dx%dx%d: F.linear %.2f ms, oneDNN %.2f ms", rows, width, width, blas * 1e3,
-             onednn * 1e3)
+    log.info("float32 linear %dx%dx%d: F.linear %.2f ms, oneDNN %.2f ms (%s weight)", rows, width, width, blas * 1e3,
+             onednn * 1e3, "plain" if onednn_weight is weight else "packed")
     return onednn < 0.9 * blas

@@ -94,13 +94,17 @@ def pack(weights: list[torch.Tensor], environ: Mapping[str, str] = os.environ) -
     return size
 
 
+def packed_copy(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in oneDNN's layout (a new tensor; nothing registered)."""
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _ROWS_HINT)
+
+
 def _register(weight: torch.Tensor) -> None:
     key = _key(weight)
     if key in _PACKED and _PACKED[key][0] == weight._version:
         return
-    with torch.no_grad():
-        copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _ROWS_HINT)
-    _PACKED[key] = (weight._version, copy)
+    _PACKED[key] = (weight._version, packed_copy(weight))
     weakref.finalize(weight, _PACKED.pop, key, None)
 
 
