@@ -1,6 +1,7 @@
 """Prefill compiled with torch.compile (inductor), on CPU: the decoder layers and the vision tower.
 
-Why: a prefill's GEMMs already run near this CPU's peak, but around them each layer spends a
+Why: a prefill's GEMMs run near this CPU's peak (oneDNN's, cpu_linear.OneDnnLinear, with the
+weights packed once: packed_weights.py), but around them each layer spent a
 fifth of its time in elementwise passes over (tokens x width) tensors (norms, rotary, SiLU-gate,
 residual adds, quick-GELU in CLIP) and in Python between ops; inductor fuses those passes.
 Measured in-process (scripts/ab_compiled_prefill.py; 2 cores, fp32): a prefill (vision + LLM +

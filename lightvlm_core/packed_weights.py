@@ -5,16 +5,18 @@ on every call, and for row counts it has no fast plan for it is slower still. On
 (2 threads) a 793x256 by 256x1280 product (an LLM-heavy prompt's gate/up) ran at 311 GFLOP/s with
 the plain weight and 508 with the weight packed once (`mkldnn._reorder_linear_weight`); at 800 rows
 424 and 535; packed, every row count from 100 to 3000 ran at 490-555. In-process, alternating
-(scripts/ab_packed_weights.py), a compiled prefill of the 32-layer LLM-heavy model took 0.75x the
-time at batch 1 and 0.93x at batch 4.
+(scripts/ab_packed_weights.py), a compiled prefill of the 32-layer LLM-heavy model took 0.76x and
+0.88x the time at batch 1 in two runs, 0.88x and 0.96x at batch 4. The same copies serve decode
+steps beyond the row kernel's rows (fused_decode.py) and eager vision towers
+(compiled_prefill.CompiledPrefill.eager_vision).
 
 The packed copies sit beside the plain weights (the decode step's row kernel and the eager passes
-read those), so they cost the prefill linears' bytes a second time. LIGHTVLM_PACKED_WEIGHTS:
-`auto` (default) packs where the copies fit in a quarter of the memory available at start-up,
-`true` always, `false` never. Float32 weights on CPU only: the case measured.
+read those), so they cost those weights' bytes a second time. LIGHTVLM_PACKED_WEIGHTS: `auto`
+(default) packs where the copies fit in a quarter of the memory available at start-up, `true`
+always, `false` never. Float32 weights on CPU only: the case measured.
 
-The copies are found by the weight they stand for (its address, shape and strides), and dropped
-when that weight is freed or written to (its version counter moves).
+A copy is found by the weight it stands for (its address, shape and strides), ignored once that
+weight is written to (its version counter moves) and dropped when the weight is freed.
 """
 
 from __future__ import annotations
