@@ -10,8 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lightvlm_core.client import SchedulerConfig
-from lightvlm_core.runtime_env import auto_switch
-from lightvlm_core.types import preset_names
+from lightvlm_core.types import auto_switch, preset_names
 
 MiB = 1024 * 1024
 # lightvlm_core.loading.DEMO_MODEL_DIR's name (app/ does not import the torch side for a constant).

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lightvlm_core.fusion import fused_linears
-from lightvlm_core.runtime_env import auto_switch
+from lightvlm_core.types import auto_switch
 
 log = logging.getLogger(__name__)
 

@@ -71,19 +71,6 @@ def switched_on(environ: Mapping[str, str], name: str) -> bool:
     return environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def auto_switch(value: str | None, name: str) -> str:
-    """An `auto`-by-default LIGHTVLM_* switch read as "auto", "true" or "false" (the words of
-    `switched_on` / `switched_off` too); anything else is a ValueError naming the setting."""
-    word = (value or "auto").strip().lower()
-    if word in ("1", "true", "yes", "on"):
-        return "true"
-    if word in ("0", "false", "no", "off"):
-        return "false"
-    if word not in ("", "auto"):
-        raise ValueError(f"{name} must be auto, true or false, not {value!r}")
-    return "auto"
-
-
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
     try:

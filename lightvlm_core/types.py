@@ -194,3 +194,18 @@ class GenerationResult:
             "usage": self.usage.to_dict(),
             "timings": self.timings.to_dict(),
         }
+
+
+def auto_switch(value: str | None, name: str) -> str:
+    """An `auto`-by-default LIGHTVLM_* switch read as "auto", "true" or "false" (also the words of
+    runtime_env.switched_on / switched_off); anything else is a ValueError naming the setting. Here
+    because both read it: the service's settings (which import only the core's public modules) and
+    the engine (packed_weights.py)."""
+    word = (value or "auto").strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return "true"
+    if word in ("0", "false", "no", "off"):
+        return "false"
+    if word not in ("", "auto"):
+        raise ValueError(f"{name} must be auto, true or false, not {value!r}")
+    return "auto"
