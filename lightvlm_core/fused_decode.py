@@ -32,9 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightvlm_core import cpu_attention, forward
+from lightvlm_core import cpu_attention, forward, packed_weights
 from lightvlm_core.compiled_decode import CompiledDecode, op_layout
-from lightvlm_core import packed_weights
 from lightvlm_core.cpu_linear import onednn_faster, row_kernel_ready
 from lightvlm_core.fusion import GATE_UP_ATTR, fused_qkv
 from lightvlm_core.kv.cache import BatchedKVCache
@@ -174,8 +173,8 @@ class FusedDecode:
         x = torch.ops.lightvlm.decode_layers(  # the last layer's output, normed
             h[:, 0], w.input_norms, w.qkv_weights, w.qkv_biases, w.q_norms, w.k_norms, w.o_weights, w.post_norms,
             w.gate_up_weights, w.down_weights, self._matmul_weights, rope.cos, rope.signed_sin, cache.keys,
-            cache.values, cache.lengths, rows, masks, plan, scores, score_rows, w.final_norm, w.eps, adapter.scaling, adapter.num_heads,
-            self.inner.few_rows, self._onednn)
+            cache.values, cache.lengths, rows, masks, plan, scores, score_rows, w.final_norm, w.eps, adapter.scaling,
+            adapter.num_heads, self.inner.few_rows, self._onednn)
         if self._lm_head_weight is not None and x.shape[0] <= self.inner.few_rows:  # the row kernel
             return torch.ops.lightvlm.row_linear(x, self._lm_head_weight, None)
         return adapter.lm_head(x).float()

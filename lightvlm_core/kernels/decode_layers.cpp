@@ -238,9 +238,9 @@ at::Tensor decode_layers(const at::Tensor& h_in, at::TensorList input_norms, at:
   // More rows: the same layers, a matmul per linear (oneDNN brings its own threads), by the
   // oneDNN-packed copies of the weights where given (q/k/v, o, gate/up, down of each layer)
   at::Tensor act;
+  const bool packed = !matmul_weights.empty();
   for (int64_t i = 0; i < L; ++i) {
     const LayerWeights& w = layers[i];
-    const bool packed = !matmul_weights.empty();
     const at::Tensor& qkv_w = packed ? matmul_weights[4 * i] : qkv_weights[i];
     const at::Tensor& o_w = packed ? matmul_weights[4 * i + 1] : o_weights[i];
     const at::Tensor& gate_up_w = packed ? matmul_weights[4 * i + 2] : gate_up_weights[i];
