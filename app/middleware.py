@@ -128,18 +128,35 @@ class ApiKeyMiddleware:
         if self.on_reject is not None:
             self.on_reject("unauthorized")
         body = error_body("unauthorized", "missing or invalid API key")
-        await _discard_body(receive)
-        await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+        await _answer_early(receive, send, 401, body, [(b"www-authenticate", b"Bearer")])
 
 
 DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
 DISCARD_TIMEOUT_S = 5.0
 
 
+async def _answer_early(
+    receive: Receive, send: Send, status: int, body: dict, extra_headers: list[tuple[bytes, bytes]] = ()
+) -> None:
+    """An answer given before the request body is read (401, 413, 429). It goes out at once; then,
+    as nginx's lingering close does, what the client is still sending is read and dropped (never
+    parsed, never kept) before the connection closes: a socket closed with unread data is reset by
+    the kernel, and a client still uploading (httpx, requests) then gets a connection error instead
+    of the answer. Bounded in bytes and time; past either, the connection closes anyway."""
+    payload = json.dumps(body).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close"),  # the body was not read: the connection cannot carry another request
+        *extra_headers,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload, "more_body": True})
+    await _discard_body(receive)
+    await send({"type": "http.response.body", "body": b""})
+
+
 async def _discard_body(receive: Receive) -> None:
-    """Before an early answer: read what the client is sending and drop it (never parsed, never
-    kept), so that it is listening when the answer comes instead of hitting a reset mid-upload.
-    Bounded in bytes and time; past either, the answer goes out anyway."""
     received = 0
     try:
         async with asyncio.timeout(DISCARD_TIMEOUT_S):
@@ -182,7 +199,7 @@ class BodySizeLimitMiddleware:
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             self._reject("body_too_large")
             message = f"request body is larger than {self.max_body_bytes} bytes"
-            await _send_json(send, 413, error_body("body_too_large", message))
+            await _answer_early(receive, send, 413, error_body("body_too_large", message))
             return
         expects_body = (length is not None and int(length) > 0) or _header(scope, b"transfer-encoding") is not None
         if not expects_body:
@@ -191,7 +208,7 @@ class BodySizeLimitMiddleware:
         if self.max_incomplete_uploads is not None and self.incomplete_uploads >= self.max_incomplete_uploads:
             self._reject("too_many_uploads")
             message = f"{self.incomplete_uploads} uploads are in progress already; retry shortly"
-            await _send_json(send, 429, error_body("too_many_uploads", message), [(b"retry-after", b"1")])
+            await _answer_early(receive, send, 429, error_body("too_many_uploads", message), [(b"retry-after", b"1")])
             return
         await self._intake(scope, receive, send)
 
@@ -242,16 +259,3 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
-
-
-async def _send_json(send: Send, status: int, body: dict, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
-    # The body was not read: the connection cannot be reused for another request.
-    payload = json.dumps(body).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-        (b"connection", b"close"),
-        *extra_headers,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})

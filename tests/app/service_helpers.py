@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
 from PIL import Image
+from starlette.types import ASGIApp
 
 from app.settings import Settings
 
@@ -34,9 +34,10 @@ def make_settings(**overrides: Any) -> Settings:
 
 
 @contextlib.contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """Run `app` under uvicorn on a free loopback port in a thread; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+def live_server(app: ASGIApp, http: str = "auto") -> Iterator[str]:
+    """Run `app` under uvicorn (HTTP implementation `http`) on a free loopback port in a thread;
+    yields the base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", http=http)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
