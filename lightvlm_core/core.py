@@ -369,6 +369,14 @@ def run_engine_process(*args: Any, **kwargs: Any) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    try:  # tqdm's default lock is a multiprocessing semaphore (torch.compile's workers make a tqdm even
+        # with bars off); os._exit below skips its clean-up, and the API process's resource tracker then
+        # warned of a "leaked semaphore" at every shutdown. One process needs only a thread lock.
+        from tqdm import tqdm
+
+        tqdm.set_lock(threading.RLock())
+    except ImportError:
+        pass
     serve_core(*args, **kwargs)
     # Nothing is left to save: skip the interpreter's teardown (torch's can take seconds on a busy
     # machine, and the API process's shutdown waits for this one to exit).
