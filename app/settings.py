@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     max_decoded_pixels: int = Field(4 * 4096 * 4096, ge=64)
     """Decoded image pixels held at once over all requests (from decoding until the request ends):
     a 100 KB PNG can decode to 4096x4096 RGBA. Requests beyond it wait (429 when max_queue wait)."""
+    header_timeout_s: float = Field(30.0, gt=0)
+    """A request's line and headers must arrive within this long of connecting (or of the previous
+    response on the connection); past it a 408 and the connection closed (slowloris)."""
     body_read_timeout_s: float = Field(60.0, gt=0)
     """A request's whole body must arrive within this long (a trickling upload gets a 408)."""
     max_incomplete_uploads: int = Field(64, ge=1)

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import wait_for
 
 # well under the endless stream's time (4000 tokens of the tiny model: ~3.2 s at 0.8 ms a token once
 # its decode step got faster, which a 4 s grace no longer cut) and over the short one's (200 tokens)
 GRACE_S = 2.0
+HEADER_TIMEOUT_S = 1.0
 
 
 def free_port() -> int:
@@ -56,6 +58,21 @@ async def try_new_request(base_url: str) -> str:
     return response.json()["error"]["type"]
 
 
+def assert_half_heads_are_cut(base_url: str) -> None:
+    """`lightvlm serve` runs with the request-head deadline (app/connections.py): half a head gets
+    a 408 and a closed connection once it passes, and the refusal is counted."""
+    with socket.create_connection(("127.0.0.1", int(base_url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")
+        started, answer = time.monotonic(), b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < HEADER_TIMEOUT_S + 3, answer
+    families = text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text)
+    cut = [s.value for f in families for s in f.samples
+           if s.name == "lightvlm_requests_rejected_total" and s.labels["reason"] == "header_timeout"]
+    assert cut == [1.0], cut
+
+
 def test_sigterm_drains_then_exits(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
@@ -66,6 +83,7 @@ def test_sigterm_drains_then_exits(tiny_model_dir: Callable[[str], Path], tmp_pa
         "LIGHTVLM_API_KEY": "",
         "LIGHTVLM_SHUTDOWN_GRACE_S": str(GRACE_S),
         "LIGHTVLM_MAX_NEW_TOKENS": "8192",
+        "LIGHTVLM_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
     }
     command = [sys.executable, "-m", "app.cli", "serve", "--model", str(tiny_model_dir("llava"))]
     command += ["--device", "cpu", "--port", str(port)]
@@ -82,6 +100,7 @@ def test_sigterm_drains_then_exits(tiny_model_dir: Callable[[str], Path], tmp_pa
                 return False
 
         wait_for(ready, timeout=120)
+        assert_half_heads_are_cut(base_url)
 
         async def main() -> tuple[list[Any], list[Any], list[str], float]:
             short = {"prompt": "short one", "max_new_tokens": 200, "ignore_eos": True}
