@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
-from app.connections import HEAD_TIMEOUT_REASON, http_protocol
+from app.connections import http_protocol
 from app.errors import install_error_handlers
 from app.images import PixelBudget
 from app.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
@@ -119,7 +119,7 @@ def run_server(
         log_config=None,
         access_log=False,  # app.middleware logs one JSON line per request
         timeout_graceful_shutdown=settings.shutdown_grace_s,
-        http=http_protocol(settings.header_timeout_s, lambda: service.metrics.reject(HEAD_TIMEOUT_REASON)),
+        http=http_protocol(settings.header_timeout_s, settings.max_header_bytes, service.metrics.reject),
     )
 
     class DrainingServer(uvicorn.Server):

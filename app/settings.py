@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(30.0, gt=0)
     """A request's line and headers must arrive within this long of connecting (or of the previous
     response on the connection); past it a 408 and the connection closed (slowloris)."""
+    max_header_bytes: int = Field(65536, ge=1024)
+    """A request's line and headers together may take this many bytes; beyond, a 431 and the
+    connection closed."""
     body_read_timeout_s: float = Field(60.0, gt=0)
     """A request's whole body must arrive within this long (a trickling upload gets a 408)."""
     max_incomplete_uploads: int = Field(64, ge=1)

@@ -58,19 +58,24 @@ async def try_new_request(base_url: str) -> str:
     return response.json()["error"]["type"]
 
 
-def assert_half_heads_are_cut(base_url: str) -> None:
-    """`lightvlm serve` runs with the request-head deadline (app/connections.py): half a head gets
-    a 408 and a closed connection once it passes, and the refusal is counted."""
-    with socket.create_connection(("127.0.0.1", int(base_url.rsplit(":", 1)[1])), timeout=10) as sock:
-        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")
-        started, answer = time.monotonic(), b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-        assert answer.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < HEADER_TIMEOUT_S + 3, answer
+def assert_heads_are_bounded(base_url: str) -> None:
+    """`lightvlm serve` runs with bounded request heads (app/connections.py): half a head gets a
+    408 once the deadline passes, 100 KB of headers a 431, and both refusals are counted."""
+    port = int(base_url.rsplit(":", 1)[1])
+    for head, status, seconds in (
+        (b"POST /generate HTTP/1.1\r\nHost: x\r\n", b"408", HEADER_TIMEOUT_S + 3),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000, b"431", 3),
+    ):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head)
+            started, answer = time.monotonic(), b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 " + status) and time.monotonic() - started < seconds, answer
     families = text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text)
-    cut = [s.value for f in families for s in f.samples
-           if s.name == "lightvlm_requests_rejected_total" and s.labels["reason"] == "header_timeout"]
-    assert cut == [1.0], cut
+    refused = {s.labels["reason"]: s.value for f in families for s in f.samples
+               if s.name == "lightvlm_requests_rejected_total" and s.labels["reason"].startswith("header")}
+    assert refused == {"header_timeout": 1.0, "header_too_large": 1.0}, refused
 
 
 def test_sigterm_drains_then_exits(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
@@ -100,7 +105,7 @@ def test_sigterm_drains_then_exits(tiny_model_dir: Callable[[str], Path], tmp_pa
                 return False
 
         wait_for(ready, timeout=120)
-        assert_half_heads_are_cut(base_url)
+        assert_heads_are_bounded(base_url)
 
         async def main() -> tuple[list[Any], list[Any], list[str], float]:
             short = {"prompt": "short one", "max_new_tokens": 200, "ignore_eos": True}
