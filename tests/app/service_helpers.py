@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -15,6 +16,7 @@ import uvicorn
 from PIL import Image
 from starlette.types import ASGIApp
 
+from app.connections import http_protocol
 from app.settings import Settings
 
 
@@ -34,9 +36,12 @@ def make_settings(**overrides: Any) -> Settings:
 
 
 @contextlib.contextmanager
-def live_server(app: ASGIApp, http: str = "auto") -> Iterator[str]:
-    """Run `app` under uvicorn (HTTP implementation `http`) on a free loopback port in a thread;
-    yields the base URL."""
+def live_server(app: ASGIApp, http: str | type[asyncio.Protocol] | None = None) -> Iterator[str]:
+    """Run `app` under uvicorn on a free loopback port in a thread; yields the base URL. The HTTP
+    protocol is `lightvlm serve`'s (bounded heads, the default limits) unless `http` names another."""
+    if http is None:
+        defaults = Settings.model_fields
+        http = http_protocol(defaults["header_timeout_s"].default, defaults["max_header_bytes"].default)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", http=http)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
