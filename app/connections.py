@@ -7,7 +7,8 @@ httptools, the head's size: a 4 MB header or 100,000 headers were parsed and ans
 protocols a connection must complete each head within `head_timeout_s` of connecting or of its
 previous response, in at most `max_head_bytes`. Past the deadline, a connection that sent part of a
 head gets a 408; one that sent nothing is closed quietly (a browser's unused preconnection looks
-like that). Past the size, a 431. Either way the connection then closes.
+like that). Past the size, a 431. Bytes the parser refuses get a 400 in the service's JSON error
+shape (uvicorn's is plain text). Each time the connection then closes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ logger = logging.getLogger("app.connections")
 
 # lightvlm_requests_rejected_total{reason=...}; also the 431's error type
 HEAD_TIMEOUT_REASON, HEAD_TOO_LARGE_REASON = "header_timeout", "header_too_large"
+NOT_HTTP_REASON = "invalid_http"  # bytes the HTTP parser refused
 
 
 def _base_protocol(kind: Literal["auto", "h11", "httptools"]) -> type[asyncio.Protocol]:
@@ -99,6 +101,14 @@ class _BoundedHead:
         if not self.transport.is_closing() and self.cycle.response_complete:
             self._await_head(counting=not self.cycle.more_body)
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refuses (plain text there): the service's JSON error
+        shape, counted, and the same lingering close as the other refusals."""
+        if self.cycle is not None and not self.cycle.response_complete:  # a response is on the wire
+            super().send_400_response(msg)  # type: ignore[misc]
+            return
+        self._refuse(_answer("400 Bad Request", "invalid_request", msg), NOT_HTTP_REASON)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
         super().connection_lost(exc)  # type: ignore[misc]
@@ -146,7 +156,7 @@ def http_protocol(
     kind: Literal["auto", "h11", "httptools"] = "auto",
 ) -> type[asyncio.Protocol]:
     """A uvicorn HTTP protocol class (for `uvicorn.Config(http=...)`) with bounded heads;
-    `on_refuse(reason)` is called for each 408 / 431 it sends."""
+    `on_refuse(reason)` is called for each 400 / 408 / 431 it sends."""
     base = _base_protocol(kind)
     attrs = {
         "head_timeout_s": head_timeout_s,

@@ -61,7 +61,7 @@ REJECT_REASONS = (
     "model_not_found", "method_not_allowed", "body_too_large", "unsupported_media_type", "queue_full",
     "not_ready", "out_of_memory",
     "timeout", "too_many_uploads", "client_aborted",  # body intake (app.middleware, app.errors)
-    "header_timeout", "header_too_large",  # request heads (app.connections)
+    "header_timeout", "header_too_large", "invalid_http",  # request heads (app.connections)
 )  # fmt: skip
 
 

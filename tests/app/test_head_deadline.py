@@ -1,9 +1,9 @@
 """Bounded request heads (app/connections.py) under real uvicorn, both HTTP implementations: a
 connection that sends nothing, or half a head, is closed once the deadline passes (408 for the half
-head); a head over the size limit gets a 431; a head completed in time, a slow body, a response
-longer than the deadline, a keep-alive connection's next request, a pipelined request and the rest
-of a body answered early are untouched. The end-to-end check through `lightvlm serve` is in
-test_reliability_shutdown.py."""
+head); a head over the size limit gets a 431, bytes that are not HTTP a JSON 400; a head completed
+in time, a slow body, a response longer than the deadline, a keep-alive connection's next request,
+a pipelined request and the rest of a body answered early are untouched. The end-to-end check
+through `lightvlm serve` is in test_reliability_shutdown.py."""
 
 from __future__ import annotations
 
@@ -122,6 +122,20 @@ def test_a_head_over_the_size_limit_gets_431(kind: str) -> None:
             padding = b"X-Pad: " + b"p" * (MAX_HEAD - len(head) - 64) + b"\r\n"
             sock.sendall(head[:-2] + padding + b"\r\n" + body)
             assert read_answer(sock).endswith(b'{"size":%d}' % len(body))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bytes_that_are_not_http_get_a_json_400(kind: str) -> None:
+    refused: list[str] = []
+    protocol = http_protocol(30.0, MAX_HEAD, refused.append, kind=kind)
+    with live_server(app(), http=protocol) as base_url:  # type: ignore[arg-type]
+        for garbage in (b"HELLO THERE\r\n\r\n", b"GET /echo HTTP/1.1\r\nHost: x\x00y\r\n\r\n"):
+            with connect(base_url) as sock:
+                sock.sendall(garbage)
+                answer = read_answer(sock)
+            assert answer.startswith(b"HTTP/1.1 400 "), answer
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "invalid_request"
+    assert refused == ["invalid_http", "invalid_http"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -60,11 +60,13 @@ async def try_new_request(base_url: str) -> str:
 
 def assert_heads_are_bounded(base_url: str) -> None:
     """`lightvlm serve` runs with bounded request heads (app/connections.py): half a head gets a
-    408 once the deadline passes, 100 KB of headers a 431, and both refusals are counted."""
+    408 once the deadline passes, 100 KB of headers a 431, bytes that are not HTTP a JSON 400, and
+    each refusal is counted."""
     port = int(base_url.rsplit(":", 1)[1])
     for head, status, seconds in (
         (b"POST /generate HTTP/1.1\r\nHost: x\r\n", b"408", HEADER_TIMEOUT_S + 5),
         (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000, b"431", 5),
+        (b"NOT HTTP AT ALL\r\n\r\n", b"400", 5),
     ):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(head)
@@ -76,8 +78,9 @@ def assert_heads_are_bounded(base_url: str) -> None:
             assert answer.startswith(b"HTTP/1.1 " + status) and time.monotonic() - started < seconds, answer
     families = text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text)
     refused = {s.labels["reason"]: s.value for f in families for s in f.samples
-               if s.name == "lightvlm_requests_rejected_total" and s.labels["reason"].startswith("header")}
-    assert refused == {"header_timeout": 1.0, "header_too_large": 1.0}, refused
+               if s.name == "lightvlm_requests_rejected_total"
+               and s.labels["reason"] in ("header_timeout", "header_too_large", "invalid_http")}
+    assert refused == {"header_timeout": 1.0, "header_too_large": 1.0, "invalid_http": 1.0}, refused
 
 
 def test_sigterm_drains_then_exits(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
