@@ -35,7 +35,7 @@ from torch import nn
 from lightvlm_core import cpu_attention, forward, packed_weights
 from lightvlm_core.compiled_decode import CompiledDecode, op_layout
 from lightvlm_core.cpu_linear import onednn_faster, row_kernel_ready
-from lightvlm_core.fusion import GATE_UP_ATTR, fused_qkv
+from lightvlm_core.fusion import fused_gate_up, fused_qkv
 from lightvlm_core.kv.cache import BatchedKVCache
 from lightvlm_core.models.base import ModelAdapter
 from lightvlm_core.ops import LLAMA_STYLE_RMS_NORMS
@@ -97,7 +97,7 @@ def fused_weights(adapter: ModelAdapter) -> FusedWeights | None:
     eps: set[float] = set()
     for layer in adapter.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv, gate_up = fused_qkv(attn), mlp.__dict__.get(GATE_UP_ATTR)
+        qkv, gate_up = fused_qkv(attn), fused_gate_up(mlp)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         head_norms = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else ()
         if (qkv is None or qkv.sizes != sizes or gate_up is None

@@ -78,6 +78,10 @@ def fused_qkv(attn: nn.Module) -> FusedLinear | None:
     return attn.__dict__.get(QKV_ATTR)
 
 
+def fused_gate_up(mlp: nn.Module) -> FusedLinear | None:
+    return mlp.__dict__.get(GATE_UP_ATTR)
+
+
 def fused_linears(module: nn.Module) -> list[FusedLinear]:
     """The fused projections `module` itself holds (an attention's q/k/v, an MLP's gate/up)."""
     return [module.__dict__[attr] for attr in (QKV_ATTR, GATE_UP_ATTR) if attr in module.__dict__]
@@ -92,7 +96,7 @@ def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)` for a decoder layer's MLP, with gate and up in one GEMM where fused."""
-    fused = module.__dict__.get(GATE_UP_ATTR)
+    fused = fused_gate_up(module)
     if fused is None:
         return module(x)
     gate, up = fused(x)
