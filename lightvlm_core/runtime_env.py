@@ -25,6 +25,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from lightvlm_core.types import OFF_WORDS, ON_WORDS
+
 log = logging.getLogger(__name__)
 
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
@@ -63,12 +65,12 @@ def _resolve(name: str, dirs: tuple[str, ...]) -> str | None:
 
 def switched_off(environ: Mapping[str, str], name: str) -> bool:
     """Whether an on-by-default LIGHTVLM_* switch is set to off ("0", "false", "no", "off")."""
-    return environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+    return environ.get(name, "1").strip().lower() in OFF_WORDS
 
 
 def switched_on(environ: Mapping[str, str], name: str) -> bool:
     """Whether an off-by-default LIGHTVLM_* switch is set to on ("1", "true", "yes", "on")."""
-    return environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+    return environ.get(name, "0").strip().lower() in ON_WORDS
 
 
 def usable_cpus() -> int:

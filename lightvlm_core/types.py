@@ -196,15 +196,19 @@ class GenerationResult:
         }
 
 
+# The words a LIGHTVLM_* switch takes for on and off (also runtime_env.switched_on / switched_off).
+ON_WORDS = ("1", "true", "yes", "on")
+OFF_WORDS = ("0", "false", "no", "off")
+
+
 def auto_switch(value: str | None, name: str) -> str:
-    """An `auto`-by-default LIGHTVLM_* switch read as "auto", "true" or "false" (also the words of
-    runtime_env.switched_on / switched_off); anything else is a ValueError naming the setting. Here
-    because both read it: the service's settings (which import only the core's public modules) and
-    the engine (packed_weights.py)."""
+    """An `auto`-by-default LIGHTVLM_* switch read as "auto", "true" or "false"; anything else is a
+    ValueError naming the setting. Here because both read it: the service's settings (which import
+    only the core's public modules) and the engine (packed_weights.py)."""
     word = (value or "auto").strip().lower()
-    if word in ("1", "true", "yes", "on"):
+    if word in ON_WORDS:
         return "true"
-    if word in ("0", "false", "no", "off"):
+    if word in OFF_WORDS:
         return "false"
     if word not in ("", "auto"):
         raise ValueError(f"{name} must be auto, true or false, not {value!r}")
