@@ -7,6 +7,7 @@ import base64
 import contextlib
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -89,3 +90,22 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One HTTP response with a Content-Length body, read off a raw socket (the connection may
+    stay open after it)."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < content_length(data):
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+def content_length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    raise AssertionError(data)

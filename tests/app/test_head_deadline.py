@@ -13,7 +13,7 @@ import socket
 import time
 
 import pytest
-from service_helpers import live_server
+from service_helpers import live_server, read_answer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -59,24 +59,6 @@ def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
     while chunk := sock.recv(65536):
         data += chunk
     return data, time.monotonic() - started
-
-
-def read_answer(sock: socket.socket) -> bytes:
-    """One response with a Content-Length body."""
-    data = b""
-    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < content_length(data):
-        chunk = sock.recv(65536)
-        assert chunk, data
-        data += chunk
-    return data
-
-
-def content_length(data: bytes) -> int:
-    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value)
-    raise AssertionError(data)
 
 
 def request(path: str, body: bytes = b"", method: str = "POST") -> bytes:
